@@ -1,0 +1,1 @@
+"""Sub-commands of ``dicom-node`` (see :mod:`dicom_node.cli`)."""

@@ -1,0 +1,1 @@
+"""Segmentation engines: ``classic`` (no weights) and ``sam2``."""
