@@ -1,7 +1,7 @@
 """``dicom-node``: the command line of the STARDUST node.
 
-Each sub-command lives in a module of :mod:`dicom_node.commands` that defines
-``register(subparsers)``; heavy imports (torch, SAM2) happen inside the command, so that
+Each sub-command (or group) lives in its own module of :mod:`dicom_node.commands` that
+defines ``register(subparsers)``; modules are discovered there, in name order. Heavy imports (torch, SAM2) happen inside the command, so that
 ``dicom-node --help`` and the light commands start fast.
 """
 
@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 import sys
 
 from dicom_node import __version__
 
-# One module per command (or group of commands); add new ones here.
-COMMAND_MODULES = [
-    "dicom_node.commands.phantom",
-]
+from dicom_node import commands
 
 
 class CommandError(Exception):
@@ -35,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
     return parser
 
 
