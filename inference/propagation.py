@@ -1,0 +1,412 @@
+"""2D box propagation, independent of the segmentation engine.
+
+An engine supplies a :class:`SliceSegmenter` (one 2D segmentation per call); this module
+turns the planner's prompts on one or a few slices into a 3D mask:
+
+1. **Anchors.** Every slice that carries a prompt is an anchor. Each box on it is
+   segmented (with the points that lie inside that box); positive points outside every
+   box are segmented from the points alone. The anchor's mask is the union.
+2. **Walk.** From each anchor the front moves slice by slice, "up" (increasing slice
+   index ``k``) and "down" (decreasing ``k``). The box for slice ``k +- 1`` is the bounding
+   box of the mask on slice ``k`` plus ``margin_mm`` (converted per axis with the in-plane
+   spacing: ``margin_mm / dy`` rows, ``margin_mm / dx`` columns), clipped to the image.
+3. **Stop** (each reason is reported, human-readable, in ``stop_reasons``), the first of:
+   the mask vanishes; its area falls below ``min_area_mm2``; its area falls below
+   ``min_area_fraction`` of the anchor's area; the next slice would be farther than
+   ``max_extent_mm`` from the anchor along the slice axis; the volume ends; the next
+   slice belongs to another anchor (see below); the segmenter raises
+   :class:`StopPropagation` (for example because its intensity model no longer fits).
+   A slice whose mask triggers an area stop is *not* part of the result.
+4. **Several anchors: the nearest anchor wins.** Every slice is segmented at most once,
+   by the anchor nearest to it along the slice axis (a tie goes to the anchor with the
+   lower slice index). So two anchors never produce conflicting masks for one slice:
+   the walk from one anchor stops where the other anchor's territory begins. Anchor
+   slices themselves always keep their own prompted segmentation.
+5. **Post-processing:** holes are filled per slice; of the 3D components (26-connected)
+   only those that touch an anchor slice's mask are kept.
+
+The result never leaves the volume: boxes are clipped to the image and the walk stops at
+the first and last slice. Per-slice scores (predicted IoU where the engine gives one,
+else ``None``) and areas are returned so that a reviewer sees where confidence drops.
+
+Segmenters that can use the previous slice's mask (the classic engine does) may
+implement :class:`GuidedSliceSegmenter`; propagation then calls ``segment_next`` instead
+of ``segment_slice`` for every slice that is not an anchor. SAM2 needs only the plain
+protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+from scipy import ndimage
+
+from inference.prompts import TargetPrompts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inference.engine import SegmentOptions
+
+log = logging.getLogger(__name__)
+
+Box = tuple[float, float, float, float]  # (i0, j0, i1, j1): rows then columns, inclusive, voxel units
+Point = tuple[float, float, bool]  # (i, j, positive)
+
+UP = "up"  # increasing slice index k
+DOWN = "down"  # decreasing slice index k
+
+
+class StopPropagation(Exception):
+    """Raised by a segmenter to end the walk in this direction; the message is the reason."""
+
+
+@runtime_checkable
+class SliceSegmenter(Protocol):
+    """One 2D segmentation per call, on slice ``k`` of the volume the segmenter was built for."""
+
+    def segment_slice(
+        self, k: int, box: Box | None, points: Sequence[Point] = ()
+    ) -> tuple[np.ndarray, float | None]:
+        """Segment slice ``k`` from a box ``(i0, j0, i1, j1)`` (voxel units, inclusive) and/or
+        points ``(i, j, positive)``. Returns a bool ``(ny, nx)`` mask and a score
+        (predicted IoU) or ``None``."""
+        ...
+
+    def prefetch(self, ks: Sequence[int]) -> None:
+        """Hint: the slices the front will reach next (SAM2 encodes them in one batch).
+        May be a no-op."""
+        ...
+
+
+@runtime_checkable
+class GuidedSliceSegmenter(SliceSegmenter, Protocol):
+    """Optional extension: a segmenter that uses the previous slice's mask."""
+
+    def segment_next(
+        self,
+        k: int,
+        box: Box,
+        *,
+        previous_k: int,
+        previous_mask: np.ndarray,
+        anchor_k: int,
+    ) -> tuple[np.ndarray, float | None]:
+        """Segment slice ``k`` reached from slice ``previous_k`` (mask ``previous_mask``),
+        walking from the anchor on slice ``anchor_k``. May raise :class:`StopPropagation`."""
+        ...
+
+
+@dataclass
+class PropagationParams:
+    """Limits of the walk. Lengths in mm, so they mean the same on 1 mm and 5 mm slices."""
+
+    margin_mm: float = 3.0
+    min_area_mm2: float = 4.0
+    min_area_fraction: float = 0.05
+    max_extent_mm: float = 120.0
+    fill_holes: bool = True
+    keep_connected: bool = True
+    prefetch_batch: int = 8  # how many slices ahead of the front to announce via prefetch()
+
+    def __post_init__(self) -> None:
+        if self.margin_mm < 0 or self.min_area_mm2 < 0 or self.max_extent_mm < 0:
+            raise ValueError(f"propagation limits must not be negative: {self}")
+        if not 0 <= self.min_area_fraction <= 1:
+            raise ValueError(f"min_area_fraction must be within [0, 1], got {self.min_area_fraction}")
+        if self.prefetch_batch < 1:
+            raise ValueError("prefetch_batch must be >= 1")
+
+    @classmethod
+    def from_options(cls, options: "SegmentOptions", **overrides) -> "PropagationParams":
+        values = dict(
+            margin_mm=options.margin_mm,
+            min_area_mm2=options.min_area_mm2,
+            min_area_fraction=options.min_area_fraction,
+            max_extent_mm=options.max_extent_mm,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclass
+class AnchorInfo:
+    """One prompted slice and what its walks did."""
+
+    k: int
+    area_mm2: float
+    score: float | None
+    first: int  # lowest slice index its walks kept
+    last: int  # highest slice index its walks kept
+    stop_reasons: dict[str, str] = field(default_factory=dict)  # "up"/"down" -> reason
+
+
+@dataclass
+class PropagationResult:
+    mask: np.ndarray  # bool (z, y, x)
+    slice_scores: dict[int, float | None]  # every segmented slice that was kept
+    slice_areas_mm2: dict[int, float]  # area per kept slice before post-processing
+    stop_reasons: dict[str, str]  # "up": why the topmost walk stopped, "down": the lowest
+    anchors: list[AnchorInfo]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def slice_range(self) -> tuple[int, int] | None:
+        """(first, last) slice index of the final mask, or None when it is empty."""
+        ks = np.flatnonzero(self.mask.any(axis=(1, 2)))
+        return (int(ks[0]), int(ks[-1])) if ks.size else None
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def bounding_box(mask2d: np.ndarray) -> Box | None:
+    """Inclusive (i0, j0, i1, j1) of a 2D mask, or None when it is empty."""
+    rows = np.flatnonzero(mask2d.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask2d.any(axis=0))
+    return (float(rows[0]), float(cols[0]), float(rows[-1]), float(cols[-1]))
+
+
+def expand_box(box: Box, margin_mm: float, spacing_yx: tuple[float, float], shape_yx: tuple[int, int]) -> Box:
+    """``box`` grown by ``margin_mm`` on every side (per-axis pixel spacing), clipped to the image."""
+    di = margin_mm / spacing_yx[0]
+    dj = margin_mm / spacing_yx[1]
+    return clip_box((box[0] - di, box[1] - dj, box[2] + di, box[3] + dj), shape_yx)
+
+
+def clip_box(box: Box, shape_yx: tuple[int, int]) -> Box:
+    ny, nx = shape_yx
+    i0 = min(max(box[0], 0.0), ny - 1.0)
+    i1 = min(max(box[2], 0.0), ny - 1.0)
+    j0 = min(max(box[1], 0.0), nx - 1.0)
+    j1 = min(max(box[3], 0.0), nx - 1.0)
+    return (i0, j0, i1, j1)
+
+
+def _point_in_box(p: Point, box: Box) -> bool:
+    return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
+
+
+def _territories(anchor_ks: list[int], n_slices: int) -> dict[int, tuple[int, int]]:
+    """Nearest anchor wins (ties to the lower anchor): anchor -> (lowest, highest) slice it owns."""
+    out: dict[int, tuple[int, int]] = {}
+    for idx, a in enumerate(anchor_ks):
+        lo = 0 if idx == 0 else (anchor_ks[idx - 1] + a) // 2 + 1
+        hi = n_slices - 1 if idx == len(anchor_ks) - 1 else (a + anchor_ks[idx + 1]) // 2
+        out[a] = (lo, hi)
+    return out
+
+
+def _check_mask(mask: np.ndarray, shape_yx: tuple[int, int], k: int) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != shape_yx:
+        raise ValueError(f"segmenter returned a mask of shape {mask.shape} for slice {k}, expected {shape_yx}")
+    return mask.astype(bool, copy=False)
+
+
+# -- the algorithm ------------------------------------------------------------------
+
+
+def propagate_2d(
+    segmenter: SliceSegmenter,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    prompts: TargetPrompts,
+    params: PropagationParams | None = None,
+) -> PropagationResult:
+    """Segment the prompted slices and propagate each of them up and down the volume.
+
+    ``shape`` is (z, y, x) and ``spacing`` (dz, dy, dx) in mm. See the module docstring for
+    the rules. Raises ValueError when ``prompts`` has no box and no positive point, or a
+    prompt lies outside the volume.
+    """
+    params = params or PropagationParams()
+    nz, ny, nx = (int(v) for v in shape)
+    dz, dy, dx = (float(v) for v in spacing)
+    shape_yx = (ny, nx)
+    pixel_mm2 = dy * dx
+    if prompts.is_empty():
+        raise ValueError(f"target {prompts.target!r} has no box and no positive point to start from")
+    anchor_ks = prompts.anchor_slices
+    for k in anchor_ks:
+        if not 0 <= k < nz:
+            raise ValueError(f"prompt on slice {k} is outside the volume (0..{nz - 1})")
+    guided = isinstance(segmenter, GuidedSliceSegmenter)
+
+    mask = np.zeros((nz, ny, nx), dtype=bool)
+    scores: dict[int, float | None] = {}
+    areas: dict[int, float] = {}
+    warnings: list[str] = []
+
+    # 1. anchors (all of them first, so that every walk knows every anchor's mask)
+    segmenter.prefetch(anchor_ks)
+    anchor_masks: dict[int, np.ndarray] = {}
+    anchor_scores: dict[int, float | None] = {}
+    for k in anchor_ks:
+        m, s = _segment_anchor(segmenter, k, prompts, shape_yx)
+        anchor_masks[k] = m
+        anchor_scores[k] = s
+
+    # An anchor whose prompt gave nothing owns no territory: its neighbours may walk past it.
+    live_ks = [a for a in anchor_ks if anchor_masks[a].any()]
+    territories = _territories(live_ks, nz)
+    anchors: list[AnchorInfo] = []
+    for a in anchor_ks:
+        am = anchor_masks[a]
+        a_area = float(am.sum()) * pixel_mm2
+        info = AnchorInfo(k=a, area_mm2=a_area, score=anchor_scores[a], first=a, last=a)
+        anchors.append(info)
+        if a_area == 0:
+            reason = f"the prompt on slice {a} gave an empty mask"
+            info.stop_reasons = {UP: reason, DOWN: reason}
+            warnings.append(reason)
+            continue
+        mask[a] = am
+        scores[a] = anchor_scores[a]
+        areas[a] = a_area
+        lo, hi = territories[a]
+        for direction, step, limit in ((UP, 1, hi), (DOWN, -1, lo)):
+            last, reason = _walk(
+                segmenter, guided, a, am, a_area, step, limit, nz, spacing=(dz, dy, dx),
+                shape_yx=shape_yx, params=params, mask=mask, scores=scores, areas=areas,
+                neighbour_anchor=(limit != (nz - 1 if step > 0 else 0)),
+            )
+            info.stop_reasons[direction] = reason
+            if step > 0:
+                info.last = last
+            else:
+                info.first = last
+            log.debug("anchor %d %s: stopped at %d: %s", a, direction, last, reason)
+
+    # 2. post-processing
+    if params.fill_holes:
+        for k in np.flatnonzero(mask.any(axis=(1, 2))):
+            mask[k] = ndimage.binary_fill_holes(mask[k])
+    if params.keep_connected and mask.any():
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        if n > 1:
+            keep = set()
+            for a, am in anchor_masks.items():
+                keep.update(int(v) for v in np.unique(labels[a][am & mask[a]]) if v)
+            dropped = [k for k in range(1, n + 1) if k not in keep]
+            if dropped:
+                mask &= np.isin(labels, sorted(keep))
+                log.debug("dropped %d component(s) not connected to a prompted slice", len(dropped))
+    kept = set(int(k) for k in np.flatnonzero(mask.any(axis=(1, 2))))
+    scores = {k: v for k, v in sorted(scores.items()) if k in kept}
+    areas = {k: v for k, v in sorted(areas.items()) if k in kept}
+
+    live = [a for a in anchors if a.area_mm2 > 0]
+    if live:
+        stop = {UP: max(live, key=lambda a: a.k).stop_reasons[UP],
+                DOWN: min(live, key=lambda a: a.k).stop_reasons[DOWN]}
+    else:
+        stop = {UP: "no anchor produced a mask", DOWN: "no anchor produced a mask"}
+    return PropagationResult(
+        mask=mask, slice_scores=scores, slice_areas_mm2=areas, stop_reasons=stop,
+        anchors=anchors, warnings=warnings,
+    )
+
+
+def _segment_anchor(
+    segmenter: SliceSegmenter, k: int, prompts: TargetPrompts, shape_yx: tuple[int, int]
+) -> tuple[np.ndarray, float | None]:
+    """Union of the masks of every box on slice ``k`` (each with the points inside it), plus
+    the points-only mask of positive points outside every box."""
+    boxes = [clip_box((b.i0, b.j0, b.i1, b.j1), shape_yx) for b in prompts.boxes if b.slice_index == k]
+    points: list[Point] = [(p.i, p.j, p.positive) for p in prompts.points if p.slice_index == k]
+    out = np.zeros(shape_yx, dtype=bool)
+    found: list[float] = []
+    calls: list[tuple[Box | None, list[Point]]] = []
+    if len(boxes) == 1:
+        calls.append((boxes[0], points))
+    else:
+        for box in boxes:
+            calls.append((box, [p for p in points if _point_in_box(p, box)]))
+        loose = [p for p in points if not any(_point_in_box(p, b) for b in boxes)]
+        if any(p[2] for p in loose):
+            calls.append((None, loose))
+    for box, pts in calls:
+        m, s = segmenter.segment_slice(k, box, pts)
+        out |= _check_mask(m, shape_yx, k)
+        if s is not None:
+            found.append(float(s))
+    score = min(found) if found else None
+    return out, score
+
+
+def _walk(
+    segmenter: SliceSegmenter,
+    guided: bool,
+    anchor: int,
+    anchor_mask: np.ndarray,
+    anchor_area: float,
+    step: int,
+    limit: int,
+    nz: int,
+    *,
+    spacing: tuple[float, float, float],
+    shape_yx: tuple[int, int],
+    params: PropagationParams,
+    mask: np.ndarray,
+    scores: dict[int, float | None],
+    areas: dict[int, float],
+    neighbour_anchor: bool,
+) -> tuple[int, str]:
+    """Walk from ``anchor`` in direction ``step`` up to slice ``limit`` (inclusive).
+    Returns the last slice kept and why the walk stopped."""
+    dz, dy, dx = spacing
+    pixel_mm2 = dy * dx
+    prev_k, prev_mask = anchor, anchor_mask
+    announced = anchor  # furthest slice already announced through prefetch()
+    while True:
+        k = prev_k + step
+        if step > 0 and k > limit or step < 0 and k < limit:
+            if not neighbour_anchor:
+                return prev_k, f"reached the {'last' if step > 0 else 'first'} slice of the volume (slice {prev_k})"
+            return prev_k, f"slice {k} belongs to another prompted slice (nearest anchor wins)"
+        if abs(k - anchor) * dz > params.max_extent_mm + 1e-6:
+            return prev_k, (
+                f"maximum extent {params.max_extent_mm:g} mm from the prompted slice {anchor} reached "
+                f"(slice {k} would be {abs(k - anchor) * dz:.1f} mm away)"
+            )
+        if (k - announced) * step > 0:
+            ahead = []
+            for n in range(params.prefetch_batch):
+                kk = k + n * step
+                if (step > 0 and kk > limit) or (step < 0 and kk < limit):
+                    break
+                if abs(kk - anchor) * dz > params.max_extent_mm + 1e-6:
+                    break
+                ahead.append(kk)
+            segmenter.prefetch(ahead)
+            announced = ahead[-1]
+        box = expand_box(bounding_box(prev_mask), params.margin_mm, (dy, dx), shape_yx)  # type: ignore[arg-type]
+        try:
+            if guided:
+                m, s = segmenter.segment_next(  # type: ignore[attr-defined]
+                    k, box, previous_k=prev_k, previous_mask=prev_mask, anchor_k=anchor
+                )
+            else:
+                m, s = segmenter.segment_slice(k, box, ())
+        except StopPropagation as exc:
+            return prev_k, f"segmenter stopped at slice {k}: {exc}"
+        m = _check_mask(m, shape_yx, k)
+        area = float(m.sum()) * pixel_mm2
+        if area == 0:
+            return prev_k, f"mask vanished on slice {k}"
+        if area < params.min_area_mm2:
+            return prev_k, f"area {area:.1f} mm2 on slice {k} below the minimum {params.min_area_mm2:g} mm2"
+        if area < params.min_area_fraction * anchor_area:
+            return prev_k, (
+                f"area {area:.1f} mm2 on slice {k} below {params.min_area_fraction:g} of the "
+                f"prompted slice's {anchor_area:.1f} mm2"
+            )
+        mask[k] = m
+        scores[k] = None if s is None else float(s)
+        areas[k] = area
+        prev_k, prev_mask = k, m
