@@ -520,14 +520,16 @@ class RuleContext:
         calling_aet: str | None = None,
         called_aet: str | None = None,
         prompt_roi_names: list[str] | None = None,
+        conventions: Any = None,
     ) -> RuleContext:
         """Read the headers of the first readable image and of the RTSTRUCT.
 
         ``images`` is a list of files or a folder (searched recursively; the first DICOM
         file that is not an RTSTRUCT serves). ``prompt_roi_names`` overrides the prompt
-        ROIs found by :func:`rtstruct.prompts.find_prompt_rois` (pass them when the
-        node's prompt patterns are configured differently). Raises :class:`RulesError`
-        when the RTSTRUCT cannot be read.
+        ROIs found by :func:`rtstruct.prompts.find_prompt_rois` with ``conventions``
+        (a :class:`rtstruct.prompts.PromptConventions`; pass the node's when its prompt
+        patterns are configured differently). Raises :class:`RulesError` when the
+        RTSTRUCT cannot be read.
         """
         image_header = _first_image_header(images)
         rt_path = Path(rtstruct)
@@ -537,7 +539,10 @@ class RuleContext:
             raise RulesError(f"{rt_path}: cannot read the RTSTRUCT ({type(exc).__name__}: {exc})") from exc
         roi_names = [str(item.get("ROIName", "") or "") for item in rt.get("StructureSetROISequence") or []]
         if prompt_roi_names is None:
-            prompt_roi_names = prompt_rois_of(rt)
+            try:
+                prompt_roi_names = prompt_rois_of(rt, conventions)
+            except ValueError as exc:  # RTStructError: content that cannot be used
+                raise RulesError(f"{rt_path}: {exc}") from exc
         modality = None
         if image_header is not None:
             modality = str(image_header.get("Modality", "") or "").strip() or None
@@ -552,23 +557,17 @@ class RuleContext:
         )
 
 
-def prompt_rois_of(rtstruct: pydicom.Dataset) -> list[str]:
-    """Names of the prompt ROIs (``BOX_*``, ``POS_*``, ``NEG_*``) of a parsed RTSTRUCT."""
-    from rtstruct.prompts import find_prompt_rois
+def prompt_rois_of(rtstruct: pydicom.Dataset | Path, conventions: Any = None) -> list[str]:
+    """Names of the prompt ROIs (``BOX_*``, ``POS_*``, ``NEG_*``) of an RTSTRUCT.
+
+    ``conventions`` is a :class:`rtstruct.prompts.PromptConventions` (default: the
+    standard names). Raises :class:`rtstruct.reader.RTStructError` for an unusable file.
+    """
+    from rtstruct.prompts import DEFAULT_CONVENTIONS, find_prompt_rois
     from rtstruct.reader import read_rtstruct
 
     structure_set = read_rtstruct(rtstruct)
-    return [roi.name for roi in _prompt_roi_list(find_prompt_rois(structure_set))]
-
-
-def _prompt_roi_list(found: Any) -> list[Any]:
-    """Flatten what find_prompt_rois returns into ROI objects (list, or dict of lists)."""
-    if isinstance(found, dict):
-        out: list[Any] = []
-        for value in found.values():
-            out.extend(_prompt_roi_list(value))
-        return out
-    return list(found)
+    return [roi.name for roi in find_prompt_rois(structure_set, conventions or DEFAULT_CONVENTIONS)]
 
 
 def _first_image_header(images: list[Path] | Path) -> pydicom.Dataset | None:
