@@ -504,9 +504,15 @@ def _check_consistent_identity(headers: list[_Header], series_uid: str) -> None:
 
 # -- pixels -------------------------------------------------------------------------------
 def _read_pixels(headers: list[_Header], series_uid: str) -> np.ndarray:
+    """The rescaled pixel values of the sorted slices, read one file at a time.
+
+    The array starts as int16 and turns into float32 (once) at the first slice whose
+    slope is not 1, whose intercept is not integral or whose values do not fit.
+    """
     rows, cols = int(headers[0].ds.Rows), int(headers[0].ds.Columns)
-    slopes, intercepts, raw = [], [], []
-    for h in headers:
+    array = np.empty((len(headers), rows, cols), dtype=np.int16)
+    int16 = np.iinfo(np.int16)
+    for k, h in enumerate(headers):
         ds = pydicom.dcmread(h.path, force=True)
         if "PixelData" not in ds:
             raise VolumeError(f"no pixel data in {h.path} (series {series_uid})")
@@ -521,25 +527,18 @@ def _read_pixels(headers: list[_Header], series_uid: str) -> np.ndarray:
             raise VolumeError(
                 f"pixel data of {h.path} has shape {pixels.shape}, expected {rows}x{cols} (Rows x Columns)"
             )
-        raw.append(pixels)
         slope = _float_or_none(ds.get("RescaleSlope"))
         intercept = _float_or_none(ds.get("RescaleIntercept"))
-        slopes.append(1.0 if slope is None else slope)
-        intercepts.append(0.0 if intercept is None else intercept)
-
-    slopes_a = np.array(slopes)
-    intercepts_a = np.array(intercepts)
-    as_int = bool(np.all(slopes_a == 1.0) and np.all(intercepts_a == np.round(intercepts_a)))
-    if as_int:
-        lo = min(int(p.min()) for p in raw) + int(intercepts_a.min())
-        hi = max(int(p.max()) for p in raw) + int(intercepts_a.max())
-        as_int = lo >= np.iinfo(np.int16).min and hi <= np.iinfo(np.int16).max
-    array = np.empty((len(raw), rows, cols), dtype=np.int16 if as_int else np.float32)
-    for k, (pixels, slope, intercept) in enumerate(zip(raw, slopes, intercepts)):
-        if as_int:
-            array[k] = pixels.astype(np.int32) + int(intercept)
-        else:
-            array[k] = pixels.astype(np.float64) * slope + intercept
+        slope = 1.0 if slope is None else slope
+        intercept = 0.0 if intercept is None else intercept
+        if array.dtype == np.int16 and slope == 1.0 and intercept == round(intercept):
+            values = pixels.astype(np.int32) + int(intercept)
+            if values.size == 0 or (values.min() >= int16.min and values.max() <= int16.max):
+                array[k] = values
+                continue
+        if array.dtype != np.float32:
+            array = array.astype(np.float32)
+        array[k] = pixels.astype(np.float64) * slope + intercept
     return array
 
 
