@@ -271,7 +271,8 @@ class Match(BaseModel):
             wanted = _patterns_text(patterns)
             hits = [n for n in values if any(p.fullmatch(n) for p in patterns)]
             if hits:
-                held.append(f"{what} {', '.join(repr(h) for h in hits)} match {wanted}")
+                verb = f"{what}s {', '.join(repr(h) for h in hits)} match" if len(hits) > 1 else f"{what} {hits[0]!r} matches"
+                held.append(f"{verb} {wanted}")
             elif values:
                 failed.append(f"no {what} matches {wanted} (has {', '.join(repr(v) for v in values)})")
             else:

@@ -152,7 +152,7 @@ def test_roi_name_patterns_on_all_rois_and_on_prompt_rois():
     d = rs.evaluate(context())
     assert d.rule.name == "has-cord"
     assert "no prompt ROI name matches '(?i)box_gtv.*' (has 'BOX_LUNG')" in d.explanation[0]
-    assert "ROI name 'Spinal-Cord' match 'Spinal.*'" in d.explanation[1]
+    assert "ROI name 'Spinal-Cord' matches 'Spinal.*'" in d.explanation[1]
     assert rs.evaluate(context(prompt_roi_names=["box_GTV1"])).rule.name == "gtv-prompt"
     # the prompt ROI condition does not look at ordinary ROIs
     d = ruleset(rule("p", {"prompt_roi_names": "Spinal.*"})).evaluate(context())
