@@ -85,7 +85,8 @@ def test_node_config_names_the_rules_file_and_destinations(capsys, phantom, tmp_
         {"name": "all", "action": {"destinations": ["tps", "archive"]}},
     ])
     config = tmp_path / "node.yaml"
-    config.write_text(yaml.safe_dump({"ae_title": "STARDUST_T", "rules": "my-rules.yaml",
+    config.write_text(yaml.safe_dump({"ae_title": "STARDUST_T", "rules": "my-rules.yaml", "data_dir": "data",
+                                      "access": {"calling_aets": ["ECLIPSE"]},
                                       "destinations": {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": 104}}}))
     rc, out, _ = run_cli(capsys, phantom["images"], phantom["prompt"], "-c", config)
     assert rc == 0
@@ -173,9 +174,12 @@ def test_unreadable_file_missing_path_and_bad_rules_are_clear_errors(capsys, tmp
     assert rc == 2 and "give -c CONFIG (the node configuration) or --rules FILE" in err
 
     config = tmp_path / "node.yaml"
-    config.write_text("ae_title: X\n")
+    config.write_text("ae_title: X\naccess: {calling_aets: [ECLIPSE]}\n")
     rc, _, err = run_cli(capsys, tmp_path, "-c", config)
     assert rc == 2 and "names no rules file (key 'rules')" in err
+    config.write_text("ae_title: X\nrules: rules.yaml\n")
+    rc, _, err = run_cli(capsys, tmp_path, "-c", config)
+    assert rc == 2 and f"error: {config}: access: missing" in err
 
 
 def test_an_rtstruct_that_cannot_be_used_is_reported_and_the_rest_go_on(capsys, tmp_path):

@@ -84,34 +84,13 @@ def _scan(paths: list[str]) -> _Scan:
 
 def _node_settings(config_path: Path) -> tuple[Path | None, str | None, set[str] | None]:
     """(rules file, the node's AE title, destination names) from a node configuration."""
-    import yaml
+    from dicom_node.config import ConfigError, load_config
 
     try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise CommandError(f"{config_path}: cannot read the node configuration ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        raise CommandError(f"{config_path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CommandError(f"{config_path}: expected a mapping of settings")
-    rules = data.get("rules")
-    rules_path = None
-    if isinstance(rules, str):
-        rules_path = Path(rules).expanduser()
-        if not rules_path.is_absolute():
-            rules_path = config_path.parent / rules_path
-    ae_title = None
-    for section in (data.get("dicom"), data.get("scp"), data):
-        if isinstance(section, dict) and isinstance(section.get("ae_title"), str):
-            ae_title = section["ae_title"]
-            break
-    dests = data.get("destinations")
-    names: set[str] | None = None
-    if isinstance(dests, dict):
-        names = {str(k) for k in dests}
-    elif isinstance(dests, list):
-        names = {str(d.get("name")) for d in dests if isinstance(d, dict) and d.get("name")}
-    return rules_path, ae_title, names
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from exc
+    return cfg.rules, cfg.ae_title, set(cfg.destinations)
 
 
 def run_test(args) -> int:
