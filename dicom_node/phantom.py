@@ -212,8 +212,9 @@ class _Anatomy:
         out[r0:r1, c0:c1] = t.inside(np.float64(w), self.v[r0:r1], self.u[:, c0:c1])
         return out
 
-    def _ellipse(self, img, cu, cv, a, b, value, angle=0.0) -> np.ndarray:
-        """Paint an ellipse (centre, semi-axes in mm) into ``img`` in its bounding window."""
+    def _ellipse(self, img, cu, cv, a, b, value, angle=0.0, within=None) -> np.ndarray:
+        """Paint an ellipse (centre, semi-axes in mm) into ``img`` in its bounding window;
+        ``within=(a2, b2)`` paints only inside the centred ellipse with those semi-axes."""
         dy, dx = self.spacing[1], self.spacing[2]
         ny, nx = img.shape
         ext = max(a, b)
@@ -229,6 +230,8 @@ class _Anatomy:
             ca, sa = math.cos(angle), math.sin(angle)
             du, dv = du * ca + dv * sa, -du * sa + dv * ca
         inside = (du / a) ** 2 + (dv / b) ** 2 <= 1.0
+        if within is not None:
+            inside &= (self.u[:, j0:j1] / within[0]) ** 2 + (self.v[i0:i1] / within[1]) ** 2 <= 1.0
         img[i0:i1, j0:j1][inside] = value
         return img
 
@@ -250,8 +253,10 @@ class _Anatomy:
         if taper > 0.05:
             s = math.sqrt(taper)
             self._ellipse(img, 0, -0.05 * b, 0.45 * a, 0.8 * b, V["mediastinum"])
+            wall = (a - self.fat - 10.0, b - self.fat - 10.0)  # the lungs stay inside the chest wall
             for side in (-1.0, 1.0):
-                self._ellipse(img, side * self.lung_u, self.lung_v, self.lung_a * s, self.lung_b * s, V["lung"], side * 0.12)
+                self._ellipse(img, side * self.lung_u, self.lung_v, self.lung_a * s, self.lung_b * s, V["lung"],
+                              side * 0.12, within=wall)
             hu, hv, ha, hb = self.heart
             if abs(w) < 0.6 * self.lung_half_len:
                 hs = math.sqrt(max(1 - (w / (0.6 * self.lung_half_len)) ** 2, 0.0))
@@ -377,8 +382,13 @@ def make_phantom(
     for k in range(shape[0]):
         array[k] = np.clip(np.rint(anatomy.slice(k)), lo, hi)
         truth[k] = anatomy.truth_slice(k)
-    if not truth.any():
-        raise ValueError(f"the tumour does not fit in a {shape} volume with spacing {spacing}")
+    edges = (truth[0], truth[-1], truth[:, 0], truth[:, -1], truth[:, :, 0], truth[:, :, -1])
+    if not truth.any() or any(e.any() for e in edges):
+        raise ValueError(
+            f"the tumour does not fit in a {shape[0]}x{shape[1]}x{shape[2]} volume with spacing "
+            f"{tuple(round(float(s), 4) for s in spacing)} mm: it needs about 50 mm along the slices "
+            "and a field of view of about 350 mm"
+        )
 
     direction = _oblique_direction() if oblique else np.eye(3)[::-1]
     centre = np.array([0.0, 0.0, -200.0])  # patient coordinates of the volume centre
@@ -462,6 +472,9 @@ def _pixel_encoding(volume: Volume) -> dict:
     return {"signed": False, "slope": slope, "intercept": lo, "max_stored": 65535}
 
 
+_SET_FROM_VOLUME = {"StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality", "SOPClassUID"}
+
+
 def _base_dataset(volume: Volume, enc: dict) -> Dataset:
     attrs = dict(volume.attributes)
     g = volume.geometry
@@ -482,10 +495,10 @@ def _base_dataset(volume: Volume, enc: dict) -> Dataset:
     ds.AccessionNumber = attrs.get("AccessionNumber", "")
     ds.Modality = modality
     ds.Manufacturer = attrs.get("Manufacturer", "STARDUST")
-    for keyword in ("InstitutionName", "ManufacturerModelName", "StationName", "SoftwareVersions",
-                    "DeviceSerialNumber", "StudyDescription", "SeriesDescription", "BodyPartExamined"):
-        if attrs.get(keyword):
-            setattr(ds, keyword, attrs[keyword])
+    # everything else the volume carries (patient, study, series, equipment attributes)
+    for keyword, value in attrs.items():
+        if keyword not in ds and value not in ("", None, []) and keyword not in _SET_FROM_VOLUME:
+            setattr(ds, keyword, value)
     ds.ReferringPhysicianName = attrs.get("ReferringPhysicianName", "")
     ds.PatientName = attrs.get("PatientName", "")
     ds.PatientID = attrs.get("PatientID", "")
