@@ -304,6 +304,16 @@ def _patterns_text(patterns: list[re.Pattern[str]]) -> str:
 # --------------------------------------------------------------------------------------
 # Action
 # --------------------------------------------------------------------------------------
+#: options of :class:`inference.engines.sam2.Sam2Engine` a rule may set
+SAM2_ENGINE_OPTIONS = {"image_size", "batch_size", "precision", "object_score_stop"}
+_RESERVED_ENGINE_OPTIONS = {
+    "checkpoint": "use the action field 'checkpoint'",
+    "model_cfg": "use the action field 'model_cfg'",
+    "device": "the worker chooses the device (node.yaml workers.devices)",
+    "allow_random_weights": "the node never runs a model without its weights",
+}
+
+
 class Action(BaseModel):
     """What to do with a matching case. Unset fields take the engine's defaults."""
 
@@ -398,8 +408,21 @@ class Action(BaseModel):
             raise ValueError(f"a destination is listed twice: {value}")
         return [v.strip() for v in value]
 
+    @field_validator("engine_options")
+    @classmethod
+    def _engine_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in _RESERVED_ENGINE_OPTIONS:
+                raise ValueError(f"{key!r} is not an engine option here: {_RESERVED_ENGINE_OPTIONS[key]}")
+        return value
+
     @model_validator(mode="after")
     def _engine_needs(self) -> Action:
+        if self.engine == "sam2":
+            unknown = sorted(set(self.engine_options) - SAM2_ENGINE_OPTIONS)
+            if unknown:
+                raise ValueError(f"engine_options: unknown option(s) for sam2: {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(SAM2_ENGINE_OPTIONS))})")
         if self.engine == "sam2" and self.checkpoint is None:
             raise ValueError("engine sam2 needs 'checkpoint' (the path of the model weights)")
         if self.engine == "classic" and (self.checkpoint is not None or self.model_cfg is not None):

@@ -270,6 +270,10 @@ def test_defaults_are_merged_and_rules_override_them():
         ({"rules": [rule("col", output_color=[255, 0, 300])]}, "action.output_color: colour components must be integers 0-255"),
         ({"rules": [rule("f", min_area_fraction=1.5)]}, "rule #1 'f': action.min_area_fraction: Input should be less than or equal to 1"),
         ({"rules": [rule("k", flavour="mild")]}, "rule #1 'k': action.flavour: unknown key"),
+        ({"rules": [rule("dev", engine="sam2", checkpoint="/m.pt", engine_options={"device": "cuda"})]},
+         "action.engine_options: 'device' is not an engine option here: the worker chooses the device"),
+        ({"rules": [rule("opt", engine="sam2", checkpoint="/m.pt", engine_options={"img_size": 512})]},
+         "rule #1 'opt': action: engine_options: unknown option(s) for sam2: img_size (known: batch_size"),
         ({"rules": [{"match": {"modality": "CT"}, "action": {}}]}, "rule #1: name: missing"),
         ({"rules": [{"name": "noaction"}]}, "rule #1 'noaction': action: missing"),
         ({"rules": [rule("d"), rule("d")]}, "rule names must be unique; repeated: d"),
@@ -348,3 +352,15 @@ def test_context_from_files_with_prompt_rois_and_a_bad_rtstruct(tmp_path):
     shutil.copy(ct, tmp_path / "ct.dcm")
     with pytest.raises(RulesError, match="not an RT Structure Set"):
         RuleContext.from_files(root / "CT", tmp_path / "ct.dcm")
+
+
+def test_engine_config_keys_are_parameters_of_the_sam2_engine():
+    import inspect
+
+    from dicom_node.rules import SAM2_ENGINE_OPTIONS
+    from inference.engines.sam2 import Sam2Engine
+
+    params = set(inspect.signature(Sam2Engine.__init__).parameters)
+    action = Action(engine="sam2", checkpoint=Path("/m.pt"), model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml",
+                    engine_options={k: 1 for k in SAM2_ENGINE_OPTIONS})
+    assert set(action.engine_config()) <= params
