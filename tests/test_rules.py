@@ -364,3 +364,13 @@ def test_engine_config_keys_are_parameters_of_the_sam2_engine():
     action = Action(engine="sam2", checkpoint=Path("/m.pt"), model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml",
                     engine_options={k: 1 for k in SAM2_ENGINE_OPTIONS})
     assert set(action.engine_config()) <= params
+
+
+def test_backslash_in_a_single_quoted_yaml_regex_matches_a_multivalued_element(tmp_path):
+    # exactly as the comment in config/rules.yaml tells users to write it
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n  - name: orig\n    match:\n      image_tags:\n"
+                    "        ImageType: 'ORIGINAL\\\\PRIMARY\\\\.*'\n    action: {engine: classic}\n")
+    rs = RuleSet.load(path)
+    assert rs.evaluate(context()).matched
+    assert not rs.evaluate(context(image_header=image_header(ImageType=["DERIVED", "SECONDARY"]))).matched
