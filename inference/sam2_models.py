@@ -467,14 +467,18 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "UnpicklingError" in type(exc).__name__:
+        text = str(exc)
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if m:
             raise CheckpointError(
-                f"checkpoint {p} holds Python objects besides tensors, which are not loaded for "
-                f"safety (torch.load weights_only=True). Re-save only the weights, e.g. "
-                f"torch.save({{'model': model.state_dict()}}, path), in a trusted environment. "
-                f"Detail: {str(exc).splitlines()[0]}"
+                f"checkpoint {p} holds Python objects besides tensors ({m.group(1)}), which are not "
+                f"loaded for safety (torch.load weights_only=True). Re-save only the weights, e.g. "
+                f"torch.save({{'model': model.state_dict()}}, path), in a trusted environment."
             ) from exc
-        raise CheckpointError(f"cannot read checkpoint {p}: {exc}") from exc
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.splitlines()[0] if text else "")
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: not a PyTorch checkpoint, or a damaged or truncated one ({detail})"
+        ) from exc
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, model_name: str = "SAM2") -> CheckpointInfo:
