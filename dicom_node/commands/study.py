@@ -1,0 +1,135 @@
+"""``dicom-node study SRC OUT``: re-contour a cohort from simulated prompts and score it.
+
+``dicom-node study --report STUDY_DIR [STUDY_DIR ...] -o OUT`` combines earlier studies
+(for example one per model) into one summary, box plots and a dataset x model heatmap.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="validation study: simulate planner prompts from ground truth, segment, score, plot",
+        description=(
+            "For every case under SRC (DICOM image series with an RTSTRUCT, or NPZ files from 'dicom-node "
+            "convert') and every ground-truth ROI: simulate the planner's prompt, segment it the way the node "
+            "does, and score Dice, surface Dice at 2 mm, HD95, volume ratio and slices reached. Writes "
+            "OUT/cases.csv, OUT/summary.csv/.txt and PNG figures in OUT/figures. With --report, combine the "
+            "results of earlier studies instead: dicom-node study --report DIR1 DIR2 ... -o OUT."
+        ),
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="SRC OUT, or with --report the study folders to combine")
+    p.add_argument("--report", action="store_true", help="combine earlier studies' cases.csv (PATHs) into -o OUT")
+    p.add_argument("-o", "--out", help="output folder for --report")
+    g = p.add_argument_group("model")
+    g.add_argument("--engine", choices=["classic", "sam2"], default="classic")
+    g.add_argument("--checkpoint", help="SAM2 checkpoint file")
+    g.add_argument("--model-cfg", help="SAM2 model config name")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="SAM2 device (default: cuda when present)")
+    g.add_argument("--mode", choices=["box2d", "video3d"], default="box2d")
+    g.add_argument("--window", metavar="L,W", help="CT window level,width in HU (default 40,400)")
+    g.add_argument("--model-name", metavar="LABEL",
+                   help="the model's name in tables and figures (default: engine[:checkpoint name])")
+    g = p.add_argument_group("prompt simulation")
+    g.add_argument("--prompt", choices=["box", "points"], default="box")
+    g.add_argument("--slice", choices=["largest", "middle"], default="largest",
+                   help="slice of the prompt: largest GT area, or the middle of the GT's z-extent")
+    g.add_argument("--jitter", type=float, default=0.0, metavar="MM",
+                   help="move each box edge by a random amount in [-MM, +MM] mm (default 0)")
+    g.add_argument("--positives", type=int, default=3, metavar="N", help="positive clicks (--prompt points)")
+    g.add_argument("--negatives", type=int, default=3, metavar="N", help="negative clicks (--prompt points)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    g = p.add_argument_group("cases")
+    g.add_argument("--roi", metavar="REGEX", default=None,
+                   help="ground-truth ROIs to score (Python regex, searched; default '(?i)gtv')")
+    g.add_argument("--dataset-name", metavar="NAME", help="dataset name for every case (default: first folder below SRC)")
+    g.add_argument("--worst", type=int, default=3, metavar="N", help="overlay figures for the N lowest-Dice ROIs")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from dicom_node.cli import CommandError
+
+    if args.report:
+        return _run_report(args, CommandError)
+    if len(args.paths) != 2:
+        raise CommandError("usage: dicom-node study SRC OUT [options]  (or: dicom-node study --report DIR... -o OUT)")
+    if args.out:
+        raise CommandError("-o/--out is for --report; give OUT as the second argument")
+    src, out = Path(args.paths[0]), Path(args.paths[1])
+    if not src.is_dir():
+        raise CommandError(f"SRC is not a folder: {src}")
+
+    from dicom_node.research.simulate import PromptSpec
+    from dicom_node.research.study import DEFAULT_ROI_PATTERN, StudyConfig, run_study
+
+    roi = args.roi if args.roi is not None else DEFAULT_ROI_PATTERN
+    try:
+        re.compile(roi)
+    except re.error as exc:
+        raise CommandError(f"--roi is not a valid regular expression: {exc}") from exc
+    window = None
+    if args.window:
+        from inference.preprocess import parse_window
+
+        try:
+            window = parse_window(args.window)
+        except ValueError as exc:
+            raise CommandError(f"--window: {exc}") from exc
+    if args.engine == "classic" and (args.checkpoint or args.model_cfg):
+        raise CommandError("--checkpoint and --model-cfg are for --engine sam2")
+    if args.engine == "classic" and args.mode != "box2d":
+        raise CommandError("the classic engine supports only --mode box2d")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise CommandError(f"checkpoint not found: {args.checkpoint}")
+    try:
+        spec = PromptSpec(kind=args.prompt, slice=args.slice, jitter_mm=args.jitter,
+                          positives=args.positives, negatives=args.negatives)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    config = StudyConfig(
+        engine=args.engine, checkpoint=args.checkpoint, model_cfg=args.model_cfg, device=args.device,
+        mode=args.mode, window=window, model_label=args.model_name, prompt=spec, seed=args.seed,
+        roi_pattern=roi, dataset_name=args.dataset_name, worst=args.worst,
+    )
+    result = run_study(src, out, config, progress=not args.no_progress)
+    scored = [r for r in result.rows if r["status"] in ("ok", "failed")]
+    skipped = [r for r in result.rows if r["status"] == "skipped"]
+    print(result.table)
+    if skipped:
+        print(f"\nskipped {len(skipped)}:")
+        for r in skipped:
+            what = " / ".join(v for v in (r["dataset"], r["case"], r["roi"]) if v)
+            print(f"  {what}: {r['reason']}")
+    failed = [r for r in scored if r["status"] == "failed"]
+    if failed:
+        print(f"\nengine failed on {len(failed)} ROI(s) (scored as empty predictions):")
+        for r in failed:
+            print(f"  {r['dataset']} / {r['case']} / {r['roi']}: {r['reason']}")
+    print(f"\n{len(scored)} ROI(s) scored; results in {out} (cases.csv, summary.csv, figures/)")
+    if not scored:
+        print("error: no ROI could be scored", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_report(args, CommandError) -> int:
+    from dicom_node.research.study import combine_reports
+
+    if not args.out:
+        raise CommandError("--report needs -o OUT")
+    if not args.paths:
+        raise CommandError("--report needs at least one study folder (or cases.csv)")
+    try:
+        result = combine_reports(args.paths, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    print(result.table)
+    print(f"\ncombined {len(args.paths)} stud{'y' if len(args.paths) == 1 else 'ies'} into {result.out}")
+    return 0
