@@ -162,6 +162,14 @@ def _read_dataset(source) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(path)
     except InvalidDicomError as exc:
+        # A bare dataset without preamble and file meta (some tools write those): accept
+        # it when it parses and carries a SOP Class UID.
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            if ds.get("SOPClassUID"):
+                return ds
+        except Exception:
+            pass
         raise RTStructError(f"{path}: not a DICOM file ({exc})") from exc
     except Exception as exc:  # truncated or corrupt files raise many kinds of errors
         raise RTStructError(f"{path}: cannot be parsed as DICOM ({type(exc).__name__}: {exc})") from exc
@@ -172,7 +180,10 @@ def _contour(item, roi_label: str, index: int) -> Contour:
     gtype = _text(item, "ContourGeometricType").upper()
     if not gtype:
         raise RTStructError(f"{where}: ContourGeometricType is missing")
-    raw = item.get("ContourData")
+    try:
+        raw = item.get("ContourData")
+    except (ValueError, TypeError) as exc:  # pydicom converts DS strings on access
+        raise RTStructError(f"{where}: ContourData holds a value that is not a number ({exc})") from exc
     if raw is None:
         raise RTStructError(f"{where}: ContourData is missing")
     if not isinstance(raw, (list, tuple, MultiValue)):
@@ -202,6 +213,16 @@ def _contour(item, roi_label: str, index: int) -> Contour:
 def read_rtstruct(source: str | Path | pydicom.Dataset) -> StructureSet:
     """Read an RTSTRUCT from a path or a parsed dataset; :class:`RTStructError` if unusable."""
     ds = _read_dataset(source)
+    try:
+        return _parse(ds)
+    except RTStructError:
+        raise
+    except Exception as exc:  # a corrupt element deep in a sequence: say so, do not crash
+        where = f"{source}: " if not isinstance(source, pydicom.Dataset) else ""
+        raise RTStructError(f"{where}RTSTRUCT content cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse(ds: pydicom.Dataset) -> StructureSet:
     sop_class = str(ds.get("SOPClassUID", "") or "")
     modality = _text(ds, "Modality")
     if sop_class != RT_STRUCTURE_SET_STORAGE and modality != "RTSTRUCT":
