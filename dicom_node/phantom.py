@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -600,11 +601,19 @@ def write_phantom(outdir: str | Path, modality: str = "CT", seed: int = 0, **kw)
     return save_phantom(make_phantom(modality, seed, **kw), outdir)
 
 
+_SLICE_NAME = re.compile(r"(CT|MR)_\d{4}\.dcm")
+
+
 def save_phantom(phantom: Phantom, outdir: str | Path, *, rtstructs: bool = True) -> dict[str, Path]:
     """Write a phantom made by :func:`make_phantom` (see :func:`write_phantom`);
-    ``rtstructs=False`` writes the images only."""
+    ``rtstructs=False`` writes the images only. Slice files of an earlier phantom in
+    ``outdir/images`` (``CT_0001.dcm``...) are removed first; other files are left alone."""
     outdir = Path(outdir)
     images = outdir / "images"
+    if images.is_dir():  # an earlier phantom here: its slices must not mix with this series
+        for old in images.iterdir():
+            if _SLICE_NAME.fullmatch(old.name) and old.is_file():
+                old.unlink()
     write_image_series(phantom.volume, images)
     paths: dict[str, Path] = {"images": images}
     if not rtstructs:

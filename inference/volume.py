@@ -21,7 +21,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from inference.geometry import Geometry
 
@@ -281,14 +282,14 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
                 f"multi-frame image ({what}{nf}) in series {series_uid}: {h.path}; "
                 "only single-frame CT Image Storage / MR Image Storage series are supported"
             )
+    for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID"):
+        missing = [h.path for h in headers if not str(h.ds.get(keyword, "") or "")]
+        if missing:
+            raise VolumeError(f"{keyword} missing in {_files(missing)} of series {series_uid}")
     _check_same(headers, "SOPClassUID", series_uid, lambda ds: _sop_class_name(str(ds.SOPClassUID)))
     _check_same(headers, "Modality", series_uid)
     _check_same(headers, "StudyInstanceUID", series_uid)
     _check_consistent_identity(headers, series_uid)
-    for keyword in ("FrameOfReferenceUID", "SOPInstanceUID"):
-        missing = [h.path for h in headers if not str(h.ds.get(keyword, "") or "")]
-        if missing:
-            raise VolumeError(f"{keyword} missing in {_files(missing)} of series {series_uid}")
     _check_same(headers, "FrameOfReferenceUID", series_uid, label="frames of reference")
 
     headers = _drop_repeated_instances(headers, series_uid)
@@ -514,6 +515,7 @@ def _read_pixels(headers: list[_Header], series_uid: str) -> np.ndarray:
     int16 = np.iinfo(np.int16)
     for k, h in enumerate(headers):
         ds = pydicom.dcmread(h.path, force=True)
+        _ensure_transfer_syntax(ds)
         if "PixelData" not in ds:
             raise VolumeError(f"no pixel data in {h.path} (series {series_uid})")
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -540,6 +542,22 @@ def _read_pixels(headers: list[_Header], series_uid: str) -> np.ndarray:
             array = array.astype(np.float32)
         array[k] = pixels.astype(np.float64) * slope + intercept
     return array
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    """A bare dataset (no file meta) gets the transfer syntax it was read with."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if not little:
+        meta.TransferSyntaxUID = ExplicitVRBigEndian
+    else:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
 def _decode_failure(path: Path, ds, exc: Exception) -> str:

@@ -16,7 +16,7 @@ def register(sub) -> None:
             "as GTV). The same seed gives the same voxels; UIDs are new every time."
         ),
     )
-    p.add_argument("outdir", help="output folder (created; existing files with the same names are replaced)")
+    p.add_argument("outdir", help="output folder (created; the files of an earlier phantom there are replaced)")
     p.add_argument("--modality", choices=["CT", "MR"], default="CT")
     p.add_argument("--seed", type=int, default=0, help="random seed of anatomy, tumour and noise (default 0)")
     p.add_argument("--slices", type=int, default=56, help="number of slices (default 56)")
