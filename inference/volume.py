@@ -3,6 +3,22 @@
 ``load_series`` reads a CT or MR series from files into a :class:`Volume` and refuses,
 with a :class:`VolumeError` whose message says exactly what is wrong, anything that is
 not one clean, uniformly spaced stack of single-frame slices.
+
+What is checked, in this order (each refusal names the files or UIDs, never a patient):
+no CT/MR image files; several series (``series_instance_uid=`` picks one); multi-frame
+objects (Enhanced/Legacy Converted SOP classes or NumberOfFrames > 1); missing Series,
+Study, Frame of Reference or SOP Instance UIDs; mixed SOP classes, modalities, studies,
+patients or frames of reference; missing ImagePositionPatient, ImageOrientationPatient,
+PixelSpacing, Rows or Columns; mixed orientations (cosines differ by more than
+:data:`ORIENTATION_TOLERANCE`); mixed sizes; mixed pixel spacing (relative
+:data:`PIXEL_SPACING_TOLERANCE`); GantryDetectorTilt other than 0; then, with the slices
+sorted along the normal: duplicate positions; missing slices (a gap of about 2, 3, ...
+times the usual spacing); non-uniform spacing and positions off the normal (tilted or
+sheared stacks), both with the position tolerance described in :func:`load_series`;
+finally pixel data that cannot be decoded (the message names the transfer syntax and
+the pydicom plugins that would decode it). The same SOP Instance in two files is read
+once. A single slice takes its spacing from SpacingBetweenSlices or SliceThickness
+(1.0 mm with a warning when it has neither).
 """
 
 from __future__ import annotations
