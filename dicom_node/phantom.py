@@ -280,9 +280,9 @@ class _Anatomy:
                 self._ellipse(img, ru, rv, 6.5, 3.5, V["bone"], ang)
         truth = self.truth_slice(k)
         if truth.any():
-            rng_t = np.random.default_rng([self.seed, 11])  # texture field shared by all slices
-            texture = 1.0 + 0.06 * rng_t.standard_normal()
-            img[truth] = V["tumour"] * texture
+            # the tumour's own intensity varies a little from phantom to phantom (+-6%)
+            level = 1.0 + 0.06 * np.random.default_rng([self.seed, 11]).standard_normal()
+            img[truth] = V["tumour"] * level
         return self._acquire(img, k)
 
     def _rect(self, img, u0, u1, v0, v1, value) -> None:
