@@ -112,7 +112,7 @@ def unique_name(base: str, taken: set[str], max_length: int = MAX_NAME_LENGTH) -
     n = 2
     while True:
         suffix = f"_{n}"
-        candidate = base[: max_length - len(suffix)] + suffix
+        candidate = base[: max_length - len(suffix)].rstrip("_ ") + suffix
         if candidate.casefold() not in taken:
             return candidate
         n += 1

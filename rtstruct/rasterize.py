@@ -81,8 +81,8 @@ def map_contour(contour: Contour | np.ndarray, geometry: Geometry, what: str) ->
                 f"slice spacing of {dz:g} mm)"
             )
         raise RTStructError(
-            f"{what} is not on an image plane: it lies {worst:.2f} mm from the nearest slice, "
-            f"more than half the slice spacing of {dz:g} mm"
+            f"{what} is not on an image plane: it lies between slices, up to {worst:.2f} mm from "
+            f"slice {k0}, more than half the slice spacing of {dz:g} mm"
         )
     return SliceContour(slice_index=k0, rows=idx[:, 1], cols=idx[:, 2], max_offset_mm=worst)
 

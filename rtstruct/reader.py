@@ -16,6 +16,7 @@ Nothing here needs the images; mapping onto a volume is :mod:`rtstruct.rasterize
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,9 +166,11 @@ def _read_dataset(source) -> pydicom.Dataset:
         # A bare dataset without preamble and file meta (some tools write those): accept
         # it when it parses and carries a SOP Class UID.
         try:
-            ds = pydicom.dcmread(path, force=True)
-            if ds.get("SOPClassUID"):
-                return ds
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, force=True)
+                if ds.get("SOPClassUID"):
+                    return ds
         except Exception:
             pass
         raise RTStructError(f"{path}: not a DICOM file ({exc})") from exc

@@ -262,20 +262,27 @@ def test_contours_off_the_slice_planes_are_refused():
     # 0.4 slice off: fine (within half a spacing), goes to slice 2.
     near = on + 0.4 * 3.0 * g.normal
     assert rasterize_roi(roi_of(near), g)[2].sum() == 16
-    # 0.6 slice off: mapped to slice 3 at 0.4 off -> fine; 0.5 + a bit between 2 and 3 is not:
-    between = on + 0.5 * 3.0 * g.normal + np.array([0, 0, 0])  # exactly half: still on a plane
-    rasterize_roi(roi_of(between), g)
+    # 0.6 slice off: on slice 3, 0.4 slice away -> fine.
+    assert rasterize_roi(roi_of(on + 0.6 * 3.0 * g.normal), g)[3].sum() == 16
+    # Exactly half a slice off: still accepted (the limit is "farther than half").
+    assert rasterize_roi(roi_of(on + 0.5 * 3.0 * g.normal), g).sum() == 16
     # Tilted contour: spans more than half a slice -> not parallel.
     tilted = on.copy()
     tilted[:2] += 1.0 * 3.0 * g.normal
     with pytest.raises(RTStructError, match=r"ROI 'R' contour 1 is not on an image plane: it is not parallel"):
         rasterize_roi(roi_of(tilted), g)
-    # Slightly tilted so that one corner is 0.55 slice off the rounded plane.
+    # Slightly tilted (spread 0.55 slice) so that one corner is 0.55 slice off the rounded plane.
     skew = on.copy()
     skew[0] += 0.55 * 3.0 * g.normal
-    skew[1:] += 0.1 * 3.0 * g.normal
-    with pytest.raises(RTStructError, match=r"not on an image plane: it lies 1\.65 mm from the nearest slice"):
+    with pytest.raises(RTStructError, match=r"not on an image plane: it is not parallel"):
         rasterize_roi(roi_of(skew), g)
+    # Between two slices: points 0.4 and 0.6 slice above slice 2.
+    between = on.copy()
+    between[:2] += 0.4 * 3.0 * g.normal
+    between[2:] += 0.6 * 3.0 * g.normal
+    with pytest.raises(RTStructError, match=r"'R' contour 1 is not on an image plane: it lies between slices, "
+                                            r"up to 1\.80 mm from slice 2, more than half the slice spacing of 3 mm"):
+        rasterize_roi(roi_of(between), g)
     # Beyond the last slice.
     with pytest.raises(RTStructError, match="outside the image: it lies about 9.0 mm beyond the last slice"):
         rasterize_roi(roi_of(square(g, 7, 1.5, 1.5, 5.5, 5.5)), g)
