@@ -1,0 +1,210 @@
+"""The node's SQLite database (WAL): instance index, cases, jobs and deliveries.
+
+One file, ``<data_dir>/node.db``, shared by the receiving process, the worker processes
+and the CLI. Each thread gets its own connection; write transactions are short and use
+``BEGIN IMMEDIATE`` so that writers queue on the lock instead of failing.
+
+Durability: ``synchronous=NORMAL`` in WAL mode keeps every committed transaction across
+a process crash (``kill -9``); after a power loss the last transactions may be missing,
+which :meth:`dicom_node.store.Store.reconcile` repairs for the instance index from the
+fsync'ed files.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["Database", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+
+-- every stored instance (one row per SOP Instance UID; a re-sent instance replaces it)
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    modality TEXT,
+    frame_of_reference_uid TEXT,
+    patient_ref TEXT,
+    path TEXT NOT NULL,              -- relative to the store directory
+    size INTEGER NOT NULL,
+    sha256 TEXT,                     -- content hash (non-image instances only)
+    received_at REAL NOT NULL,
+    assoc_id TEXT,                   -- NULL: imported from the watch folder or reconciled
+    source TEXT NOT NULL,            -- dicom | watch | reconcile
+    calling_aet TEXT,
+    called_aet TEXT,
+    peer TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_for ON instances(frame_of_reference_uid);
+CREATE INDEX IF NOT EXISTS instances_received ON instances(received_at);
+
+-- arrival log: the case assembler processes arrivals in order (cursor in meta)
+CREATE TABLE IF NOT EXISTS arrivals (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL,
+    modality TEXT,
+    received_at REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS cases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    state TEXT NOT NULL,             -- waiting | queued | done | failed
+    reason TEXT,
+    rtstruct_uid TEXT NOT NULL,
+    rtstruct_sha256 TEXT NOT NULL,
+    prompt_path TEXT NOT NULL,       -- frozen copy (hard link) of the prompt RTSTRUCT
+    study_uid TEXT,
+    patient_ref TEXT,
+    ref_series_uids TEXT,            -- JSON list
+    frame_of_reference_uid TEXT,
+    n_refs INTEGER NOT NULL DEFAULT 0,
+    image_series_uid TEXT,
+    n_images INTEGER,
+    mode TEXT,                       -- references | series-fallback | frame-of-reference-fallback
+    source TEXT,
+    calling_aet TEXT,
+    called_aet TEXT,
+    created_at REAL NOT NULL,
+    last_progress_at REAL NOT NULL,
+    ready_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS cases_state ON cases(state);
+CREATE INDEX IF NOT EXISTS cases_rtstruct ON cases(rtstruct_uid);
+
+CREATE TABLE IF NOT EXISTS case_refs (
+    case_id INTEGER NOT NULL REFERENCES cases(id),
+    sop_instance_uid TEXT NOT NULL,
+    PRIMARY KEY (case_id, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS case_refs_uid ON case_refs(sop_instance_uid);
+
+-- the images a ready case is processed with (frozen when the case becomes ready)
+CREATE TABLE IF NOT EXISTS case_images (
+    case_id INTEGER NOT NULL REFERENCES cases(id),
+    sop_instance_uid TEXT NOT NULL,
+    PRIMARY KEY (case_id, sop_instance_uid)
+);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    case_id INTEGER NOT NULL UNIQUE REFERENCES cases(id),
+    state TEXT NOT NULL,             -- pending | running | done | failed
+    rule TEXT,
+    action TEXT NOT NULL,            -- JSON of the rule's action
+    explanation TEXT,                -- JSON list of lines
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_expires REAL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    result_path TEXT,
+    result_sop_uid TEXT,
+    result_series_uid TEXT,
+    engine TEXT,
+    inference_seconds REAL,
+    detail TEXT                      -- JSON: warnings, per-target info
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+
+-- deliveries of a job's result: one row per destination (DICOM node or export folder)
+CREATE TABLE IF NOT EXISTS sends (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,       -- destination name, or folder:<path>
+    kind TEXT NOT NULL,              -- dicom | folder
+    state TEXT NOT NULL,             -- pending | sending | sent | dead
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    sent_at REAL,
+    UNIQUE (job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS sends_due ON sends(state, next_attempt_at);
+"""
+
+
+class Database:
+    """Thread-local SQLite connections to one database file."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.timeout = timeout
+        self._local = threading.local()
+        conn = self.conn
+        conn.executescript(_SCHEMA)
+        conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``), committed on success, rolled back on error."""
+        conn = self.conn
+        for attempt in range(50):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:  # busy beyond busy_timeout: retry a little
+                if "locked" not in str(exc) or attempt == 49:
+                    raise
+                time.sleep(0.05)
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def one(self, sql: str, params: tuple | dict = ()) -> sqlite3.Row | None:
+        return self.conn.execute(sql, params).fetchone()
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.one("SELECT value FROM meta WHERE key = ?", (key,))
+        return row["value"] if row else default
+
+    def set_meta(self, key: str, value: Any, conn: sqlite3.Connection | None = None) -> None:
+        (conn or self.conn).execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, str(value)),
+        )
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
