@@ -61,7 +61,7 @@ from highdicom.spatial import PixelToReferenceTransformer
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
-from pydicom.valuerep import format_number_as_ds
+from pydicom.valuerep import DA, TM, format_number_as_ds
 from skimage.measure import approximate_polygon, find_contours
 
 from inference.geometry import Geometry
@@ -202,6 +202,31 @@ def _text(attributes: dict[str, Any], keyword: str) -> Any:
     return value
 
 
+def _valid(attributes: dict[str, Any], keyword: str, vr_class) -> str | None:
+    """A DA/TM value from the images if it is valid, else None (written empty).
+
+    The value itself is not logged: a birth date is patient information.
+    """
+    value = _text(attributes, keyword)
+    if value is None:
+        return None
+    try:
+        vr_class(str(value))
+    except (ValueError, TypeError):
+        log.warning("%s of the images is not a valid %s value: written empty", keyword, vr_class.__name__)
+        return None
+    return str(value)
+
+
+def _character_set(attributes: dict[str, Any], texts: list[str]) -> Any:
+    """The images' SpecificCharacterSet, or ISO_IR 192 (UTF-8) when text we write needs it."""
+    charset = _text(attributes, "SpecificCharacterSet")
+    if charset is not None:
+        return charset
+    values = [str(v) for v in attributes.values() if isinstance(v, str)] + texts
+    return "ISO_IR 192" if any(not v.isascii() for v in values) else None
+
+
 def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise RTStructError(f"{what} must not be empty")
@@ -258,23 +283,31 @@ class RTStructureSet(highdicom.base.SOPClass):
             software_versions=software_versions or _software_version(),
             patient_id=_text(attrs, "PatientID"),
             patient_name=None,  # set below: highdicom warns about valid one-component names
-            patient_birth_date=_text(attrs, "PatientBirthDate"),
+            patient_birth_date=_valid(attrs, "PatientBirthDate", DA),
             patient_sex=None if sex is None else str(sex).upper(),
             accession_number=_text(attrs, "AccessionNumber"),
             study_id=_text(attrs, "StudyID"),
-            study_date=_text(attrs, "StudyDate"),
-            study_time=_text(attrs, "StudyTime"),
+            study_date=_valid(attrs, "StudyDate", DA),
+            study_time=_valid(attrs, "StudyTime", TM),
             referring_physician_name=_text(attrs, "ReferringPhysicianName"),
             series_description=series_description,
             series_date=now.date(),
             series_time=now.time(),
-            specific_character_set=_text(attrs, "SpecificCharacterSet"),
         )
+        # Set directly: highdicom refuses valid multi-valued forms such as ['', 'ISO 2022 IR 87'].
+        charset = _character_set(attrs, [label, series_description, structure_set_name or ""]
+                                 + [t for e in rois for t in (e.roi.name, e.roi.description or "",
+                                                              e.roi.algorithm_name, e.roi.algorithm_version)])
+        if charset is not None:
+            self.SpecificCharacterSet = charset
         self.PatientName = _text(attrs, "PatientName")
         for keyword in _EXTRA_PATIENT_STUDY:
-            value = _text(attrs, keyword)
+            value = _valid(attrs, keyword, TM) if keyword == "PatientBirthTime" else _text(attrs, keyword)
             if value is not None:
-                setattr(self, keyword, value)
+                try:
+                    setattr(self, keyword, value)
+                except (ValueError, TypeError):
+                    log.warning("%s of the images cannot be copied: left out", keyword)
         # PatientIdentityRemoved YES requires the de-identification method (Type 1C);
         # copy the pair only when the images carry the method.
         removed = _text(attrs, "PatientIdentityRemoved")
@@ -355,7 +388,7 @@ class RTStructureSet(highdicom.base.SOPClass):
             obs = Dataset()
             obs.ObservationNumber = entry.number
             obs.ReferencedROINumber = entry.number
-            obs.RTROIInterpretedType = roi.interpreted_type or None
+            obs.RTROIInterpretedType = (roi.interpreted_type or "").strip().upper() or None
             obs.ROIInterpreter = None
             observations.append(obs)
 

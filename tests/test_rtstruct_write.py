@@ -421,3 +421,24 @@ def test_mask_touching_the_image_border_gives_closed_contours_inside_the_image()
     for c in ds.ROIContourSequence[0].ContourSequence:
         idx = geometry.patient_to_index(np.array(c.ContourData, dtype=float).reshape(-1, 3))
         assert idx[:, 1].min() >= -0.5 - 1e-6 and idx[:, 2].min() >= -0.5 - 1e-6
+
+
+def test_odd_image_attributes_never_break_the_writer(caplog):
+    geometry = axial_geometry()
+    mask = sphere(geometry)
+    odd = {
+        "StudyDate": "2008-09-18",  # not DICOM DA
+        "StudyTime": "25:99",
+        "PatientBirthDate": "19700230",  # no 30 February
+        "PatientSex": "X",
+        "PatientName": "Müller^Jörg",  # non-ASCII without SpecificCharacterSet
+    }
+    ds = reread(write_rtstruct(make_volume(geometry, attributes=odd), [RoiMask("GTV_AI", mask)]))
+    assert ds.StudyDate == "" and ds.StudyTime == "" and ds.PatientBirthDate == "" and ds.PatientSex == ""
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Müller^Jörg"
+    assert "19700230" not in caplog.text  # no patient data in the log
+    # A multi-valued character set the images use is kept as is.
+    iso2022 = {"SpecificCharacterSet": ["", "ISO 2022 IR 87"], "PatientName": "Yamada^Tarou=山田^太郎"}
+    ds = reread(write_rtstruct(make_volume(geometry, attributes=iso2022), [RoiMask("GTV_AI", mask)]))
+    assert list(ds.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
+    assert str(ds.PatientName) == "Yamada^Tarou=山田^太郎"
