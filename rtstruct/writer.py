@@ -26,12 +26,15 @@ Every boundary of the mask on a slice becomes its own CLOSED_PLANAR contour in t
 ROI: outer boundaries of components, boundaries of holes, boundaries of islands inside
 holes. They are meant to be read with the **even-odd (XOR) rule**: a point is inside the
 structure when it is enclosed by an odd number of the ROI's contours on that slice. This
-is how Eclipse, RayStation and Monaco interpret nested contours of one structure on one
-slice (an inner contour cuts a hole), and it is the rule our rasteriser
+is the common convention for several contours of one structure on one slice (an inner
+contour cuts a hole, a contour beside another is a second component; the usual
+open-source readers combine them with XOR as well), and it is the rule our rasteriser
 (:mod:`rtstruct.rasterize`) uses, so mask -> RTSTRUCT -> mask is exact. In addition the
 contours are oriented consistently (outer boundaries counter-clockwise, hole boundaries
-clockwise, seen in the image with rows down), so a reader that uses the non-zero winding
-rule or contour orientation reaches the same result. No "keyhole" cuts are made.
+clockwise, as displayed with rows going down), so a reader that uses the non-zero winding
+rule or the contour orientation reaches the same result. No "keyhole" cuts (a zero-width
+channel joining a hole to its outer boundary) are made. The import into each TPS has not
+been checked here; check it once per site with a ring-shaped structure.
 
 Contour simplification: marching squares gives a vertex on every pixel edge crossed by
 the boundary. Vertices are dropped with Douglas-Peucker at 0.25 pixel: every pixel
