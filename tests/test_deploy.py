@@ -203,6 +203,10 @@ def test_unit_has_the_required_hardening():
     for key, value in required.items():
         assert s.get(key) == [value], key
     assert int(s["LimitNOFILE"][0]) >= 4096
+    # settings that would hide /dev/nvidia* from the worker (ProtectClock implies
+    # DeviceAllow=char-rtc before systemd 252, and any DeviceAllow closes the policy)
+    for key in ("ProtectClock", "DeviceAllow", "DevicePolicy"):
+        assert key not in s, key
 
 
 def _verify_env(tmp_path: Path, port_104: bool) -> tuple[Path, dict]:
@@ -232,9 +236,9 @@ def test_systemd_analyze_verify_accepts_the_installed_unit(tmp_path, port_104):
 
     # and it does complain about a broken unit (so the silence above means something)
     unit = root / "etc/systemd/system/stardust-node.service"
-    unit.write_text(unit.read_text().replace("ProtectClock=yes", "ProtectClok=yes"))
+    unit.write_text(unit.read_text().replace("ProtectHostname=yes", "ProtectHostnam=yes"))
     proc = subprocess.run([tool, "verify", "stardust-node.service"], env=env, capture_output=True, text=True)
-    assert "Unknown key" in proc.stderr and "ProtectClok" in proc.stderr
+    assert "Unknown key" in proc.stderr and "ProtectHostnam" in proc.stderr
 
 
 def test_systemd_security_exposure_is_low(tmp_path):
