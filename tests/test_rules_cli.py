@@ -80,6 +80,15 @@ def test_phantom_folder_with_truth_and_rules_on_ae_titles_and_tags(capsys, phant
     assert "calling AE title not known (not given)" in out
 
 
+def test_without_options_the_default_node_configuration_is_used(capsys, phantom, monkeypatch):
+    monkeypatch.setenv("STARDUST_CONFIG", str(REPO / "config" / "node.yaml"))
+    rc, out, _ = run_cli(capsys, phantom["images"], phantom["prompt"])
+    assert rc == 0
+    assert f"rules: {REPO / 'config' / 'rules.yaml'} (3 rule(s))" in out
+    assert "called AE title: STARDUST (the node's AE title)" in out
+    assert "warning" not in out  # the default rules name only destinations node.yaml defines
+
+
 def test_node_config_names_the_rules_file_and_destinations(capsys, phantom, tmp_path):
     write_rules(tmp_path / "my-rules.yaml", [
         {"name": "all", "action": {"destinations": ["tps", "archive"]}},
@@ -170,8 +179,6 @@ def test_unreadable_file_missing_path_and_bad_rules_are_clear_errors(capsys, tmp
     rc, _, err = run_cli(capsys, tmp_path, "--rules", bad)
     assert rc == 2 and "rule #1 'oops': match.calling_aet: bad regular expression '(('" in err
 
-    rc, _, err = run_cli(capsys, tmp_path)
-    assert rc == 2 and "give -c CONFIG (the node configuration) or --rules FILE" in err
 
     config = tmp_path / "node.yaml"
     config.write_text("ae_title: X\naccess: {calling_aets: [ECLIPSE]}\n")

@@ -38,7 +38,11 @@ def register(sub) -> None:
         ),
     )
     t.add_argument("paths", nargs="+", metavar="PATH", help="folders (searched recursively) or DICOM files")
-    t.add_argument("-c", "--config", help="node configuration (node.yaml): its 'rules' file, AE title and destinations are used")
+    t.add_argument(
+        "-c", "--config",
+        help="node configuration (node.yaml) whose 'rules' file, AE title and destinations are used "
+             "(default: $STARDUST_CONFIG, /etc/stardust/node.yaml, or the repository's config/node.yaml)",
+    )
     t.add_argument("--rules", help="rules file to test (overrides the one named in the node configuration)")
     t.add_argument("--calling-aet", help="calling AE title to assume (the TPS's AE title)")
     t.add_argument("--called-aet", help="called AE title to assume (default: the node's AE title from -c CONFIG)")
@@ -100,8 +104,10 @@ def run_test(args) -> int:
     called_aet = args.called_aet
     called_note = ""
     destinations: set[str] | None = None
-    if args.config:
-        config_path = Path(args.config)
+    if rules_path is None or args.config:
+        from dicom_node.config import default_config_path
+
+        config_path = Path(args.config) if args.config else default_config_path()
         cfg_rules, node_aet, destinations = _node_settings(config_path)
         if rules_path is None:
             if cfg_rules is None:
@@ -109,8 +115,6 @@ def run_test(args) -> int:
             rules_path = cfg_rules
         if called_aet is None and node_aet:
             called_aet, called_note = node_aet, " (the node's AE title)"
-    if rules_path is None:
-        raise CommandError("which rules? give -c CONFIG (the node configuration) or --rules FILE")
     try:
         ruleset = RuleSet.load(rules_path)
     except RulesError as exc:
