@@ -12,33 +12,42 @@ Converts between DICOM RTSTRUCT files and the voxel-space representation of
   (:class:`RTStructureSet`, a highdicom SOP class).
 """
 
-from rtstruct.prompts import PromptConventions, PromptError, extract_prompts, find_prompt_rois
-from rtstruct.rasterize import map_contour, rasterize_roi
-from rtstruct.reader import (
-    ROI,
-    Contour,
-    RTStructError,
-    StructureSet,
-    check_references,
-    read_rtstruct,
-)
-from rtstruct.writer import RoiMask, RTStructureSet, mask_to_polygons, write_rtstruct
+from __future__ import annotations
 
-__all__ = [
-    "ROI",
-    "Contour",
-    "PromptConventions",
-    "PromptError",
-    "RTStructError",
-    "RTStructureSet",
-    "RoiMask",
-    "StructureSet",
-    "check_references",
-    "extract_prompts",
-    "find_prompt_rois",
-    "map_contour",
-    "mask_to_polygons",
-    "rasterize_roi",
-    "read_rtstruct",
-    "write_rtstruct",
-]
+import importlib
+
+# Names are imported on first use (PEP 562), so that ``from rtstruct.reader import ...``
+# stays light: the writer pulls in highdicom and scikit-image (about 2 s).
+_EXPORTS = {
+    "PromptConventions": "rtstruct.prompts",
+    "PromptError": "rtstruct.prompts",
+    "extract_prompts": "rtstruct.prompts",
+    "find_prompt_rois": "rtstruct.prompts",
+    "map_contour": "rtstruct.rasterize",
+    "rasterize_roi": "rtstruct.rasterize",
+    "ROI": "rtstruct.reader",
+    "Contour": "rtstruct.reader",
+    "RTStructError": "rtstruct.reader",
+    "StructureSet": "rtstruct.reader",
+    "check_references": "rtstruct.reader",
+    "read_rtstruct": "rtstruct.reader",
+    "RoiMask": "rtstruct.writer",
+    "RTStructureSet": "rtstruct.writer",
+    "mask_to_polygons": "rtstruct.writer",
+    "write_rtstruct": "rtstruct.writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rtstruct' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
