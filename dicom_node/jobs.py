@@ -1,0 +1,261 @@
+"""The persistent job queue (SQLite) and the delivery records of results.
+
+Job states: ``pending -> running -> done | failed``. A worker *claims* the oldest pending
+job atomically and holds a *lease* (``lease_owner``, ``lease_expires``) that it renews
+while it works; a job whose worker died (crash, ``kill -9``, lost lease) goes back to
+``pending`` and is attempted again, up to ``jobs.max_attempts``. There is one job per case
+(``UNIQUE(case_id)``) and a job is claimed by one worker at a time, so the same case is
+never segmented twice concurrently.
+
+A worker finishes a job with :func:`complete_job`, which in one transaction marks it done
+and creates one ``sends`` row per destination (DICOM node or export folder). The sender
+marks each row ``sent`` once the peer answered Success, so a restart never sends a result
+again; rows that fail are retried with capped exponential backoff and end ``dead`` after
+``send.max_attempts`` (``dicom-node resend JOB`` revives them).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from typing import Any
+
+from dicom_node.db import Database
+
+__all__ = [
+    "create_job",
+    "claim_job",
+    "renew_lease",
+    "complete_job",
+    "fail_job",
+    "release_owner",
+    "expired_owners",
+    "recover_on_start",
+    "retry_job",
+    "resend_job",
+    "job_detail",
+    "list_jobs",
+    "backoff_seconds",
+    "JobError",
+]
+
+
+class JobError(ValueError):
+    """A job operation that cannot be done (unknown id, wrong state); message says why."""
+
+
+def owner_name(worker: str | int) -> str:
+    return f"{socket.gethostname()}:worker{worker}"
+
+
+def create_job(c: sqlite3.Connection, case_id: int, rule: str | None, action: dict, explanation: list[str],
+               now: float | None = None) -> int:
+    """Insert a pending job for ``case_id`` inside the caller's transaction."""
+    cur = c.execute(
+        """INSERT INTO jobs (case_id, state, rule, action, explanation, created_at)
+           VALUES (?, 'pending', ?, ?, ?, ?)""",
+        (case_id, rule, json.dumps(action), json.dumps(explanation), now or time.time()),
+    )
+    return int(cur.lastrowid)
+
+
+def claim_job(db: Database, owner: str, lease_seconds: float) -> dict | None:
+    """Atomically take the oldest pending job (running, attempts+1, leased to ``owner``)."""
+    now = time.time()
+    with db.tx() as c:
+        row = c.execute("SELECT id FROM jobs WHERE state = 'pending' ORDER BY id LIMIT 1").fetchone()
+        if row is None:
+            return None
+        c.execute(
+            """UPDATE jobs SET state='running', attempts=attempts+1, lease_owner=?, lease_expires=?,
+                   started_at=?, error=NULL WHERE id=? AND state='pending'""",
+            (owner, now + lease_seconds, now, row["id"]),
+        )
+        job = c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+    return dict(job)
+
+
+def renew_lease(db: Database, job_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend the lease; False when the job is no longer ours (it was handed to another worker)."""
+    with db.tx() as c:
+        n = c.execute(
+            "UPDATE jobs SET lease_expires=? WHERE id=? AND state='running' AND lease_owner=?",
+            (time.time() + lease_seconds, job_id, owner),
+        ).rowcount
+    return n == 1
+
+
+def complete_job(
+    db: Database,
+    job_id: int,
+    owner: str,
+    *,
+    result_path: str,
+    result_sop_uid: str,
+    result_series_uid: str,
+    engine: str,
+    inference_seconds: float,
+    detail: dict[str, Any],
+    deliveries: list[tuple[str, str]],
+) -> bool:
+    """Mark the job done and create its delivery rows; False if the lease was lost."""
+    now = time.time()
+    with db.tx() as c:
+        n = c.execute(
+            """UPDATE jobs SET state='done', finished_at=?, lease_owner=NULL, lease_expires=NULL,
+                   result_path=?, result_sop_uid=?, result_series_uid=?, engine=?, inference_seconds=?,
+                   detail=?, error=NULL
+               WHERE id=? AND state='running' AND lease_owner=?""",
+            (now, result_path, result_sop_uid, result_series_uid, engine, inference_seconds,
+             json.dumps(detail), job_id, owner),
+        ).rowcount
+        if n != 1:
+            return False
+        for destination, kind in deliveries:
+            c.execute(
+                """INSERT OR IGNORE INTO sends (job_id, destination, kind, state, next_attempt_at)
+                   VALUES (?, ?, ?, 'pending', ?)""",
+                (job_id, destination, kind, now),
+            )
+        c.execute(
+            "UPDATE cases SET state='done', finished_at=? WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
+            (now, job_id),
+        )
+    return True
+
+
+def fail_job(db: Database, job_id: int, owner: str, error: str, retryable: bool, max_attempts: int) -> str:
+    """Record a failure: back to ``pending`` (retryable, attempts left) or ``failed``; the new state."""
+    now = time.time()
+    with db.tx() as c:
+        job = c.execute("SELECT attempts, state, lease_owner FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if job is None or job["state"] != "running" or job["lease_owner"] != owner:
+            return job["state"] if job else "unknown"
+        state = "pending" if retryable and job["attempts"] < max_attempts else "failed"
+        c.execute(
+            """UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL,
+                   finished_at=CASE WHEN ?='failed' THEN ? ELSE NULL END WHERE id=?""",
+            (state, error, state, now, job_id),
+        )
+        if state == "failed":
+            c.execute(
+                "UPDATE cases SET state='failed', reason=?, finished_at=? WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
+                (error, now, job_id),
+            )
+    return state
+
+
+def release_owner(db: Database, owner: str, why: str, max_attempts: int) -> list[tuple[int, str]]:
+    """A worker is gone: its running jobs go back to pending (or fail after max attempts)."""
+    out = []
+    now = time.time()
+    with db.tx() as c:
+        for job in c.execute("SELECT id, attempts FROM jobs WHERE state='running' AND lease_owner=?", (owner,)).fetchall():
+            if job["attempts"] >= max_attempts:
+                error = f"{why}; gave up after {job['attempts']} attempts"
+                c.execute("UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, "
+                          "finished_at=? WHERE id=?", (error, now, job["id"]))
+                c.execute("UPDATE cases SET state='failed', reason=?, finished_at=? "
+                          "WHERE id=(SELECT case_id FROM jobs WHERE id=?)", (error, now, job["id"]))
+                out.append((job["id"], "failed"))
+            else:
+                c.execute("UPDATE jobs SET state='pending', error=?, lease_owner=NULL, lease_expires=NULL "
+                          "WHERE id=?", (why, job["id"]))
+                out.append((job["id"], "pending"))
+    return out
+
+
+def expired_owners(db: Database, now: float | None = None) -> list[str]:
+    """Owners of running jobs whose lease has expired (a hung worker)."""
+    now = now or time.time()
+    rows = db.query("SELECT DISTINCT lease_owner FROM jobs WHERE state='running' AND lease_expires < ?", (now,))
+    return [r["lease_owner"] for r in rows if r["lease_owner"]]
+
+
+def recover_on_start(db: Database, max_attempts: int) -> dict[str, int]:
+    """At node start no worker is alive: running jobs return to pending, 'sending' rows to pending."""
+    counts = {"jobs_requeued": 0, "jobs_failed": 0, "sends_requeued": 0}
+    owners = [r["lease_owner"] for r in db.query("SELECT DISTINCT lease_owner FROM jobs WHERE state='running'")]
+    for owner in owners:
+        for _job, state in release_owner(db, owner, "the node stopped while this job was running", max_attempts):
+            counts["jobs_requeued" if state == "pending" else "jobs_failed"] += 1
+    with db.tx() as c:
+        counts["sends_requeued"] = c.execute(
+            "UPDATE sends SET state='pending', next_attempt_at=? WHERE state='sending'", (time.time(),)
+        ).rowcount
+    return counts
+
+
+def retry_job(db: Database, job_id: int) -> None:
+    """``dicom-node jobs retry``: a failed job runs again (attempts reset)."""
+    with db.tx() as c:
+        job = c.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if job is None:
+            raise JobError(f"no job {job_id}")
+        if job["state"] != "failed":
+            hint = " (use 'dicom-node resend' to deliver its result again)" if job["state"] == "done" else ""
+            raise JobError(f"job {job_id} is {job['state']}; only failed jobs can be retried{hint}")
+        c.execute("UPDATE jobs SET state='pending', attempts=0, error=NULL, finished_at=NULL WHERE id=?", (job_id,))
+        c.execute("UPDATE cases SET state='queued', reason=NULL, finished_at=NULL "
+                  "WHERE id=(SELECT case_id FROM jobs WHERE id=?)", (job_id,))
+
+
+def resend_job(db: Database, job_id: int, destination: str | None = None) -> int:
+    """``dicom-node resend``: deliver a done job's result again; returns the rows re-queued."""
+    with db.tx() as c:
+        job = c.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if job is None:
+            raise JobError(f"no job {job_id}")
+        if job["state"] != "done":
+            raise JobError(f"job {job_id} is {job['state']}: it has no result to send")
+        rows = c.execute("SELECT id, destination, state FROM sends WHERE job_id=?", (job_id,)).fetchall()
+        if destination is not None:
+            rows = [r for r in rows if r["destination"] == destination]
+            if not rows:
+                raise JobError(f"job {job_id} has no delivery to {destination!r}")
+        if not rows:
+            raise JobError(f"job {job_id} has no destinations (its rule names none)")
+        busy = [r["destination"] for r in rows if r["state"] == "sending"]
+        if busy:
+            raise JobError(f"job {job_id} is being sent to {', '.join(busy)} right now; try again in a moment")
+        for r in rows:
+            c.execute("UPDATE sends SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL "
+                      "WHERE id=?", (time.time(), r["id"]))
+    return len(rows)
+
+
+def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
+    """Delay before attempt ``attempt + 1`` after ``attempt`` failures: initial * 2^(n-1), capped."""
+    return min(maximum, initial * (2 ** max(0, attempt - 1)))
+
+
+def list_jobs(db: Database, limit: int = 50, state: str | None = None) -> list[dict]:
+    sql = """SELECT j.id, j.case_id, j.state, j.rule, j.attempts, j.created_at, j.started_at, j.finished_at,
+                    j.error, j.engine, j.inference_seconds, c.patient_ref, c.n_images, c.mode,
+                    (SELECT group_concat(s.destination || '=' || s.state, ', ') FROM sends s WHERE s.job_id=j.id)
+                        AS deliveries
+             FROM jobs j JOIN cases c ON c.id = j.case_id"""
+    params: tuple = ()
+    if state:
+        sql += " WHERE j.state = ?"
+        params = (state,)
+    sql += " ORDER BY j.id DESC LIMIT ?"
+    return [dict(r) for r in db.query(sql, params + (limit,))]
+
+
+def job_detail(db: Database, job_id: int) -> dict:
+    job = db.one("SELECT * FROM jobs WHERE id=?", (job_id,))
+    if job is None:
+        raise JobError(f"no job {job_id}")
+    out = dict(job)
+    out["case"] = dict(db.one("SELECT * FROM cases WHERE id=?", (job["case_id"],)))
+    out["sends"] = [dict(r) for r in db.query("SELECT * FROM sends WHERE job_id=? ORDER BY id", (job_id,))]
+    for key in ("action", "explanation", "detail"):
+        if out.get(key):
+            try:
+                out[key] = json.loads(out[key])
+            except ValueError:
+                pass
+    return out

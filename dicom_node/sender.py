@@ -1,0 +1,305 @@
+"""Delivery of results: C-STORE to DICOM destinations, atomic writes to export folders.
+
+Each delivery is a ``sends`` row (see :mod:`dicom_node.jobs`). The :class:`Sender` runs in
+the receiving process on an apscheduler ``BackgroundScheduler``: a short interval job
+picks up due rows (also those revived by ``dicom-node resend`` from another process),
+:meth:`Sender.wake` runs it at once when a worker reports a result, and a failed attempt
+schedules a one-off run at its retry time. Delays grow as
+``backoff_initial_seconds * 2^(attempt-1)`` capped at ``backoff_max_seconds``; after
+``send.max_attempts`` the row is ``dead`` (dead letter) until resent by hand.
+
+A row is marked ``sending`` before the attempt and ``sent`` right after the peer's
+Success, so a restart never sends a result that was delivered (a crash in the middle of
+the C-STORE itself re-sends the same SOP Instance, which the peer treats as the same
+object).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+
+from dicom_node.audit import AuditLog
+from dicom_node.config import Destination, NodeConfig, TlsClient
+from dicom_node.db import Database
+from dicom_node.jobs import backoff_seconds
+from dicom_node.logs import event, get_logger
+from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+__all__ = ["Sender", "c_store_files", "c_echo", "client_ssl_context", "export_file", "DeliveryError"]
+
+log = get_logger(__name__)
+
+_OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage warnings
+
+
+class DeliveryError(Exception):
+    pass
+
+
+def client_ssl_context(tls: TlsClient) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.check_hostname = tls.check_hostname
+    if not tls.check_hostname:
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.ca_file else ssl.CERT_NONE
+    if tls.cert_file is not None:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=tls.key_password())
+    return ctx
+
+
+def _requestor_ae(calling_aet: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_aet)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    return ae
+
+
+def c_echo(host: str, port: int, called_aet: str, calling_aet: str = "STARDUST", timeout: float = 10.0,
+           tls: TlsClient | None = None) -> int:
+    """C-ECHO; returns the status (raises :class:`DeliveryError` when no association)."""
+    ae = _requestor_ae(calling_aet, timeout)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    tls_args = (client_ssl_context(tls), host) if tls is not None and tls.enabled else None
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
+    if not assoc.is_established:
+        raise DeliveryError(_assoc_failure(assoc, host, port, called_aet))
+    try:
+        status = assoc.send_c_echo()
+        if not status:
+            raise DeliveryError("no response to C-ECHO (timeout or aborted)")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def _assoc_failure(assoc, host: str, port: int, called_aet: str) -> str:
+    if assoc.is_rejected:
+        prim = assoc.acceptor.primitive
+        reason = getattr(prim, "reason_str", None) if prim is not None else None
+        return f"association rejected by {called_aet}@{host}:{port}" + (f" ({reason})" if reason else "")
+    if assoc.is_aborted:
+        return f"association aborted by {called_aet}@{host}:{port}"
+    return f"cannot connect to {called_aet}@{host}:{port} (refused, unreachable or timed out)"
+
+
+def c_store_files(
+    paths: list[Path],
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str = "STARDUST",
+    timeout: float = 30.0,
+    tls: TlsClient | None = None,
+    progress=None,
+) -> list[tuple[Path, int | None, str]]:
+    """Send DICOM files in one association; per file (path, status or None, message).
+
+    Presentation contexts are proposed for each SOP class with the file's own transfer
+    syntax first, then the uncompressed ones. Raises :class:`DeliveryError` when no
+    association can be made.
+    """
+    datasets = []
+    results: list[tuple[Path, int | None, str]] = []
+    contexts: dict[str, list[str]] = {}
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            results.append((path, None, f"not readable as DICOM: {type(exc).__name__}: {exc}"))
+            continue
+        sop_class = str(ds.get("SOPClassUID", ""))
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1"))
+        syntaxes = contexts.setdefault(sop_class, [])
+        for t in (ts, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"):
+            if t not in syntaxes:
+                syntaxes.append(t)
+        datasets.append((path, ds))
+    if not datasets:
+        return results
+    if len(contexts) > 128:
+        raise DeliveryError(f"{len(contexts)} SOP classes: more than one association can negotiate")
+    ae = _requestor_ae(calling_aet, timeout)
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+    tls_args = (client_ssl_context(tls), host) if tls is not None and tls.enabled else None
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args, max_pdu=0)
+    if not assoc.is_established:
+        raise DeliveryError(_assoc_failure(assoc, host, port, called_aet))
+    try:
+        for path, ds in datasets:
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError as exc:  # no accepted presentation context
+                results.append((path, None, f"not accepted by {called_aet}: {exc}"))
+                continue
+            if progress is not None:
+                progress.update(1)
+            if not status:
+                results.append((path, None, "no response (timeout or association aborted)"))
+                if not assoc.is_established:
+                    break
+                continue
+            code = int(status.Status)
+            comment = str(status.get("ErrorComment", "") or "")
+            results.append((path, code, comment))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+def export_file(source: Path, folder: Path, name: str) -> Path:
+    """Copy ``source`` into ``folder`` as ``name`` atomically (temp name, fsync, rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / name
+    tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        shutil.copyfile(source, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+class Sender:
+    def __init__(self, cfg: NodeConfig, db: Database, audit: AuditLog, scheduler) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.audit = audit
+        self.scheduler = scheduler
+        self.pool = ThreadPoolExecutor(max_workers=cfg.send.threads, thread_name_prefix="send")
+        self._pump_lock = threading.Lock()
+        self._stopped = False
+
+    def start(self) -> None:
+        self.scheduler.add_job(self.pump, "interval", seconds=1.0, id="sender-poll", max_instances=1,
+                               coalesce=True, replace_existing=True)
+        self.wake()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def wake(self, *_args) -> None:
+        """Look for due deliveries now (a worker finished a job)."""
+        if not self._stopped:
+            threading.Thread(target=self.pump, name="send-wake", daemon=True).start()
+
+    def pump(self) -> int:
+        if self._stopped:
+            return 0
+        with self._pump_lock:
+            now = time.time()
+            rows = self.db.query(
+                "SELECT id FROM sends WHERE state='pending' AND next_attempt_at <= ? ORDER BY id LIMIT 100", (now,)
+            )
+            claimed = []
+            for row in rows:
+                with self.db.tx() as c:
+                    n = c.execute(
+                        "UPDATE sends SET state='sending', attempts=attempts+1 WHERE id=? AND state='pending'",
+                        (row["id"],),
+                    ).rowcount
+                if n:
+                    claimed.append(row["id"])
+        for send_id in claimed:
+            try:
+                self.pool.submit(self._deliver, send_id)
+            except RuntimeError:  # shutting down: the row goes back to pending on restart
+                break
+        return len(claimed)
+
+    def _deliver(self, send_id: int) -> None:
+        row = self.db.one(
+            """SELECT s.*, j.result_path, j.result_sop_uid, j.case_id, c.ready_at
+               FROM sends s JOIN jobs j ON j.id = s.job_id JOIN cases c ON c.id = j.case_id
+               WHERE s.id = ?""",
+            (send_id,),
+        )
+        if row is None:
+            return
+        start = time.time()
+        try:
+            if row["kind"] == "folder":
+                folder = Path(row["destination"].split(":", 1)[1])
+                where = export_file(Path(row["result_path"]), folder, Path(row["result_path"]).name)
+                detail = str(where)
+            else:
+                dest = self.cfg.destinations.get(row["destination"])
+                if dest is None:
+                    raise DeliveryError(f"destination {row['destination']!r} is not defined in the configuration")
+                detail = self._c_store(dest, Path(row["result_path"]))
+        except Exception as exc:
+            self._failed(row, exc)
+            return
+        now = time.time()
+        with self.db.tx() as c:
+            c.execute("UPDATE sends SET state='sent', sent_at=?, last_error=NULL WHERE id=?", (now, send_id))
+        event(log, "sent", job=row["job_id"], case=row["case_id"], destination=row["destination"],
+              attempt=row["attempts"], seconds=f"{now - start:.3f}")
+        self.audit.write("sent", case=row["case_id"], job=row["job_id"], destination=row["destination"],
+                         attempt=row["attempts"], result=row["result_sop_uid"], detail=detail,
+                         since_ready=round(now - row["ready_at"], 3) if row["ready_at"] else None)
+
+    def _c_store(self, dest: Destination, path: Path) -> str:
+        results = c_store_files(
+            [path], dest.host, dest.port, dest.ae_title,
+            calling_aet=dest.calling_ae_title or self.cfg.ae_title,
+            timeout=dest.timeout_seconds, tls=dest.tls,
+        )
+        _, status, message = results[0]
+        if status is None:
+            raise DeliveryError(message)
+        if status not in _OK_STATUSES:
+            raise DeliveryError(f"{dest.ae_title} answered status 0x{status:04X}" + (f" ({message})" if message else ""))
+        return f"{dest.ae_title}@{dest.host}:{dest.port} status 0x{status:04X}"
+
+    def _failed(self, row, exc: Exception) -> None:
+        attempts = row["attempts"]
+        reason = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+        if attempts >= self.cfg.send.max_attempts:
+            with self.db.tx() as c:
+                c.execute("UPDATE sends SET state='dead', last_error=? WHERE id=?", (reason, row["id"]))
+            event(log, "delivery_dead", level=logging.ERROR, job=row["job_id"], destination=row["destination"],
+                  attempts=attempts, reason=reason, hint=f"dicom-node resend {row['job_id']}")
+            self.audit.write("delivery_failed", case=row["case_id"], job=row["job_id"],
+                             destination=row["destination"], attempts=attempts, reason=reason, dead=True)
+            return
+        delay = backoff_seconds(attempts, self.cfg.send.backoff_initial_seconds, self.cfg.send.backoff_max_seconds)
+        next_at = time.time() + delay
+        with self.db.tx() as c:
+            c.execute("UPDATE sends SET state='pending', last_error=?, next_attempt_at=? WHERE id=?",
+                      (reason, next_at, row["id"]))
+        event(log, "delivery_retry", level=logging.WARNING, job=row["job_id"], destination=row["destination"],
+              attempt=attempts, reason=reason, retry_in=f"{delay:g}s")
+        if not self._stopped:
+            try:
+                self.scheduler.add_job(self.pump, "date", run_date=datetime.now() + timedelta(seconds=delay),
+                                       misfire_grace_time=None)
+            except Exception:  # scheduler stopped; the interval poll or a restart picks it up
+                pass

@@ -1,0 +1,241 @@
+"""``dicom-node serve``: the node process, wiring every part together.
+
+Start order: lock the data directory (one node per data directory), open the database,
+reconcile the store with the index (after a crash or power loss), return interrupted jobs
+and deliveries to their queues, start the case assembler, the inference workers, the
+sender, the retention schedule, the watch folder, and last the DICOM listener. Stop order
+is the reverse; SIGTERM and SIGINT stop the node cleanly (a job running in a worker is
+handed back and resumes at the next start).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+from dicom_node.audit import AuditLog
+from dicom_node.cases import CaseAssembler, Decision
+from dicom_node.config import ConfigError, NodeConfig
+from dicom_node.db import Database
+from dicom_node.jobs import recover_on_start
+from dicom_node.logs import event, get_logger, load_secret
+from dicom_node.retention import run_retention
+from dicom_node.scp import StorageSCP
+from dicom_node.sender import Sender
+from dicom_node.store import Store
+from dicom_node.worker import WorkerSupervisor
+
+__all__ = ["Node", "NodeError"]
+
+log = get_logger(__name__)
+
+
+class NodeError(RuntimeError):
+    """The node cannot start; the message says why."""
+
+
+class _Rules:
+    """The rules file, reloaded when it changes (a broken edit keeps the previous rules)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.ruleset = None
+        self.mtime: float | None = None
+        if path is not None:
+            self._load(initial=True)
+
+    def _load(self, initial: bool = False) -> None:
+        from dicom_node.rules import RulesError, RuleSet
+
+        try:
+            mtime = self.path.stat().st_mtime  # type: ignore[union-attr]
+            ruleset = RuleSet.load(self.path)  # type: ignore[arg-type]
+        except (RulesError, OSError) as exc:
+            if initial:
+                raise NodeError(f"rules: {exc}") from None
+            event(log, "rules_reload_failed", level=logging.ERROR, why=str(exc), note="keeping the previous rules")
+            self.mtime = self.path.stat().st_mtime if self.path.exists() else None  # type: ignore[union-attr]
+            return
+        self.ruleset, self.mtime = ruleset, mtime
+        if not initial:
+            event(log, "rules_reloaded", rules=len(ruleset))
+
+    def current(self):
+        if self.path is not None:
+            try:
+                mtime = self.path.stat().st_mtime
+            except OSError:
+                mtime = None
+            if mtime != self.mtime:
+                self._load()
+        return self.ruleset
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self._lock_fd: int | None = None
+        self._stopped = threading.Event()
+        self.started = False
+
+    # -- decisions -----------------------------------------------------------------------
+    def decide(self, case: dict, image_paths: list[Path], prompt_path: Path) -> Decision:
+        return decide_with_rules(self.rules.current(), case, image_paths, prompt_path)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _lock(self) -> None:
+        path = self.cfg.data_dir / "node.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NodeError(f"another node is running with data_dir {self.cfg.data_dir} (lock {path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def start(self) -> None:
+        cfg = self.cfg
+        try:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise NodeError(f"data_dir: cannot create {cfg.data_dir}: {exc.strerror}") from None
+        if not os.access(cfg.data_dir, os.W_OK):
+            raise NodeError(f"data_dir: {cfg.data_dir} is not writable by this user")
+        self._lock()
+        t0 = time.time()
+        self.secret = load_secret(cfg.data_dir)
+        self.db = Database(cfg.db_path)
+        self.audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
+        self.store = Store(cfg.store_dir, self.db, fsync=cfg.storage.fsync,
+                           min_free_bytes=cfg.storage.min_free_mb * 2**20, secret=self.secret)
+        reconciled = self.store.reconcile()
+        recovered = recover_on_start(self.db, cfg.jobs.max_attempts)
+        event(log, "recovered", **reconciled, **recovered, seconds=f"{time.time() - t0:.2f}")
+        try:
+            self.rules = _Rules(cfg.rules)
+        except ConfigError as exc:
+            raise NodeError(str(exc)) from None
+
+        run_dir = cfg.data_dir / "run"
+        run_dir.mkdir(exist_ok=True)
+        self.config_json = run_dir / "node.json"
+        tmp = run_dir / "node.json.tmp"
+        tmp.write_text(cfg.model_dump_json(indent=1))
+        os.replace(tmp, self.config_json)
+
+        self.scheduler = BackgroundScheduler(job_defaults={"misfire_grace_time": 3600, "coalesce": True})
+        self.scp = StorageSCP(cfg, self.store)
+        self.sender = Sender(cfg, self.db, self.audit, self.scheduler)
+        self.supervisor = WorkerSupervisor(cfg, self.db, self.audit, self.config_json, on_done=self.sender.wake)
+        self.assembler = CaseAssembler(cfg, self.db, self.store, self.audit, decide=self.decide,
+                                       is_open=self.scp.is_open, on_queued=self.supervisor.wake)
+        self.store.listeners.append(self.assembler.wake)
+        self.scp.close_listeners.append(self.assembler.wake)
+        self.watch = None
+        if cfg.watch.enabled:
+            from dicom_node.watch import WatchFolder
+
+            self.watch = WatchFolder(cfg, self.store, on_import=self.assembler.wake)
+
+        self.scheduler.start()
+        self.scheduler.add_job(
+            lambda: run_retention(cfg, self.db, self.store, self.audit),
+            CronTrigger.from_crontab(cfg.storage.cleanup_cron), id="retention", replace_existing=True,
+        )
+        self.assembler.start()
+        self.supervisor.start()
+        self.sender.start()
+        if self.watch is not None:
+            self.watch.start()
+        try:
+            self.scp.start()
+        except OSError as exc:
+            self.stop()
+            raise NodeError(
+                f"network: cannot listen on {cfg.network.bind}:{cfg.network.port}: {exc.strerror or exc}"
+            ) from None
+        self.started = True
+        self.audit.write("node_started", pid=os.getpid(), ae_title=cfg.ae_title, port=self.scp.port,
+                         workers=self.supervisor.devices)
+        event(log, "node_started", ae_title=cfg.ae_title, port=self.scp.port, workers=",".join(self.supervisor.devices),
+              rules=str(cfg.rules) if cfg.rules else "none", data_dir=str(cfg.data_dir))
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for name, fn in (
+            ("scp", lambda: self.scp.stop()),
+            ("watch", lambda: self.watch.stop() if self.watch else None),
+            ("assembler", lambda: self.assembler.stop()),
+            ("supervisor", lambda: self.supervisor.stop()),
+            ("sender", lambda: self.sender.stop()),
+            ("scheduler", lambda: self.scheduler.shutdown(wait=False)),
+        ):
+            try:
+                fn()
+            except AttributeError:
+                pass  # not started
+            except Exception:
+                log.exception("stopping %s failed", name)
+        try:
+            self.audit.write("node_stopped", pid=os.getpid())
+            self.audit.close()
+        except AttributeError:
+            pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        event(log, "node_stopped")
+
+    def serve_forever(self) -> None:
+        """Start, then block until SIGTERM/SIGINT."""
+        stop = threading.Event()
+
+        def _signal(signum, _frame):
+            event(log, "signal", signal=signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        print(f"dicom-node: {self.cfg.ae_title} listening on {self.cfg.network.bind}:{self.scp.port}", flush=True)
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+
+def decide_with_rules(ruleset, case: dict, image_paths: list[Path], prompt_path: Path) -> Decision:
+    """Evaluate the rules for a ready case (``ruleset`` None: the built-in default action)."""
+    from dicom_node.rules import Action, RuleContext
+
+    if ruleset is None:
+        action = Action(engine="classic")
+        return Decision("built-in default (no rules file configured)", action.model_dump(mode="json"),
+                        ["no rules file: classic engine, no destinations"])
+    ctx = RuleContext.from_files(image_paths[:1], prompt_path, calling_aet=case.get("calling_aet"),
+                                 called_aet=case.get("called_aet"))
+    decision = ruleset.evaluate(ctx)
+    return Decision(
+        decision.rule.name if decision.rule is not None else None,
+        decision.action.model_dump(mode="json") if decision.action is not None else None,
+        list(decision.explanation),
+    )
+
+
+def effective_config_dump(cfg: NodeConfig) -> str:
+    """The configuration as JSON (``config check --show``); secrets are never in it."""
+    return json.dumps(json.loads(cfg.model_dump_json()), indent=2)

@@ -1,0 +1,434 @@
+"""Inference workers: separate processes that take jobs from the queue, and their supervisor.
+
+A worker (``python -m dicom_node.worker``) is a long-lived process per device (one per
+GPU, or one on the CPU). It keeps engines loaded between jobs
+(:func:`inference.engine.get_engine` caches them per process), claims a job with a lease,
+renews the lease while it works, writes the result RTSTRUCT atomically under
+``<data_dir>/results/<job>/`` and completes the job, which creates the delivery rows. It
+never talks DICOM: the receiving process sends results.
+
+The receiving process runs a :class:`WorkerSupervisor`. A worker's crash (CUDA error,
+out of memory, ``kill -9``) therefore cannot stop reception: the supervisor notices the
+exit, hands the dead worker's job back to the queue (or fails it after
+``jobs.max_attempts``) and starts a new worker after a backoff. Workers die with the
+receiving process (``PR_SET_PDEATHSIG``), so no orphan keeps a lease.
+
+The supervisor wakes idle workers by writing a byte to their stdin; a worker reports a
+finished job with a line ``done <job>`` on its stdout, which wakes the sender at once.
+Logs go to stderr (inherited).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from dicom_node.audit import AuditLog
+from dicom_node.config import NodeConfig
+from dicom_node.db import Database
+from dicom_node.jobs import claim_job, complete_job, fail_job, owner_name, release_owner, renew_lease
+from dicom_node.logs import event, get_logger
+
+__all__ = ["WorkerSupervisor", "run_worker", "resolve_devices", "main", "PermanentJobError"]
+
+log = get_logger(__name__)
+
+
+class PermanentJobError(Exception):
+    """A job that cannot succeed by trying again (bad prompt, bad series); message says why."""
+
+
+# ======================================================================================
+# Worker process
+# ======================================================================================
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphan workers)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: the worker also checks its parent pid
+        pass
+
+
+def _atomic_write_dataset(ds, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    ds.save_as(tmp, enforce_file_format=True)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def segment_case(
+    prompt_path: Path,
+    image_paths: list[Path],
+    series_uid: str | None,
+    action,
+    device: str,
+    allow_frame_of_reference_only: bool,
+):
+    """Run the segmentation chain for one case; returns (RTSTRUCT dataset, info dict).
+
+    Delegates to :mod:`dicom_node.pipeline` (the one-shot chain shared with
+    ``dicom-node segment``). Raises :class:`PermanentJobError` for problems of the input.
+    """
+    from dicom_node.pipeline import run_case  # the segmentation engineer's chain
+
+    return run_case(
+        prompt_path,
+        image_paths,
+        series_instance_uid=series_uid,
+        action=action,
+        device=device,
+        allow_frame_of_reference_only=allow_frame_of_reference_only,
+        permanent_error=PermanentJobError,
+    )
+
+
+class _LeaseKeeper(threading.Thread):
+    def __init__(self, db: Database, job_id: int, owner: str, lease: float) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.db, self.job_id, self.owner, self.lease = db, job_id, owner, lease
+        self.stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.lease / 3):
+            try:
+                if not renew_lease(self.db, self.job_id, self.owner, self.lease):
+                    self.lost = True
+                    return
+            except Exception:
+                log.exception("lease renewal failed")
+
+
+def _deliveries(cfg: NodeConfig, action: dict, case: dict) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = [(name, "dicom") for name in action.get("destinations") or []]
+    folders = []
+    if action.get("export_folder"):
+        folders.append(str(action["export_folder"]))
+    if case.get("source") == "watch" and cfg.watch.export_dir is not None:
+        folders.append(str(cfg.watch.export_dir))
+    for folder in dict.fromkeys(folders):
+        out.append((f"folder:{folder}", "folder"))
+    return out
+
+
+def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: str, device: str) -> str:
+    """Process one claimed job; returns its new state."""
+    job_id, case_id = job["id"], job["case_id"]
+    case = dict(db.one("SELECT * FROM cases WHERE id = ?", (case_id,)))
+    images = db.query(
+        """SELECT i.path FROM case_images ci JOIN instances i ON i.sop_instance_uid = ci.sop_instance_uid
+           WHERE ci.case_id = ?""",
+        (case_id,),
+    )
+    image_paths = [cfg.store_dir / r["path"] for r in images]
+    action = json.loads(job["action"])
+    keeper = _LeaseKeeper(db, job_id, owner, cfg.jobs.lease_seconds)
+    keeper.start()
+    start = time.time()
+    audit.write("inference_start", case=case_id, job=job_id, attempt=job["attempts"], worker=owner, device=device)
+    event(log, "inference_start", job=job_id, case=case_id, images=len(image_paths), attempt=job["attempts"])
+    try:
+        if len(image_paths) != case["n_images"]:
+            raise PermanentJobError(
+                f"{case['n_images'] - len(image_paths)} of the case's {case['n_images']} images are no longer in the store"
+            )
+        from dicom_node.rules import Action
+
+        ds, info = segment_case(
+            Path(case["prompt_path"]),
+            image_paths,
+            case["image_series_uid"],
+            Action.model_validate(action),
+            device,
+            allow_frame_of_reference_only=case["mode"] != "references",
+        )
+        result_path = cfg.results_dir / str(job_id) / f"RS.{ds.SOPInstanceUID}.dcm"
+        _atomic_write_dataset(ds, result_path)
+    except PermanentJobError as exc:
+        keeper.stop_event.set()
+        state = fail_job(db, job_id, owner, str(exc), retryable=False, max_attempts=cfg.jobs.max_attempts)
+        event(log, "job_failed", level=logging.WARNING, job=job_id, case=case_id, reason=str(exc))
+        audit.write("job_failed", case=case_id, job=job_id, reason=str(exc), state=state)
+        return state
+    except Exception as exc:
+        keeper.stop_event.set()
+        reason = f"{type(exc).__name__}: {exc}"
+        state = fail_job(db, job_id, owner, reason, retryable=True, max_attempts=cfg.jobs.max_attempts)
+        event(log, "job_error", level=logging.ERROR, job=job_id, case=case_id, reason=reason, state=state,
+              exc_info=True)
+        audit.write("job_failed", case=case_id, job=job_id, reason=reason, state=state)
+        raise  # the worker exits: a fresh process after an unexpected error (CUDA state, memory)
+    keeper.stop_event.set()
+    seconds = time.time() - start
+    done = complete_job(
+        db, job_id, owner,
+        result_path=str(result_path),
+        result_sop_uid=str(ds.SOPInstanceUID),
+        result_series_uid=str(ds.SeriesInstanceUID),
+        engine=str(info.get("engine", action.get("engine"))),
+        inference_seconds=seconds,
+        detail=info,
+        deliveries=_deliveries(cfg, action, case),
+    )
+    if not done or keeper.lost:
+        event(log, "job_lease_lost", level=logging.WARNING, job=job_id,
+              note="another worker owns the job now; this result is discarded")
+        shutil.rmtree(result_path.parent, ignore_errors=True)
+        return "lost"
+    audit.write("inference_end", case=case_id, job=job_id, seconds=round(seconds, 3),
+                engine=info.get("engine"), result=str(ds.SOPInstanceUID))
+    event(log, "inference_end", job=job_id, case=case_id, seconds=f"{seconds:.2f}", engine=info.get("engine"),
+          rois=info.get("rois"))
+    return "done"
+
+
+def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None) -> int:
+    """The worker loop (until SIGTERM or the parent dies)."""
+    db = Database(cfg.db_path)
+    audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
+    owner = f"{owner_name(index)}:{os.getpid()}"
+    parent = os.getppid()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    event(log, "worker_started", worker=owner, device=device)
+    stdin_fd = sys.stdin.fileno() if sys.stdin is not None else None
+    while not stopping.is_set():
+        if os.getppid() != parent:
+            break
+        job = claim_job(db, owner, cfg.jobs.lease_seconds)
+        if job is None:
+            if stdin_fd is not None:
+                ready, _, _ = select.select([stdin_fd], [], [], cfg.workers.poll_seconds)
+                if ready:
+                    data = os.read(stdin_fd, 4096)
+                    if not data:  # the supervisor closed our stdin: stop
+                        break
+            else:
+                time.sleep(cfg.workers.poll_seconds)
+            continue
+        state = run_job(cfg, db, audit, job, owner, device)
+        if notify is not None:
+            notify(f"{state} {job['id']}")
+    event(log, "worker_stopped", worker=owner)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dicom_node.worker")
+    parser.add_argument("--config-json", required=True, help="the node's effective configuration (JSON)")
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    _set_parent_death_signal()
+    from dicom_node.logs import setup_logging
+
+    cfg = NodeConfig.model_validate_json(Path(args.config_json).read_text())
+    setup_logging(cfg.logging.level, cfg.logging.format, cfg.logging.file)
+    out = sys.stdout
+
+    def notify(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()
+
+    return run_worker(cfg, args.index, args.device, notify)
+
+
+# ======================================================================================
+# Supervisor (in the receiving process)
+# ======================================================================================
+def resolve_devices(devices: list[str]) -> list[str]:
+    """Expand ``auto`` into one entry per visible NVIDIA GPU, or ``cpu`` without one."""
+    out: list[str] = []
+    for d in devices:
+        if d != "auto":
+            out.append(d)
+            continue
+        count = 0
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            try:
+                listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+                count = sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+            except (OSError, subprocess.SubprocessError):
+                count = 0
+        out.extend([f"cuda:{i}" for i in range(count)] or ["cpu"])
+    return out
+
+
+class _WorkerHandle:
+    def __init__(self, index: int, device: str) -> None:
+        self.index = index
+        self.device = device
+        self.proc: subprocess.Popen | None = None
+        self.failures = 0
+        self.next_start = 0.0
+        self.started_at = 0.0
+        self.reader: threading.Thread | None = None
+
+    @property
+    def owner_prefix(self) -> str:
+        return f"{owner_name(self.index)}:"
+
+
+class WorkerSupervisor:
+    """Starts one worker process per device, restarts dead ones, relays notifications."""
+
+    def __init__(self, cfg: NodeConfig, db: Database, audit: AuditLog, config_json: Path,
+                 on_done: Callable[[int], None] | None = None) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.audit = audit
+        self.config_json = config_json
+        self.on_done = on_done
+        self.devices = resolve_devices(cfg.workers.devices)
+        self.workers = [_WorkerHandle(i, d) for i, d in enumerate(self.devices)]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for w in self.workers:
+            self._spawn(w)
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self, w: _WorkerHandle) -> None:
+        cmd = [sys.executable, "-m", "dicom_node.worker", "--config-json", str(self.config_json),
+               "--index", str(w.index), "--device", w.device]
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        w.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                  cwd=str(Path(__file__).resolve().parents[1]))
+        w.started_at = time.time()
+        w.reader = threading.Thread(target=self._read, args=(w, w.proc), name=f"worker{w.index}-out", daemon=True)
+        w.reader.start()
+        event(log, "worker_spawned", worker=w.index, device=w.device, pid=w.proc.pid)
+
+    def _read(self, w: _WorkerHandle, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            parts = raw.decode("utf-8", "replace").split()
+            if len(parts) == 2 and parts[0] in ("done", "failed", "pending", "lost"):
+                if parts[0] == "done" and self.on_done is not None:
+                    try:
+                        self.on_done(int(parts[1]))
+                    except Exception:
+                        log.exception("on_done callback failed")
+
+    def wake(self, *_args) -> None:
+        """Tell idle workers that a job is waiting."""
+        for w in self.workers:
+            proc = w.proc
+            if proc is not None and proc.poll() is None and proc.stdin is not None:
+                try:
+                    proc.stdin.write(b"w")
+                    proc.stdin.flush()
+                except (BrokenPipeError, OSError, ValueError):
+                    pass
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            now = time.time()
+            for w in self.workers:
+                proc = w.proc
+                if proc is not None and proc.poll() is not None:
+                    code = proc.returncode
+                    why = f"worker {w.index} ({w.device}) exited with status {code}"
+                    with self._lock:
+                        w.proc = None
+                    released = self._release(w, why)
+                    w.failures = w.failures + 1 if now - w.started_at < 60 else 1
+                    delay = min(self.cfg.workers.restart_backoff_max_seconds, 2 ** (w.failures - 1))
+                    w.next_start = now + delay
+                    event(log, "worker_died", level=logging.ERROR, worker=w.index, device=w.device,
+                          status=code, jobs_returned=",".join(f"{j}:{s}" for j, s in released) or "none",
+                          restart_in=f"{delay:g}s")
+                    self.audit.write("worker_died", worker=w.index, status=code, jobs=released)
+                if w.proc is None and not self._stop.is_set() and now >= w.next_start:
+                    self._spawn(w)
+                    if self._pending_jobs():
+                        self.wake()
+            try:
+                self._check_leases(now)
+            except Exception:
+                log.exception("lease check failed")
+
+    def _pending_jobs(self) -> bool:
+        return self.db.one("SELECT 1 FROM jobs WHERE state='pending' LIMIT 1") is not None
+
+    def _release(self, w: _WorkerHandle, why: str) -> list[tuple[int, str]]:
+        out = []
+        owners = self.db.query(
+            "SELECT DISTINCT lease_owner FROM jobs WHERE state='running' AND lease_owner LIKE ?",
+            (w.owner_prefix + "%",),
+        )
+        for row in owners:
+            out += release_owner(self.db, row["lease_owner"], why, self.cfg.jobs.max_attempts)
+        return out
+
+    def _check_leases(self, now: float) -> None:
+        from dicom_node.jobs import expired_owners
+
+        for owner in expired_owners(self.db, now):
+            for w in self.workers:
+                if owner.startswith(w.owner_prefix) and w.proc is not None:
+                    event(log, "worker_hung", level=logging.ERROR, worker=w.index,
+                          note=f"lease expired (jobs.lease_seconds={self.cfg.jobs.lease_seconds:g}); killing it")
+                    w.proc.kill()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for w in self.workers:
+            proc = w.proc
+            if proc is None:
+                continue
+            try:
+                if proc.stdin is not None:
+                    proc.stdin.close()
+            except OSError:
+                pass
+            proc.terminate()
+        deadline = time.time() + timeout
+        for w in self.workers:
+            proc = w.proc
+            if proc is None:
+                continue
+            try:
+                proc.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            self._release(w, "the node stopped while this job was running")
+
+    def alive(self) -> list[int]:
+        return [w.proc.pid for w in self.workers if w.proc is not None and w.proc.poll() is None]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
