@@ -374,3 +374,19 @@ def test_backslash_in_a_single_quoted_yaml_regex_matches_a_multivalued_element(t
     rs = RuleSet.load(path)
     assert rs.evaluate(context()).matched
     assert not rs.evaluate(context(image_header=image_header(ImageType=["DERIVED", "SECONDARY"]))).matched
+
+
+def test_action_survives_the_json_round_trip_the_job_queue_uses(tmp_path):
+    # the node stores decision.action.model_dump(mode="json") with the job and the worker
+    # re-validates it with Action.model_validate
+    import json
+
+    rs = ruleset(rule("full", engine="sam2", mode="video3d", checkpoint=str(tmp_path / "m.pt"),
+                      model_cfg="sam2.1_hiera_t512", engine_options={"image_size": 512, "precision": "fp32"},
+                      window=[-600, 1600], output_roi_name="{target}_AI", output_color=[0, 255, 0],
+                      destinations=["tps", "pacs"], export_folder=str(tmp_path / "out"), margin_mm=2.5))
+    for action in (rs.rules[0].action, Action()):
+        again = Action.model_validate(json.loads(json.dumps(action.model_dump(mode="json"))))
+        assert again == action
+        assert again.segment_options() == action.segment_options()
+        assert again.engine_config() == action.engine_config()
