@@ -255,3 +255,25 @@ def test_systemd_security_exposure_is_low(tmp_path):
     # 10 is an unhardened service; the GPU (no PrivateDevices), the network and the
     # PyTorch JIT (no MemoryDenyWriteExecute) keep it from reaching ~1.
     assert exposure <= 3.0
+
+
+def test_the_installed_default_configuration_passes_config_check(tmp_path, capsys):
+    # node.yaml + rules.yaml as install.sh lays them out: rules found relative to the
+    # config folder, every destination a rule names defined, data_dir rewritten
+    from dicom_node.cli import main
+
+    root = tmp_path / "root"
+    data = tmp_path / "data"
+    install("--root", str(root), "--skip-venv", "--datadir", str(data))
+    config = root / "etc/stardust/node.yaml"
+    rc = main(["config", "check", str(config)])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert f"data in {data}" in out and f"rules {root}/etc/stardust/rules.yaml" in out
+
+    rules = root / "etc/stardust/rules.yaml"
+    rules.write_text(rules.read_text().replace("destinations: [tps]", "destinations: [archive]"))
+    rc = main(["config", "check", str(config)])
+    out, err = capsys.readouterr()
+    assert rc != 0
+    assert "destination 'archive' is not defined in the node configuration (defined: tps)" in out + err
