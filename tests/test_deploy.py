@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require_tool
+from tests.conftest import REPO
 
 INSTALL = REPO / "deploy" / "install.sh"
 UNIT = REPO / "deploy" / "stardust-node.service"

@@ -98,7 +98,7 @@ def _node_settings(config_path: Path) -> tuple[Path | None, str | None, set[str]
 
 
 def run_test(args) -> int:
-    from dicom_node.rules import RuleContext, RulesError, RuleSet
+    from dicom_node.rules import RulesError, RuleSet
 
     rules_path: Path | None = Path(args.rules) if args.rules else None
     called_aet = args.called_aet
