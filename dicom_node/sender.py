@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Destination, NodeConfig, TlsClient
@@ -73,8 +73,7 @@ def c_echo(host: str, port: int, called_aet: str, calling_aet: str = "STARDUST",
     """C-ECHO; returns the status (raises :class:`DeliveryError` when no association)."""
     ae = _requestor_ae(calling_aet, timeout)
     ae.add_requested_context("1.2.840.10008.1.1")
-    tls_args = (client_ssl_context(tls), host) if tls is not None and tls.enabled else None
-    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args)
+    assoc = _associate(ae, host, port, called_aet, tls)
     if not assoc.is_established:
         raise DeliveryError(_assoc_failure(assoc, host, port, called_aet))
     try:
@@ -86,7 +85,19 @@ def c_echo(host: str, port: int, called_aet: str, calling_aet: str = "STARDUST",
         assoc.release()
 
 
+def _associate(ae: AE, host: str, port: int, called_aet: str, tls: TlsClient | None, **kw):
+    """``ae.associate`` that remembers whether the TCP connection was made at all."""
+    opened: list[bool] = []
+    tls_args = (client_ssl_context(tls), host) if tls is not None and tls.enabled else None
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _e: opened.append(True))], **kw)
+    assoc.stardust_connected = bool(opened)
+    return assoc
+
+
 def _assoc_failure(assoc, host: str, port: int, called_aet: str) -> str:
+    if not getattr(assoc, "stardust_connected", True):
+        return f"cannot connect to {called_aet}@{host}:{port} (refused, unreachable, timed out or TLS failed)"
     if assoc.is_rejected:
         prim = assoc.acceptor.primitive
         reason = getattr(prim, "reason_str", None) if prim is not None else None
@@ -135,8 +146,7 @@ def c_store_files(
     ae = _requestor_ae(calling_aet, timeout)
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, syntaxes)
-    tls_args = (client_ssl_context(tls), host) if tls is not None and tls.enabled else None
-    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args, max_pdu=0)
+    assoc = _associate(ae, host, port, called_aet, tls, max_pdu=0)
     if not assoc.is_established:
         raise DeliveryError(_assoc_failure(assoc, host, port, called_aet))
     try:

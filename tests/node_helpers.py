@@ -205,8 +205,10 @@ def echoscu(port: int, aec: str = "STARDUST", aet: str = "ECHOSCU", host: str = 
 class StoreSCP:
     """dcmtk storescp standing in for the TPS import: every received file lands in ``folder``."""
 
-    def __init__(self, folder: Path, port: int | None = None, aet: str = "TPS_IMPORT") -> None:
+    def __init__(self, folder: Path, port: int | None = None, aet: str = "TPS_IMPORT",
+                 extra: list[str] | None = None) -> None:
         self.folder = Path(folder)
+        self.extra = list(extra or [])
         self.port = port or free_port()
         self.aet = aet
         self.proc: subprocess.Popen | None = None
@@ -217,7 +219,7 @@ class StoreSCP:
         self.log_path = self.folder.parent / f"storescp-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [exe, "-aet", self.aet, "-od", str(self.folder), "-uf", "+B", str(self.port)],
+            [exe, "-aet", self.aet, "-od", str(self.folder), "-uf", "+B", *self.extra, str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"},
         )
         wait_for(lambda: port_open(self.port), 20, 0.05, f"storescp on {self.port}")
