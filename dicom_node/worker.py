@@ -42,7 +42,7 @@ from dicom_node.logs import event, get_logger
 
 __all__ = ["WorkerSupervisor", "run_worker", "resolve_devices", "main", "PermanentJobError"]
 
-log = get_logger(__name__)
+log = get_logger("dicom_node.worker")
 
 
 class PermanentJobError(Exception):
@@ -90,20 +90,56 @@ def segment_case(
 ):
     """Run the segmentation chain for one case; returns (RTSTRUCT dataset, info dict).
 
-    Delegates to :mod:`dicom_node.pipeline` (the one-shot chain shared with
-    ``dicom-node segment``). Raises :class:`PermanentJobError` for problems of the input.
+    load series -> prompts in voxel space -> engine per target -> result RTSTRUCT.
+    Problems of the input (series, prompts, segmentation) raise :class:`PermanentJobError`
+    with the reason; anything else propagates (the job is retried in a fresh worker).
     """
-    from dicom_node.pipeline import run_case  # the segmentation engineer's chain
+    from inference.engine import SegmentationError, get_engine
+    from inference.volume import VolumeError, load_series
+    from rtstruct.prompts import PromptError, extract_prompts
+    from rtstruct.reader import RTStructError, read_rtstruct
+    from rtstruct.writer import RoiMask, write_rtstruct
 
-    return run_case(
-        prompt_path,
-        image_paths,
-        series_instance_uid=series_uid,
-        action=action,
-        device=device,
-        allow_frame_of_reference_only=allow_frame_of_reference_only,
-        permanent_error=PermanentJobError,
-    )
+    t0 = time.perf_counter()
+    try:
+        volume = load_series(image_paths, series_instance_uid=series_uid)
+    except VolumeError as exc:
+        raise PermanentJobError(f"image series unusable: {exc}") from None
+    try:
+        structure_set = read_rtstruct(prompt_path)
+        targets = extract_prompts(structure_set, volume,
+                                  allow_frame_of_reference_only=allow_frame_of_reference_only)
+    except PromptError as exc:
+        raise PermanentJobError(f"prompts refused: {exc}") from None
+    except RTStructError as exc:
+        raise PermanentJobError(f"prompt RTSTRUCT unusable: {exc}") from None
+    t_load = time.perf_counter() - t0
+    config = dict(action.engine_config())
+    if action.engine == "sam2" and "device" not in config and device != "auto":
+        config["device"] = device
+    engine = get_engine(action.engine, **config)
+    options = action.segment_options()
+    rois, per_target, warnings = [], [], []
+    for target in targets:
+        try:
+            result = engine.segment(volume, target, options)
+        except SegmentationError as exc:
+            raise PermanentJobError(f"segmentation of {target.output_name} failed: {exc}") from None
+        name = action.roi_name_for(target.target, target.output_name)
+        rois.append(RoiMask(name=name, mask=result.mask, color=tuple(action.output_color or (255, 0, 0)),
+                            interpreted_type="GTV", algorithm_name=result.algorithm_name,
+                            algorithm_version=str(result.engine_version)))
+        warnings += list(result.warnings)
+        per_target.append({"roi": name, "slices": int(result.mask.any(axis=(1, 2)).sum()),
+                           "voxels": int(result.mask.sum()), "seconds": round(result.seconds, 3)})
+    try:
+        ds = write_rtstruct(volume, rois)
+    except RTStructError as exc:
+        raise PermanentJobError(f"result RTSTRUCT cannot be written: {exc}") from None
+    info = {"engine": engine.name, "algorithm": engine.algorithm_name, "rois": ",".join(r.name for r in rois),
+            "targets": per_target, "warnings": warnings, "load_seconds": round(t_load, 3),
+            "slices": volume.shape[0]}
+    return ds, info
 
 
 class _LeaseKeeper(threading.Thread):
@@ -206,6 +242,45 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
     return "done"
 
 
+def warm_up(cfg: NodeConfig, device: str) -> None:
+    """Import the segmentation chain and build the engines the rules use, before any job.
+
+    The first case then costs no import or model-loading time. A model that cannot be
+    loaded is logged here and fails its jobs with the same reason later.
+    """
+    t0 = time.perf_counter()
+    import inference.volume  # noqa: F401
+    import rtstruct.prompts  # noqa: F401
+    import rtstruct.writer  # noqa: F401
+    from inference.engine import get_engine
+
+    actions = []
+    if cfg.rules is not None:
+        try:
+            from dicom_node.rules import RuleSet
+
+            actions = [r.action for r in RuleSet.load(cfg.rules) if r.enabled]
+        except Exception as exc:
+            event(log, "warm_up_rules_unreadable", level=logging.WARNING, why=str(exc))
+    built = []
+    for action in actions:
+        config = dict(action.engine_config())
+        if action.engine == "sam2" and "device" not in config and device != "auto":
+            config["device"] = device
+        key = (action.engine, tuple(sorted(config.items())))
+        if key in built:
+            continue
+        built.append(key)
+        try:
+            get_engine(action.engine, **config)
+        except Exception as exc:
+            event(log, "engine_unavailable", level=logging.WARNING, engine=action.engine,
+                  checkpoint=config.get("checkpoint"), why=f"{type(exc).__name__}: {exc}")
+    if not built:
+        get_engine("classic")
+    event(log, "worker_ready", engines=len(built) or 1, seconds=f"{time.perf_counter() - t0:.2f}")
+
+
 def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None) -> int:
     """The worker loop (until SIGTERM or the parent dies)."""
     db = Database(cfg.db_path)
@@ -215,6 +290,7 @@ def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str],
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     event(log, "worker_started", worker=owner, device=device)
+    warm_up(cfg, device)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else None
     while not stopping.is_set():
         if os.getppid() != parent:

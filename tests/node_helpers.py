@@ -344,3 +344,81 @@ def copy_files(files: list[Path], folder: Path) -> list[Path]:
         shutil.copyfile(f, dst)
         out.append(dst)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# phantoms (made once per test session, in a temporary folder)
+# --------------------------------------------------------------------------------------
+_PHANTOMS: dict[tuple, dict[str, Path]] = {}
+_PHANTOM_ROOT: Path | None = None
+
+
+def phantom(seed: int = 1, modality: str = "CT", shape: tuple[int, int, int] | None = None,
+            spacing: tuple[float, float, float] | None = None) -> dict[str, Path]:
+    """``write_phantom`` output (images/, prompt.dcm, truth.dcm), cached for the session.
+
+    Treat the files as read-only (copy them before changing anything).
+    """
+    global _PHANTOM_ROOT
+    import atexit
+    import tempfile
+
+    from dicom_node.phantom import write_phantom
+
+    key = (seed, modality, shape, spacing)
+    if key not in _PHANTOMS:
+        if _PHANTOM_ROOT is None:
+            _PHANTOM_ROOT = Path(tempfile.mkdtemp(prefix="stardust-phantoms-"))
+            atexit.register(shutil.rmtree, _PHANTOM_ROOT, True)
+        kw = {}
+        if shape is not None:
+            kw["shape"] = shape
+        if spacing is not None:
+            kw["spacing"] = spacing
+        out = _PHANTOM_ROOT / f"{modality}-{seed}-{len(_PHANTOMS)}"
+        _PHANTOMS[key] = write_phantom(out, modality, seed, **kw)
+    return _PHANTOMS[key]
+
+
+def image_files(p: dict[str, Path]) -> list[Path]:
+    return sorted(Path(p["images"]).glob("*.dcm"))
+
+
+def check_result(result: Path, p: dict[str, Path], min_dice: float = 0.90) -> dict:
+    """Assert what the issue asks of a result RTSTRUCT; returns facts for more checks."""
+    import pydicom
+
+    from inference.metrics import dice
+    from inference.volume import load_series
+    from rtstruct.rasterize import rasterize_roi
+    from rtstruct.reader import read_rtstruct
+
+    errors = dciodvfy_errors(result)
+    assert errors == [], "dciodvfy errors:\n" + "\n".join(errors)
+    ds = pydicom.dcmread(result)
+    volume = load_series(p["images"])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
+    ss = read_rtstruct(ds)
+    assert ss.referenced_series_uids == [volume.series_instance_uid]  # references the sent series
+    assert ss.frame_of_reference_uids == [volume.frame_of_reference_uid]
+    assert set(ss.referenced_image_uids) <= set(volume.sop_instance_uids)
+    assert ds.SeriesInstanceUID != volume.series_instance_uid
+    (roi,) = ss.rois
+    assert roi.interpreted_type == "GTV"
+    assert ds.StructureSetROISequence[0].ROIGenerationAlgorithm == "AUTOMATIC"
+    truth = rasterize_roi(read_rtstruct(p["truth"]).roi("GTV"), volume.geometry)
+    score = dice(rasterize_roi(roi, volume.geometry), truth)
+    assert score >= min_dice, f"Dice {score:.3f} < {min_dice}"
+    return {"dice": score, "roi": roi.name, "sop": str(ds.SOPInstanceUID), "dataset": ds}
+
+
+def delivered(node: NodeProcess, tps: StoreSCP, n: int = 1, timeout: float = 180.0) -> list[Path]:
+    """Wait until the node recorded ``n`` deliveries as sent, then the files at ``tps``.
+
+    storescp answers Success only after writing its file, so a delivery marked sent is a
+    complete file (listing the folder earlier could show a file still being written).
+    """
+    wait_for(lambda: sum(s["state"] == "sent" for s in node.sends()) >= n, timeout, 0.1, f"{n} deliveries")
+    files = tps.files()
+    assert len(files) >= n, f"{len(files)} files at the TPS after {n} deliveries"
+    return files

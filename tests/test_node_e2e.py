@@ -1,0 +1,162 @@
+"""The whole node against real peers: dcmtk storescu sends, dcmtk storescp / Orthanc receive.
+
+Each test starts ``dicom-node serve`` as a process with its own configuration and stops
+everything it started.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from node_helpers import (
+    NodeProcess,
+    Orthanc,
+    StoreSCP,
+    check_result,
+    delivered,
+    echoscu,
+    image_files,
+    phantom,
+    storescu,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.network
+
+
+@pytest.fixture
+def tps(tmp_path):
+    scp = StoreSCP(tmp_path / "tps").start()
+    try:
+        yield scp
+    finally:
+        scp.stop()
+
+
+@pytest.fixture
+def start_node(tmp_path):
+    nodes: list[NodeProcess] = []
+
+    def start(**kw) -> NodeProcess:
+        node = NodeProcess(write_config(tmp_path / "node", **kw)).start()
+        nodes.append(node)
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_storescu_to_node_to_storescp(tps, start_node):
+    p = phantom(1)
+    node = start_node(destinations={"tps": tps.destination()})
+    out = storescu([p["images"], p["prompt"]], node.port)
+    assert out.returncode == 0, out.stderr
+    (result,) = delivered(node, tps)
+    facts = check_result(result, p)
+    assert facts["roi"] == "GTV_AI"
+    # the audit trail has the case's timings, in order
+    events = wait_for(lambda: [e for e in node.audit() if e.get("case") == 1 and e["event"] == "sent"] and node.audit(),
+                      30, what="the audit of the delivery")
+    names = [e["event"] for e in events if e.get("case") == 1]
+    for a, b in [("case_created", "case_ready"), ("case_ready", "inference_start"),
+                 ("inference_start", "inference_end"), ("inference_end", "sent")]:
+        assert names.index(a) < names.index(b)
+    sent = next(e for e in events if e["event"] == "sent")
+    assert sent["result"] == facts["sop"]
+    # no patient name or ID at INFO in the node's log
+    log = node.log_text()
+    ds = pydicom.dcmread(image_files(p)[0])
+    assert str(ds.PatientID) not in log and str(ds.PatientName) not in log
+    assert node.echo()
+
+
+def test_orthanc_as_the_tps(tmp_path, start_node):
+    p = phantom(1)
+    orthanc = Orthanc(tmp_path / "orthanc")
+    orthanc.start()
+    try:
+        node = start_node(destinations={"tps": orthanc.destination()})
+        out = storescu([p["images"], p["prompt"]], node.port)
+        assert out.returncode == 0, out.stderr
+        (oid,) = wait_for(lambda: orthanc.instances(), 120, 0.2, "the result in Orthanc")
+        tags = orthanc.instance_tags(oid)
+        assert tags["Modality"] == "RTSTRUCT"
+        sent_series = pydicom.dcmread(image_files(p)[0]).SeriesInstanceUID
+        refs = tags["ReferencedFrameOfReferenceSequence"][0]["RTReferencedStudySequence"][0]["RTReferencedSeriesSequence"]
+        assert refs[0]["SeriesInstanceUID"] == sent_series
+        result = tmp_path / "from-orthanc.dcm"
+        result.write_bytes(orthanc.file(oid))
+        check_result(result, p)
+        time.sleep(2)
+        assert len(orthanc.instances()) == 1  # delivered once
+    finally:
+        orthanc.stop()
+
+
+def test_rtstruct_first_images_later_in_another_association(tps, start_node):
+    p = phantom(1)
+    node = start_node(destinations={"tps": tps.destination()})
+    assert storescu([p["prompt"]], node.port).returncode == 0
+    wait_for(lambda: node.cases(), 30, what="the case to be created")
+    time.sleep(1.0)
+    assert node.cases()[0]["state"] == "waiting" and tps.files() == []
+    assert storescu([p["images"]], node.port).returncode == 0
+    (result,) = delivered(node, tps)
+    check_result(result, p)
+
+
+def test_two_patients_interleaved(tps, start_node):
+    a, b = phantom(1), phantom(5)
+    node = start_node(destinations={"tps": tps.destination()})
+    mixed = [f for pair in zip(image_files(a), image_files(b)) for f in pair]
+    out = storescu([b["prompt"], *mixed, a["prompt"]], node.port)
+    assert out.returncode == 0, out.stderr
+    results = delivered(node, tps, 2)
+    by_series = {}
+    for r in results:
+        by_series[pydicom.dcmread(r).ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+                   .RTReferencedSeriesSequence[0].SeriesInstanceUID] = r
+    for p in (a, b):
+        series = pydicom.dcmread(image_files(p)[0]).SeriesInstanceUID
+        check_result(by_series[series], p)
+
+
+def test_missing_images_fail_after_the_timeout_and_nothing_is_sent(tps, start_node):
+    p = phantom(1)
+    node = start_node(destinations={"tps": tps.destination()},
+                      cases={"incomplete_timeout_seconds": 3, "settle_seconds": 1})
+    files = image_files(p)
+    assert storescu([*files[5:], p["prompt"]], node.port).returncode == 0
+    case = wait_for(lambda: [c for c in node.cases() if c["state"] == "failed"], 60, 0.2, "the case to fail")[0]
+    assert case["reason"].startswith(f"5 of {len(files)} referenced images missing")
+    assert node.jobs() == [] and node.sends() == []
+    time.sleep(1)
+    assert tps.files() == []
+    assert any(e["event"] == "case_failed" and "5 of" in e.get("reason", "") for e in node.audit())
+    assert node.echo()
+
+
+def test_tps_down_delivered_once_it_comes_up(tmp_path, start_node):
+    p = phantom(1)
+    tps = StoreSCP(tmp_path / "tps")  # not started yet: the TPS is down
+    node = start_node(destinations={"tps": tps.destination()})
+    try:
+        assert storescu([p["images"], p["prompt"]], node.port).returncode == 0
+        wait_for(lambda: node.sends() and node.sends()[0]["attempts"] >= 2, 120, 0.2, "failed delivery attempts")
+        assert node.sends()[0]["state"] != "sent"
+        tps.start()
+        wait_for(lambda: node.sends()[0]["state"] == "sent", 60, 0.2, "the delivery")
+        time.sleep(3)  # further retries/polls must not send it again
+        (result,) = tps.files()
+        check_result(result, p)
+        assert sum(e["event"] == "sent" for e in node.audit()) == 1
+    finally:
+        tps.stop()
