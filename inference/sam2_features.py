@@ -17,7 +17,6 @@ Coordinates: prompts come in voxel indices (row ``i``, column ``j``); SAM2 takes
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ import torch.nn.functional as F
 
 from inference.sam2_models import image_feature_sizes
 
-log = logging.getLogger(__name__)
 
 #: SAM2's input normalisation (ImageNet), as in sam2.utils.transforms / misc.load_video_frames.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
