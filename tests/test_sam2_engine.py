@@ -180,6 +180,8 @@ def test_engine_refuses_random_weights_and_bad_config(tmp_path):
         Sam2Engine(checkpoint=str(tmp_path / "absent.pt"), device="cpu")
     with pytest.raises(Sam2ModelError, match="unknown SAM2 model config"):
         Sam2Engine(model_cfg="sam3_hiera_t", allow_random_weights=True, device="cpu")
+    with pytest.raises(Sam2ModelError, match="unknown sam2 engine option.*bach_size.*known: checkpoint"):
+        Sam2Engine(allow_random_weights=True, device="cpu", bach_size=4)
     with pytest.raises(Sam2ModelError, match="precision"):
         Sam2Engine(allow_random_weights=True, precision="fp8", device="cpu")
     if not torch.cuda.is_available():

@@ -95,7 +95,13 @@ class Sam2Engine(Engine):
         object_score_stop: bool = True,
         allow_random_weights: bool = False,
         random_seed: int = 0,
+        **unknown,
     ) -> None:
+        if unknown:
+            raise Sam2ModelError(
+                f"unknown sam2 engine option(s) {', '.join(sorted(unknown))} (known: checkpoint, model_cfg, "
+                "device, image_size, batch_size, precision, object_score_stop, allow_random_weights, random_seed)"
+            )
         self.version = f"sam2 {sam2_package_version()}"
         self.model_cfg = model_cfg or DEFAULT_MODEL_CFG
         if precision not in ("bf16", "fp32"):
