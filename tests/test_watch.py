@@ -105,3 +105,33 @@ def test_files_present_at_start_are_imported(tmp_path, phantom):
         wait_for(lambda: count(store) == 20, 60, what="the files that were there before the start")
     finally:
         watch.stop()
+
+
+@pytest.mark.network
+def test_a_case_copied_into_the_import_folder_produces_the_result(tmp_path):
+    from node_helpers import NodeProcess, StoreSCP, check_result, phantom, write_config
+
+    p = phantom(1)
+    tps = StoreSCP(tmp_path / "tps").start()
+    export = tmp_path / "export"
+    node = NodeProcess(write_config(
+        tmp_path / "node", destinations={"tps": tps.destination()},
+        watch={"enabled": True, "import_dir": str(tmp_path / "import"), "export_dir": str(export),
+               "stable_seconds": 0.5},
+    )).start()
+    try:
+        shutil.copytree(p["images"], tmp_path / "import" / "case1" / "images")
+        shutil.copy(p["prompt"], tmp_path / "import" / "case1" / "prompt.dcm")
+        # two deliveries: the rule's destination and the watch export folder
+        wait_for(lambda: [s["state"] for s in node.sends()] == ["sent", "sent"], 180, 0.1, "both deliveries")
+        (result,) = tps.files()
+        check_result(result, p)
+        (exported,) = list(export.iterdir())
+        assert pydicom.dcmread(exported).SOPInstanceUID == pydicom.dcmread(result).SOPInstanceUID
+        check_result(exported, p)
+        case = node.cases()[0]
+        assert case["source"] == "watch" and case["calling_aet"] == "WATCHFOLDER"
+        wait_for(lambda: not any((tmp_path / "import").rglob("*.dcm")), 30, what="the import folder to empty")
+    finally:
+        node.stop()
+        tps.stop()
