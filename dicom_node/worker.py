@@ -242,7 +242,7 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
     return "done"
 
 
-def warm_up(cfg: NodeConfig, device: str) -> None:
+def warm_up(cfg: NodeConfig, device: str) -> float:
     """Import the segmentation chain and build the engines the rules use, before any job.
 
     The first case then costs no import or model-loading time. A model that cannot be
@@ -278,7 +278,9 @@ def warm_up(cfg: NodeConfig, device: str) -> None:
                   checkpoint=config.get("checkpoint"), why=f"{type(exc).__name__}: {exc}")
     if not built:
         get_engine("classic")
-    event(log, "worker_ready", engines=len(built) or 1, seconds=f"{time.perf_counter() - t0:.2f}")
+    seconds = time.perf_counter() - t0
+    event(log, "worker_ready", engines=len(built) or 1, seconds=f"{seconds:.2f}")
+    return seconds
 
 
 def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None) -> int:
@@ -290,7 +292,8 @@ def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str],
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     event(log, "worker_started", worker=owner, device=device)
-    warm_up(cfg, device)
+    seconds = warm_up(cfg, device)
+    audit.write("worker_ready", worker=owner, device=device, seconds=round(seconds, 3))
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else None
     while not stopping.is_set():
         if os.getppid() != parent:
