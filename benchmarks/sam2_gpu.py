@@ -242,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-extent-mm", type=float, default=None,
                    help="propagation limit (default: half the tumour + 10 mm, so a random model covers the tumour)")
     p.add_argument("--repeats", type=int, default=None, help="end-to-end repeats, best kept (default 2; quick 1)")
+    p.add_argument("--encode-models", default=",".join(ENCODE_MODELS),
+                   help=f"models for the encoding table (default {','.join(ENCODE_MODELS)})")
     p.add_argument("--skip-encode", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
 
     enc_rows: list[dict] = []
     if not args.skip_encode:
-        for name in ENCODE_MODELS:
+        for name in args.encode_models.split(","):
             model = build_model(name, device=device, seed=0)
             model.name_for_bench = name
             sizes = batch_sizes
