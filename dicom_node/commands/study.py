@@ -35,6 +35,9 @@ def register(sub) -> None:
     g.add_argument("--window", metavar="L,W", help="CT window level,width in HU (default 40,400)")
     g.add_argument("--model-name", metavar="LABEL",
                    help="the model's name in tables and figures (default: engine[:checkpoint name])")
+    g.add_argument("--predictions", metavar="DIR",
+                   help="run no engine: score the predictions saved in DIR (OUT/predictions of an earlier study, "
+                        "or <dataset>/<case>.npz files with a 'segs' label map and 'label_names')")
     g = p.add_argument_group("prompt simulation")
     g.add_argument("--prompt", choices=["box", "points"], default="box")
     g.add_argument("--slice", choices=["largest", "middle"], default="largest",
@@ -86,6 +89,8 @@ def run(args) -> int:
         raise CommandError("--checkpoint and --model-cfg are for --engine sam2")
     if args.engine == "classic" and args.mode != "box2d":
         raise CommandError("the classic engine supports only --mode box2d")
+    if args.predictions and not Path(args.predictions).is_dir():
+        raise CommandError(f"--predictions is not a folder: {args.predictions}")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise CommandError(f"checkpoint not found: {args.checkpoint}")
     try:
@@ -96,7 +101,7 @@ def run(args) -> int:
     config = StudyConfig(
         engine=args.engine, checkpoint=args.checkpoint, model_cfg=args.model_cfg, device=args.device,
         mode=args.mode, window=window, model_label=args.model_name, prompt=spec, seed=args.seed,
-        roi_pattern=roi, dataset_name=args.dataset_name, worst=args.worst,
+        roi_pattern=roi, dataset_name=args.dataset_name, worst=args.worst, predictions=args.predictions,
     )
     result = run_study(src, out, config, progress=not args.no_progress)
     scored = [r for r in result.rows if r["status"] in ("ok", "failed")]

@@ -428,6 +428,58 @@ def volume_from_arrays(
 SOP_CLASS_OF = {v: k for k, v in SINGLE_FRAME_CLASSES.items()}
 
 
+def label_map(labels: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, list[str]]:
+    """(label map, notes): label n = n-th mask; shared voxels go to the smaller mask."""
+    if not labels:
+        raise ValueError("no labels")
+    shape = labels[0][1].shape
+    dtype = np.uint8 if len(labels) <= 255 else np.uint16
+    gts = np.zeros(shape, dtype=dtype)
+    sizes = [int(m.sum()) for _, m in labels]
+    order = sorted(range(len(labels)), key=lambda n: (-sizes[n], n))  # largest painted first
+    for n in order:
+        gts[labels[n][1]] = n + 1
+    notes = []
+    for n, (name, mask) in enumerate(labels):
+        kept = int((gts == n + 1).sum())
+        if kept != sizes[n]:
+            winners = sorted({labels[int(v) - 1][0] for v in np.unique(gts[mask]) if v and v != n + 1})
+            notes.append(
+                f"{name!r} overlaps {', '.join(repr(w) for w in winners)}: {sizes[n] - kept} of its "
+                f"{sizes[n]} voxels carry the smaller ROI's label"
+            )
+    return gts, notes
+
+
+def pack_labels(labels: list[tuple[str, np.ndarray]], key: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """NPZ arrays for named masks: ``key`` (label map, see :func:`label_map`),
+    ``label_names`` and, only when masks overlap, ``roi_masks`` (every mask whole,
+    bit-packed along x). Returns (arrays, overlap notes)."""
+    lmap, notes = label_map(labels)
+    arrays = {key: lmap, "label_names": np.array([n for n, _ in labels], dtype=str)}
+    if notes:  # keep every ROI whole too, so that nothing is lost
+        arrays["roi_masks"] = np.packbits(np.stack([m for _, m in labels]), axis=-1)
+    return arrays, notes
+
+
+def unpack_labels(data: dict[str, np.ndarray], key: str) -> list[tuple[str, np.ndarray]]:
+    """Named masks from NPZ arrays written by :func:`pack_labels` (``label_names``
+    optional: labels 1..max are then ``label1``...); raises :class:`CaseError`."""
+    lmap = data[key]
+    if lmap.ndim != 3:
+        raise CaseError(f"NPZ {key} must be 3D, has shape {lmap.shape}")
+    if "label_names" in data:
+        names = [str(n) for n in data["label_names"]]
+    else:
+        names = [f"label{n}" for n in range(1, int(lmap.max()) + 1)]
+    if "roi_masks" in data:
+        whole = np.unpackbits(data["roi_masks"], axis=-1, count=lmap.shape[2]).astype(bool)
+        if whole.shape != (len(names), *lmap.shape):
+            raise CaseError(f"NPZ roi_masks has shape {whole.shape}, expected {(len(names), *lmap.shape)}")
+        return [(name, whole[n]) for n, name in enumerate(names)]
+    return [(name, lmap == n) for n, name in enumerate(names, start=1)]
+
+
 def load_npz_case(case: NpzCase, roi_regex: re.Pattern | None = None) -> LoadedCase:
     """Read a case written by ``dicom-node convert`` (see :mod:`.convert` for the fields)."""
     try:
@@ -451,21 +503,11 @@ def load_npz_case(case: NpzCase, roi_regex: re.Pattern | None = None) -> LoadedC
         )
     except ValueError as exc:
         raise CaseError(f"NPZ geometry: {exc}") from exc
-    if "label_names" in data:
-        names = [str(n) for n in data["label_names"]]
-    else:
-        names = [f"label{n}" for n in range(1, int(gts.max()) + 1)]
     labels = []
     notes = []
-    whole = None
-    if "roi_masks" in data:  # overlapping ROIs: every ROI's whole mask, bit-packed along x
-        whole = np.unpackbits(data["roi_masks"], axis=-1, count=imgs.shape[2]).astype(bool)
-        if whole.shape != (len(names), *imgs.shape):
-            raise CaseError(f"NPZ roi_masks has shape {whole.shape}, expected {(len(names), *imgs.shape)}")
-    for n, name in enumerate(names, start=1):
+    for n, (name, mask) in enumerate(unpack_labels(data, "gts"), start=1):
         if not roi_selected(name, roi_regex):
             continue
-        mask = whole[n - 1] if whole is not None else gts == n
         if not mask.any():
             notes.append(f"label {n} ({name!r}) has no voxel: left out")
             continue

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.research.cases import CaseError, DicomCase, Scan, load_dicom_case, scan
+from dicom_node.research.cases import CaseError, DicomCase, Scan, load_dicom_case, pack_labels, scan
 
 log = logging.getLogger(__name__)
 
@@ -100,30 +100,7 @@ class ConvertSummary:
         return [r for r in self.rows if r.status != "converted"]
 
 
-def label_map(labels: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, list[str]]:
-    """(label map, notes): label n = n-th mask; shared voxels go to the smaller mask."""
-    if not labels:
-        raise ValueError("no labels")
-    shape = labels[0][1].shape
-    dtype = np.uint8 if len(labels) <= 255 else np.uint16
-    gts = np.zeros(shape, dtype=dtype)
-    sizes = [int(m.sum()) for _, m in labels]
-    order = sorted(range(len(labels)), key=lambda n: (-sizes[n], n))  # largest painted first
-    for n in order:
-        gts[labels[n][1]] = n + 1
-    notes = []
-    for n, (name, mask) in enumerate(labels):
-        kept = int((gts == n + 1).sum())
-        if kept != sizes[n]:
-            winners = sorted({labels[int(v) - 1][0] for v in np.unique(gts[mask]) if v and v != n + 1})
-            notes.append(
-                f"{name!r} overlaps {', '.join(repr(w) for w in winners)}: {sizes[n] - kept} of its "
-                f"{sizes[n]} voxels carry the smaller ROI's label"
-            )
-    return gts, notes
-
-
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write atomically: a temporary file in the same folder, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
@@ -147,22 +124,17 @@ def convert_case(task: ConvertTask) -> ConvertRow:
     try:
         regex = re.compile(task.roi_pattern) if task.roi_pattern else None
         loaded = load_dicom_case(case, regex)
-        gts, overlap_notes = label_map(loaded.labels)
-        if overlap_notes:  # keep every ROI whole too, so that nothing is lost
-            extra = {"roi_masks": np.packbits(np.stack([m for _, m in loaded.labels]), axis=-1)}
-        else:
-            extra = {}
+        labels, overlap_notes = pack_labels(loaded.labels, "gts")
+        gts = labels["gts"]
         vol = loaded.volume
         g = vol.geometry
         arrays: dict[str, np.ndarray] = {
             "imgs": vol.array,
-            "gts": gts,
-            "label_names": np.array(loaded.label_names, dtype=str),
+            **labels,
             "spacing": np.asarray(g.spacing, dtype=np.float64),
             "origin": np.asarray(g.origin, dtype=np.float64),
             "direction": np.asarray(g.direction, dtype=np.float64),
             "modality": np.array(vol.modality),
-            **extra,
         }
         if not task.pseudonymize:
             arrays.update(
@@ -172,7 +144,7 @@ def convert_case(task: ConvertTask) -> ConvertRow:
                 sop_instance_uids=np.array(vol.sop_instance_uids, dtype=str),
                 rtstruct_sop_instance_uids=np.array([r.sop_instance_uid for r in case.rtstructs], dtype=str),
             )
-        _save_npz(task.out_path, arrays)
+        save_npz(task.out_path, arrays)
         row.status = "converted"
         row.file = str(task.out_path)
         row.labels = ";".join(loaded.label_names)
