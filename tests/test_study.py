@@ -3,7 +3,6 @@ phantoms, NPZ files and real data, bad input, reproducibility."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -106,7 +105,7 @@ def test_score_on_the_union_box_equals_the_whole_grid():
 # ---------------------------------------------------------------------------------------
 from conftest import shared_path  # noqa: E402
 from dicom_node.cli import main  # noqa: E402
-from test_convert import SMALL, build_cohort, load_npz, read_csv  # noqa: E402
+from test_convert import build_cohort, load_npz, read_csv  # noqa: E402
 
 TIMING = {"seconds", "seconds_load"}
 
@@ -170,8 +169,6 @@ def _strip_timing(rows: list[dict]) -> list[dict]:
 
 
 def test_study_phantoms_with_bad_input_reproducible(cohort, tmp_path, capsys):
-    from rtstruct import rasterize_roi, read_rtstruct
-
     from dicom_node.research.cases import load_dicom_case, scan
 
     root, paths = cohort

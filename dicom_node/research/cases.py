@@ -177,10 +177,100 @@ def _rel(root: Path, path: Path) -> str:
     return str(rel) if str(rel) != "." else "."
 
 
-def scan(root: str | os.PathLike, dataset_name: str | None = None, progress: bool = False) -> Scan:
-    """Group the DICOM files (and NPZ cases) under ``root`` into cases; see the module doc."""
+@dataclass
+class _FileInfo:
+    """What the scan keeps of one file (small and picklable: it comes from workers)."""
+
+    path: Path
+    kind: str  # "image", "rtstruct", "other" (other DICOM), "error", or "ignored" (not DICOM)
+    error: str = ""
+    series_uid: str = ""
+    study_uid: str = ""
+    frame_of_reference_uid: str = ""
+    modality: str = ""
+    patient_id: str = ""
+    series_number: str = ""
+    sop_instance_uid: str = ""
+    structure: StructureRef | None = None
+
+
+def _file_info(path: Path) -> _FileInfo:
+    """Read one file's header and classify it (never raises)."""
     from rtstruct.reader import RTStructError, read_rtstruct
 
+    ds, error = _read_header(path)
+    if ds is None:
+        return _FileInfo(path, "error" if error else "ignored", error=error or "")
+    sop_class = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "") or "")
+    if sop_class == RT_STRUCTURE_SET_STORAGE or modality == "RTSTRUCT":
+        try:
+            ss = read_rtstruct(ds)
+        except RTStructError as exc:
+            return _FileInfo(path, "error", error=f"unusable RTSTRUCT: {exc}")
+        return _FileInfo(
+            path, "rtstruct",
+            structure=StructureRef(
+                path=path,
+                sop_instance_uid=ss.sop_instance_uid,
+                patient_id=str(ds.get("PatientID", "") or ""),
+                label=ss.label,
+                frame_of_reference_uids=list(ss.frame_of_reference_uids),
+                referenced_series_uids=list(ss.referenced_series_uids),
+                roi_names=ss.roi_names,
+            ),
+        )
+    if sop_class in SINGLE_FRAME_CLASSES or sop_class in MULTI_FRAME_CLASSES:
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            return _FileInfo(path, "error", error="image without SeriesInstanceUID")
+        return _FileInfo(
+            path, "image",
+            series_uid=uid,
+            study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+            frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+            modality=modality or SINGLE_FRAME_CLASSES.get(sop_class, "?"),
+            patient_id=str(ds.get("PatientID", "") or ""),
+            series_number=str(ds.get("SeriesNumber", "") or ""),
+            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        )
+    return _FileInfo(path, "other")  # RTPLAN, RTDOSE, SR, ...: not part of a case
+
+
+def _file_infos(files: list[Path], jobs: int, progress: bool) -> list[_FileInfo]:
+    """:func:`_file_info` of every file, in order; ``jobs`` worker processes."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(files), desc="reading headers", unit="file", leave=False)
+    try:
+        if jobs <= 1 or len(files) < 64:
+            infos = []
+            for path in files:
+                infos.append(_file_info(path))
+                if bar:
+                    bar.update(1)
+            return infos
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            infos = []
+            for info in pool.map(_file_info, files, chunksize=32):
+                infos.append(info)
+                if bar:
+                    bar.update(1)
+            return infos
+    finally:
+        if bar:
+            bar.close()
+
+
+def scan(
+    root: str | os.PathLike, dataset_name: str | None = None, progress: bool = False, jobs: int = 1
+) -> Scan:
+    """Group the DICOM files (and NPZ cases) under ``root`` into cases; see the module doc.
+    Headers are read by ``jobs`` worker processes."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"not a folder: {root}")
@@ -191,61 +281,34 @@ def scan(root: str | os.PathLike, dataset_name: str | None = None, progress: boo
     structures: list[StructureRef] = []
     datasets_seen: set[str] = set()
     top_folders = [] if dataset_name else sorted(p.name for p in root.iterdir() if p.is_dir())
-    iterator = files
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(files, desc="reading headers", unit="file", leave=False)
-    for path in iterator:
+    npz_files = [p for p in files if p.suffix.lower() == ".npz"]
+    for path in npz_files:
         dataset = _dataset_of(root, path, dataset_name)
-        if path.suffix.lower() == ".npz":
-            result.npz.append(NpzCase(dataset, path))
-            datasets_seen.add(dataset)
-            continue
-        ds, error = _read_header(path)
-        if ds is None:
-            if error:
-                result.skipped.append(Skip(dataset, _rel(root, path), error))
-                datasets_seen.add(dataset)
+        result.npz.append(NpzCase(dataset, path))
+        datasets_seen.add(dataset)
+    others = [p for p in files if p.suffix.lower() != ".npz"]
+    for info in _file_infos(others, jobs, progress):
+        dataset = _dataset_of(root, info.path, dataset_name)
+        if info.kind == "ignored":
             continue
         datasets_seen.add(dataset)
-        sop_class = str(ds.get("SOPClassUID", ""))
-        modality = str(ds.get("Modality", "") or "")
-        if sop_class == RT_STRUCTURE_SET_STORAGE or modality == "RTSTRUCT":
-            try:
-                ss = read_rtstruct(ds)
-            except RTStructError as exc:
-                result.skipped.append(Skip(dataset, _rel(root, path), f"unusable RTSTRUCT: {exc}"))
-                continue
-            structures.append(
-                StructureRef(
-                    path=path,
-                    sop_instance_uid=ss.sop_instance_uid,
-                    patient_id=str(ds.get("PatientID", "") or ""),
-                    label=ss.label,
-                    frame_of_reference_uids=list(ss.frame_of_reference_uids),
-                    referenced_series_uids=list(ss.referenced_series_uids),
-                    roi_names=ss.roi_names,
-                )
-            )
-        elif sop_class in SINGLE_FRAME_CLASSES or sop_class in MULTI_FRAME_CLASSES:
-            uid = str(ds.get("SeriesInstanceUID", "") or "")
-            if not uid:
-                result.skipped.append(Skip(dataset, _rel(root, path), "image without SeriesInstanceUID"))
-                continue
-            s = series.get(uid)
+        if info.kind == "error":
+            result.skipped.append(Skip(dataset, _rel(root, info.path), info.error))
+        elif info.kind == "rtstruct":
+            structures.append(info.structure)
+        elif info.kind == "image":
+            s = series.get(info.series_uid)
             if s is None:
-                s = series[uid] = ImageSeries(
-                    series_uid=uid,
-                    study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-                    frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
-                    modality=modality or SINGLE_FRAME_CLASSES.get(sop_class, "?"),
-                    patient_id=str(ds.get("PatientID", "") or ""),
-                    series_number=str(ds.get("SeriesNumber", "") or ""),
+                s = series[info.series_uid] = ImageSeries(
+                    series_uid=info.series_uid,
+                    study_uid=info.study_uid,
+                    frame_of_reference_uid=info.frame_of_reference_uid,
+                    modality=info.modality,
+                    patient_id=info.patient_id,
+                    series_number=info.series_number,
                 )
-            s.files.append(path)
-            s.sop_instance_uids.add(str(ds.get("SOPInstanceUID", "")))
-        # other objects (RTPLAN, RTDOSE, SR, ...) are not part of a case: passed over
+            s.files.append(info.path)
+            s.sop_instance_uids.add(info.sop_instance_uid)
 
     attached: dict[str, list[StructureRef]] = defaultdict(list)
     for st in structures:

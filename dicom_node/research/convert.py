@@ -238,7 +238,7 @@ def convert(
         re.compile(roi_pattern)  # a bad regex fails here, before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    found = scan(src, dataset_name=dataset_name, progress=progress)
+    found = scan(src, dataset_name=dataset_name, progress=progress, jobs=jobs)
     tasks = plan(found, out, roi_pattern, pseudonymize)
     log.info("convert: %d cases, %d other items skipped while scanning", len(tasks), len(found.skipped))
     rows = run_tasks(tasks, jobs, progress)
