@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import shared_path
+from dicom_node.cli import main
 from dicom_node.research.study import score, z_extent
+from test_convert import build_cohort, load_npz, read_csv  # the cohort with bad input
 
 SPACING = (2.5, 0.8, 1.2)  # dz, dy, dx: all different, so a swapped axis shows
 
@@ -103,9 +106,6 @@ def test_score_on_the_union_box_equals_the_whole_grid():
 # ---------------------------------------------------------------------------------------
 # The study end to end
 # ---------------------------------------------------------------------------------------
-from conftest import shared_path  # noqa: E402
-from dicom_node.cli import main  # noqa: E402
-from test_convert import build_cohort, load_npz, read_csv  # noqa: E402
 
 TIMING = {"seconds", "seconds_load"}
 
