@@ -350,7 +350,9 @@ class CaseAssembler:
                 from dicom_node.jobs import create_job
 
                 job_id = create_job(c, cid, decision.rule, decision.action, decision.explanation, now)
+        received = [r["received_at"] for r in images]
         self.audit.write("case_ready", case=cid, mode=mode, images=len(images), series=series_uid,
+                         first_image_received=round(min(received), 4), last_image_received=round(max(received), 4),
                          last_piece=round(last_time, 4), waited=round(now - last_time, 4))
         if decision.action is None:
             event(log, "case_not_processed", level=logging.WARNING, case=cid, why=" | ".join(decision.explanation))

@@ -270,3 +270,39 @@ def test_export_never_shows_a_partial_file(tmp_path):
         stop.set()
         t.join()
     assert seen_sizes <= {20 * 2**20}
+
+
+def test_delivery_over_tls_with_a_client_certificate(tmp_path):
+    """The sender verifies the destination's certificate and presents its own (dcmtk storescp +tls)."""
+    from test_scp import _openssl
+
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=test CA", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("tps", "node"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
+    tps = StoreSCP(tmp_path / "tps", extra=["+tls", str(d / "tps.key"), str(d / "tps.crt"), "-pw",
+                                            "-rc", "+cf", str(d / "ca.crt")]).start()
+    tls = {"enabled": True, "ca_file": str(d / "ca.crt"), "cert_file": str(d / "node.crt"),
+           "key_file": str(d / "node.key")}
+    h = SenderHarness(tmp_path, {"tps": {**tps.destination(), "tls": tls},
+                                 "wrong_ca": {**tps.destination(), "tls": {**tls, "ca_file": str(d / "node.crt")}}},
+                      max_attempts=1)
+    try:
+        result = _result_file(tmp_path)
+        h.job_with_result(result, [("tps", "dicom"), ("wrong_ca", "dicom")])
+        wait_for(lambda: {s["state"] for s in h.sends()} <= {"sent", "dead"} and len(h.sends()) == 2, 30,
+                 what="both deliveries to finish")
+        states = {s["destination"]: s for s in h.sends()}
+        assert states["tps"]["state"] == "sent", states["tps"]["last_error"]
+        assert states["wrong_ca"]["state"] == "dead" and "cannot connect" in states["wrong_ca"]["last_error"]
+        (received,) = tps.files()
+        assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(result).SOPInstanceUID
+    finally:
+        h.stop()
+        tps.stop()

@@ -18,12 +18,22 @@ def register(sub) -> None:
     ls.add_argument("-n", "--limit", type=int, default=30)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=run_list)
+    _config_option(ls)
     show = jsub.add_parser("show", help="one job: case, rule and why, result, deliveries")
     show.add_argument("id", type=int)
     show.set_defaults(func=run_show)
+    _config_option(show)
     retry = jsub.add_parser("retry", help="run a failed job again")
     retry.add_argument("id", type=int)
     retry.set_defaults(func=run_retry)
+    _config_option(retry)
+
+
+def _config_option(parser) -> None:
+    """``-c`` after the action too (``jobs list -c node.yaml``), without hiding one given before it."""
+    import argparse
+
+    parser.add_argument("-c", "--config", default=argparse.SUPPRESS, help="node.yaml (to find the data directory)")
 
 
 def open_db(args):
