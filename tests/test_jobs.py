@@ -306,3 +306,11 @@ def test_delivery_over_tls_with_a_client_certificate(tmp_path):
     finally:
         h.stop()
         tps.stop()
+
+
+def test_one_worker_per_device(monkeypatch):
+    from dicom_node.worker import resolve_devices
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi: auto means one CPU worker
+    assert resolve_devices(["auto"]) == ["cpu"]
+    assert resolve_devices(["cuda:0", "cuda:1"]) == ["cuda:0", "cuda:1"]

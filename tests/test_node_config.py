@@ -149,3 +149,20 @@ def test_config_check_cli(tmp_path):
     missing = subprocess.run([*CLI, "config", "check", str(tmp_path / "nope.yaml")],
                              capture_output=True, text=True, cwd=REPO, timeout=60)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_structured_logs_text_and_json():
+    import json
+    import logging
+
+    from dicom_node.logs import JsonFormatter, TextFormatter, patient_ref
+
+    record = logging.LogRecord("dicom_node.scp", logging.INFO, __file__, 1, "stored", None, None)
+    record.fields = {"sop": "1.2.3", "bytes": 42, "why": "two words"}
+    assert json.loads(JsonFormatter().format(record)) | {"ts": 0} == {
+        "ts": 0, "level": "INFO", "logger": "dicom_node.scp", "event": "stored", "sop": "1.2.3", "bytes": 42,
+        "why": "two words"}
+    assert TextFormatter().format(record).endswith('stored sop=1.2.3 bytes=42 why="two words"')
+    ref = patient_ref("PAT-0001", b"k" * 32)
+    assert ref.startswith("p:") and "PAT" not in ref and ref == patient_ref("PAT-0001", b"k" * 32)
+    assert ref != patient_ref("PAT-0001", b"j" * 32)  # keyed: not reversible by hashing candidate IDs
