@@ -9,6 +9,7 @@ import subprocess
 import pydicom
 import pytest
 
+from conftest import require_tool
 from node_helpers import CLI, REPO
 
 pytestmark = pytest.mark.network
@@ -35,6 +36,8 @@ def _check(text: str, tmp_path) -> None:
 
 
 def test_demo_with_dcmtk(tmp_path):
+    require_tool("storescp")
+    require_tool("storescu")
     text = _run_demo(tmp_path)
     assert "TPS stand-in: dcmtk storescp" in text and "with dcmtk storescu" in text
     _check(text, tmp_path)
