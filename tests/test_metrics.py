@@ -90,3 +90,24 @@ def test_evaluate_and_bad_input():
         dice(a, a[:5])
     with pytest.raises(ValueError, match="spacing"):
         hd95(a, b, (1.0, 1.0))
+
+
+def test_against_brute_force_pairwise_distances_with_masks_on_the_array_edge():
+    """Random blobs, one touching the array's border: surface distances by brute force
+    (every pair of surface voxels, scipy.spatial) agree with the distance-transform path."""
+    from scipy import ndimage
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(3)
+    shape, sp = (12, 30, 26), (2.5, 0.8, 1.1)
+    a = ndimage.gaussian_filter(rng.random(shape), 2) > 0.52
+    b = np.roll(a, (1, 2, -1), axis=(0, 1, 2)) | (ndimage.gaussian_filter(rng.random(shape), 2) > 0.56)
+    a[:, 0, :5] = True  # on the border of the array
+    pa = np.argwhere(surface(a)) * sp
+    pb = np.argwhere(surface(b)) * sp
+    d = cdist(pa, pb)
+    d_ab, d_ba = d.min(axis=1), d.min(axis=0)
+    assert hd95(a, b, sp) == pytest.approx(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+    assert hausdorff(a, b, sp) == pytest.approx(max(d_ab.max(), d_ba.max()))
+    expected = ((d_ab <= 2.0).sum() + (d_ba <= 2.0).sum()) / (d_ab.size + d_ba.size)
+    assert surface_dice(a, b, sp, 2.0) == pytest.approx(expected)
