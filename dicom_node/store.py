@@ -21,7 +21,6 @@ and only then returns; the handler answers Success after that.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import struct

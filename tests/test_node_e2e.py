@@ -7,7 +7,6 @@ everything it started.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -18,7 +17,6 @@ from node_helpers import (
     StoreSCP,
     check_result,
     delivered,
-    echoscu,
     image_files,
     phantom,
     storescu,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
