@@ -125,6 +125,35 @@ def test_lung1_segment_and_evaluate(tmp_path, capsys):
     assert scores["dice"] >= 0.75 and scores["hd95_mm"] <= 15.0
 
 
+def test_one_roi_per_target(phantom, tmp_path, capsys):
+    """Two prompt targets (BOX_A, BOX_B) give two output ROIs, A_AI and B_AI."""
+    from inference.volume import load_series
+    from rtstruct import rasterize_roi, read_rtstruct
+    from rtstruct.writer import RoiMask, write_rtstruct
+
+    vol = load_series(phantom["images"])
+    truth = rasterize_roi(read_rtstruct(phantom["truth"]).roi("GTV"), vol.geometry)
+    ks = np.flatnonzero(truth.any(axis=(1, 2)))
+    boxes = {}
+    for name, k in (("BOX_A", int(ks[len(ks) // 2])), ("BOX_B", int(ks[len(ks) // 2 + 2]))):
+        m = np.zeros(vol.shape, bool)
+        rows = np.flatnonzero(truth[k].any(axis=1))
+        cols = np.flatnonzero(truth[k].any(axis=0))
+        m[k, rows[0] - 2 : rows[-1] + 3, cols[0] - 2 : cols[-1] + 3] = True
+        boxes[name] = m
+    prompt = tmp_path / "two.dcm"
+    write_rtstruct(vol, [RoiMask(n, m, interpreted_type="CONTROL") for n, m in boxes.items()]).save_as(
+        prompt, enforce_file_format=True)
+    out = tmp_path / "two_result.dcm"
+    rc, stdout, stderr = run_cli(capsys, "segment", phantom["images"], prompt, "-o", out)
+    assert rc == 0, stderr
+    assert sorted(read_rtstruct(out).roi_names) == ["A_AI", "B_AI"]
+    for roi in ("A_AI", "B_AI"):
+        rc, stdout, _ = run_cli(capsys, "evaluate", "--images", phantom["images"], "--pred", out, "--pred-roi", roi,
+                                "--truth", phantom["truth"], "--json")
+        assert rc == 0 and json.loads(stdout)["dice"] >= 0.85
+
+
 # -- bad input --------------------------------------------------------------------------
 
 
@@ -148,6 +177,10 @@ def test_segment_refuses_bad_input(phantom, other_phantom, tmp_path, capsys):
         ((images, prompt, "-o", out, "--mode", "video3d"), ["video3d needs --engine sam2"]),
         ((images, prompt, "-o", out, "--engine", "sam2", "--checkpoint", tmp_path / "no.pt"), ["no.pt: no such file"]),
         ((images, prompt, "-o", tmp_path / "no_dir" / "o.dcm"), ["does not exist"]),
+        # sam2 options reach the sam2 engine (get_engine("sam2", checkpoint=..., device=...))
+        ((images, prompt, "-o", out, "--engine", "sam2"), ["engine 'sam2' cannot be used", "needs a checkpoint"]),
+        ((images, prompt, "-o", out, "--engine", "sam2", "--device", "cuda"), ["CUDA is not available"]),
+        ((images, prompt, "-o", out, "--engine", "sam2", "--model-cfg", "no_such_model"), ["no_such_model"]),
     ]
     for argv, expected in cases:
         rc, stdout, stderr = run_cli(capsys, "segment", *argv)
