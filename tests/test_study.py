@@ -81,28 +81,6 @@ def test_score_missed_slices_and_empty_prediction():
     assert z_extent(np.zeros((3, 2, 2), bool)) is None and z_extent(truth) == (2, 9)
 
 
-def test_score_on_the_union_box_equals_the_whole_grid():
-    """score() crops to the masks' bounding box (speed); the numbers must not change,
-    also where a mask touches the edge of the volume (the edge counts as background)."""
-    from inference import metrics
-
-    rng = np.random.default_rng(4)
-    shape = (16, 40, 36)
-    for case in range(6):
-        truth = np.zeros(shape, bool)
-        pred = np.zeros(shape, bool)
-        z0, y0, x0 = rng.integers(0, 5, 3) if case % 2 else (0, 0, 0)  # even cases touch the edges
-        truth[z0 : z0 + 9, y0 : y0 + 20, x0 : x0 + 15] = True
-        pred[z0 + 1 : z0 + 11, y0 + 2 : y0 + 18, x0 : x0 + 19] = True
-        pred &= rng.random(shape) > 0.1  # holes: inner surfaces
-        full = metrics.evaluate(pred, truth, SPACING)
-        s = score(pred, truth, SPACING)
-        assert s["dice"] == full.dice and s["volume_ratio"] == full.volume_ratio
-        assert s["surface_dice_2mm"] == pytest.approx(full.surface_dice, abs=1e-12)
-        assert s["hd95_mm"] == pytest.approx(full.hd95_mm, abs=1e-9)
-        assert s["gt_volume_ml"] == pytest.approx(full.truth_volume_ml)
-
-
 # ---------------------------------------------------------------------------------------
 # The study end to end
 # ---------------------------------------------------------------------------------------
@@ -260,6 +238,14 @@ def test_study_command_errors(tmp_path, capsys):
     assert "sam2" in capsys.readouterr().err
     assert main(["study", str(tmp_path), str(tmp_path / "out"), "--roi", "(("]) == 2
     assert "regular expression" in capsys.readouterr().err
+    # an engine that cannot be built stops the study before the first case
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    (tmp_path / "cases").mkdir()
+    assert main(["study", str(tmp_path / "cases"), str(tmp_path / "o2"), "--engine", "sam2",
+                 "--checkpoint", str(bad), "--device", "cpu", "--no-progress"]) == 2
+    assert "engine 'sam2' cannot be used" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
     # a folder with nothing to score: the run completes, says so and exits 1
     (tmp_path / "src").mkdir()
     assert main(["study", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 1

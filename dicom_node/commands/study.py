@@ -70,7 +70,7 @@ def run(args) -> int:
         raise CommandError(f"SRC is not a folder: {src}")
 
     from dicom_node.research.simulate import PromptSpec
-    from dicom_node.research.study import DEFAULT_ROI_PATTERN, StudyConfig, run_study
+    from dicom_node.research.study import DEFAULT_ROI_PATTERN, StudyConfig, StudyError, run_study
 
     roi = args.roi if args.roi is not None else DEFAULT_ROI_PATTERN
     try:
@@ -103,7 +103,10 @@ def run(args) -> int:
         mode=args.mode, window=window, model_label=args.model_name, prompt=spec, seed=args.seed,
         roi_pattern=roi, dataset_name=args.dataset_name, worst=args.worst, predictions=args.predictions,
     )
-    result = run_study(src, out, config, progress=not args.no_progress)
+    try:
+        result = run_study(src, out, config, progress=not args.no_progress)
+    except StudyError as exc:
+        raise CommandError(str(exc)) from exc
     scored = [r for r in result.rows if r["status"] in ("ok", "failed")]
     skipped = [r for r in result.rows if r["status"] == "skipped"]
     print(result.table)

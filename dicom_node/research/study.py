@@ -146,13 +146,31 @@ class StudyResult:
 # ---------------------------------------------------------------------------------------
 # The node's code path
 # ---------------------------------------------------------------------------------------
-def segment_prompts(volume: Volume, prompts: TargetPrompts, config: StudyConfig):
-    """Segment one target as the node does: the process-wide engine for the rule's engine
-    name and configuration, and :class:`SegmentOptions` built from the rule's settings."""
-    from inference.engine import get_engine
+class StudyError(ValueError):
+    """The study cannot run at all (for example, the engine cannot be built)."""
 
-    engine = get_engine(config.engine, **config.engine_config())
-    return engine.segment(volume, prompts, config.options())
+
+def build_engine(config: StudyConfig):
+    """The process-wide engine, as :func:`dicom_node.pipeline.run_case` gets it: the
+    engine name and its configuration without ``None`` values (engine defaults apply).
+    A bad engine setting or checkpoint is a :class:`StudyError` before any case runs."""
+    from inference.engine import SegmentationError, get_engine
+
+    try:
+        return get_engine(config.engine, **config.engine_config())
+    except (ValueError, SegmentationError) as exc:
+        raise StudyError(f"engine {config.engine!r} cannot be used: {exc}") from None
+
+
+def segment_prompts(volume: Volume, prompts: TargetPrompts, config: StudyConfig):
+    """Segment one target the way the node's pipeline does (:func:`dicom_node.pipeline.run_case`):
+    ``get_engine(name, **config).segment(volume, target, SegmentOptions)``.
+
+    The pipeline has no entry point taking in-memory prompts yet (its functions start
+    from a prompt RTSTRUCT file), so this repeats its two engine lines; when it gets one,
+    call it here.
+    """
+    return build_engine(config).segment(volume, prompts, config.options())
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,26 +180,6 @@ def z_extent(mask: np.ndarray) -> tuple[int, int] | None:
     """(first, last) slice index holding any voxel of ``mask``, or None when empty."""
     ks = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
     return (int(ks[0]), int(ks[-1])) if ks.size else None
-
-
-def union_box(a: np.ndarray, b: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    """The bounding box of ``a | b`` grown by ``margin`` voxels (clipped to the array).
-
-    Metrics on this crop equal those on the whole grid: every surface voxel is inside
-    it, a surface voxel's background neighbour too (margin 1, or the volume's edge, which
-    :mod:`inference.metrics` counts as background either way), and distances are
-    measured between surface voxels. On a 512x512x134 CT it makes surface distances
-    about a hundred times faster than distance transforms over the whole volume.
-    """
-    both = a | b
-    if not both.any():
-        return tuple(slice(0, n) for n in a.shape)
-    box = []
-    for axis in range(a.ndim):
-        other = tuple(i for i in range(a.ndim) if i != axis)
-        on = np.flatnonzero(both.any(axis=other))
-        box.append(slice(max(int(on[0]) - margin, 0), min(int(on[-1]) + margin + 1, a.shape[axis])))
-    return tuple(box)
 
 
 def score(pred: np.ndarray, truth: np.ndarray, spacing, tolerance_mm: float = 2.0) -> dict:
@@ -200,8 +198,7 @@ def score(pred: np.ndarray, truth: np.ndarray, spacing, tolerance_mm: float = 2.
     truth = np.asarray(truth, dtype=bool)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction {pred.shape} and ground truth {truth.shape} differ in shape")
-    box = union_box(pred, truth)
-    s = metrics.evaluate(pred[box], truth[box], spacing, tolerance_mm)
+    s = metrics.evaluate(pred, truth, spacing, tolerance_mm)
     gt_ext, pr_ext = z_extent(truth), z_extent(pred)
     gt_on = truth.reshape(truth.shape[0], -1).any(axis=1)
     pr_on = pred.reshape(pred.shape[0], -1).any(axis=1)
@@ -433,6 +430,8 @@ def run_study(
     """Run a study over every case under ``src``; see the module doc."""
     src, out = Path(src), Path(out)
     regex = re.compile(config.roi_pattern) if config.roi_pattern else None
+    if not config.predictions:
+        build_engine(config)  # fail before the first case when the model cannot be built
     out.mkdir(parents=True, exist_ok=True)
     found = scan(src, dataset_name=config.dataset_name, progress=progress)
     items: list[DicomCase | NpzCase] = [*found.cases, *found.npz]
