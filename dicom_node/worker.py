@@ -90,56 +90,40 @@ def segment_case(
 ):
     """Run the segmentation chain for one case; returns (RTSTRUCT dataset, info dict).
 
-    load series -> prompts in voxel space -> engine per target -> result RTSTRUCT.
-    Problems of the input (series, prompts, segmentation) raise :class:`PermanentJobError`
-    with the reason; anything else propagates (the job is retried in a fresh worker).
+    The chain is :func:`dicom_node.pipeline.run_case` (shared with ``dicom-node segment``),
+    with the rule's engine, options, output names and colour. Problems of the input
+    (:class:`dicom_node.pipeline.CaseError`) raise :class:`PermanentJobError` with the
+    reason; anything else propagates (the job is retried in a fresh worker).
     """
-    from inference.engine import SegmentationError, get_engine
-    from inference.volume import VolumeError, load_series
-    from rtstruct.prompts import PromptError, extract_prompts
-    from rtstruct.reader import RTStructError, read_rtstruct
-    from rtstruct.writer import RoiMask, write_rtstruct
+    from dicom_node.pipeline import CaseError, load_prompts, load_volume, run_case
 
-    t0 = time.perf_counter()
-    try:
-        volume = load_series(image_paths, series_instance_uid=series_uid)
-    except VolumeError as exc:
-        raise PermanentJobError(f"image series unusable: {exc}") from None
-    try:
-        structure_set = read_rtstruct(prompt_path)
-        targets = extract_prompts(structure_set, volume,
-                                  allow_frame_of_reference_only=allow_frame_of_reference_only)
-    except PromptError as exc:
-        raise PermanentJobError(f"prompts refused: {exc}") from None
-    except RTStructError as exc:
-        raise PermanentJobError(f"prompt RTSTRUCT unusable: {exc}") from None
-    t_load = time.perf_counter() - t0
     config = dict(action.engine_config())
     if action.engine == "sam2" and "device" not in config and device != "auto":
         config["device"] = device
-    engine = get_engine(action.engine, **config)
-    options = action.segment_options()
-    rois, per_target, warnings = [], [], []
-    for target in targets:
-        try:
-            result = engine.segment(volume, target, options)
-        except SegmentationError as exc:
-            raise PermanentJobError(f"segmentation of {target.output_name} failed: {exc}") from None
-        name = action.roi_name_for(target.target, target.output_name)
-        rois.append(RoiMask(name=name, mask=result.mask, color=tuple(action.output_color or (255, 0, 0)),
-                            interpreted_type="GTV", algorithm_name=result.algorithm_name,
-                            algorithm_version=str(result.engine_version)))
-        warnings += list(result.warnings)
-        per_target.append({"roi": name, "slices": int(result.mask.any(axis=(1, 2)).sum()),
-                           "voxels": int(result.mask.sum()), "seconds": round(result.seconds, 3)})
     try:
-        ds = write_rtstruct(volume, rois)
-    except RTStructError as exc:
-        raise PermanentJobError(f"result RTSTRUCT cannot be written: {exc}") from None
-    info = {"engine": engine.name, "algorithm": engine.algorithm_name, "rois": ",".join(r.name for r in rois),
-            "targets": per_target, "warnings": warnings, "load_seconds": round(t_load, 3),
-            "slices": volume.shape[0]}
-    return ds, info
+        volume = load_volume(image_paths, series_instance_uid=series_uid)
+        targets = load_prompts(volume, prompt_path, allow_frame_of_reference_only=allow_frame_of_reference_only)
+        roi_names = {t.target: action.roi_name_for(t.target, t.output_name) for t in targets}
+        case = run_case(
+            None, prompt_path, action.engine, config, action.segment_options(),
+            color=tuple(action.output_color or (255, 0, 0)), roi_names=roi_names,
+            allow_frame_of_reference_only=allow_frame_of_reference_only, volume=volume,
+        )
+    except CaseError as exc:
+        raise PermanentJobError(str(exc)) from None
+    first = case.targets[0].result
+    info = {
+        "engine": first.engine,
+        "algorithm": first.algorithm_name,
+        "rois": ",".join(t.roi_name for t in case.targets),
+        "targets": [{"roi": t.roi_name, "slices": int(t.result.mask.any(axis=(1, 2)).sum()),
+                     "voxels": int(t.result.mask.sum()), "seconds": round(t.result.seconds, 3)}
+                    for t in case.targets],
+        "warnings": list(case.warnings),
+        "load_seconds": round(case.load_seconds, 3),
+        "slices": volume.shape[0],
+    }
+    return case.dataset, info
 
 
 class _LeaseKeeper(threading.Thread):
@@ -249,6 +233,7 @@ def warm_up(cfg: NodeConfig, device: str) -> float:
     loaded is logged here and fails its jobs with the same reason later.
     """
     t0 = time.perf_counter()
+    import dicom_node.pipeline  # noqa: F401
     import inference.volume  # noqa: F401
     import rtstruct.prompts  # noqa: F401
     import rtstruct.writer  # noqa: F401
