@@ -283,19 +283,7 @@ def propagate_2d(
             log.debug("anchor %d %s: stopped at %d: %s", a, direction, last, reason)
 
     # 2. post-processing
-    if params.fill_holes:
-        for k in np.flatnonzero(mask.any(axis=(1, 2))):
-            mask[k] = ndimage.binary_fill_holes(mask[k])
-    if params.keep_connected and mask.any():
-        labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-        if n > 1:
-            keep = set()
-            for a, am in anchor_masks.items():
-                keep.update(int(v) for v in np.unique(labels[a][am & mask[a]]) if v)
-            dropped = [k for k in range(1, n + 1) if k not in keep]
-            if dropped:
-                mask &= np.isin(labels, sorted(keep))
-                log.debug("dropped %d component(s) not connected to a prompted slice", len(dropped))
+    mask = postprocess(mask, anchor_masks, fill_holes=params.fill_holes, keep_connected=params.keep_connected)
     kept = set(int(k) for k in np.flatnonzero(mask.any(axis=(1, 2))))
     scores = {k: v for k, v in sorted(scores.items()) if k in kept}
     areas = {k: v for k, v in sorted(areas.items()) if k in kept}
@@ -310,6 +298,26 @@ def propagate_2d(
         mask=mask, slice_scores=scores, slice_areas_mm2=areas, stop_reasons=stop,
         anchors=anchors, warnings=warnings,
     )
+
+
+def postprocess(
+    mask: np.ndarray, anchor_masks: dict[int, np.ndarray], *, fill_holes: bool = True, keep_connected: bool = True
+) -> np.ndarray:
+    """Fill holes per slice and keep only the 3D components (26-connected) that touch an
+    anchor's mask on its prompted slice. ``mask`` is modified in place and returned."""
+    if fill_holes:
+        for k in np.flatnonzero(mask.any(axis=(1, 2))):
+            mask[k] = ndimage.binary_fill_holes(mask[k])
+    if keep_connected and mask.any():
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        if n > 1:
+            keep = set()
+            for a, am in anchor_masks.items():
+                keep.update(int(v) for v in np.unique(labels[a][am & mask[a]]) if v)
+            if len(keep) < n:
+                mask &= np.isin(labels, sorted(keep))
+                log.debug("dropped %d component(s) not connected to a prompted slice", n - len(keep))
+    return mask
 
 
 def _segment_anchor(

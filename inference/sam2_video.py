@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from inference.propagation import postprocess
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
 from inference.sam2_features import SliceFeatureCache, slices_to_model_input
 
@@ -142,22 +142,6 @@ def group_objects(prompts: TargetPrompts, lo: int) -> tuple[dict[int, dict[int, 
             labels = [1 if p.positive else 0 for p in pts]
             objects.setdefault(n, {})[k - lo] = (box, coords, labels)
     return objects, warnings
-
-
-def _fill_and_connect(
-    mask: np.ndarray, anchor_masks: dict[int, np.ndarray], fill_holes: bool, keep_connected: bool
-) -> np.ndarray:
-    if fill_holes:
-        for k in np.flatnonzero(mask.any(axis=(1, 2))):
-            mask[k] = ndimage.binary_fill_holes(mask[k])
-    if keep_connected and mask.any():
-        labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-        if n > 1:
-            keep = set()
-            for k, am in anchor_masks.items():
-                keep.update(int(v) for v in np.unique(labels[k][am & mask[k]]) if v)
-            mask &= np.isin(labels, sorted(keep))
-    return mask
 
 
 def propagate_3d(
@@ -311,7 +295,7 @@ def propagate_3d(
         stop_reasons[direction] = reason
         log.debug("SAM2 3D pass %s stopped: %s", direction, reason)
 
-    mask = _fill_and_connect(mask, anchor_masks, params.fill_holes, params.keep_connected)
+    mask = postprocess(mask, anchor_masks, fill_holes=params.fill_holes, keep_connected=params.keep_connected)
     kept = set(int(k) for k in np.flatnonzero(mask.any(axis=(1, 2))))
     empty_anchors = [k for k, m in anchor_masks.items() if not m.any()]
     for k in empty_anchors:
