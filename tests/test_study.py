@@ -292,16 +292,7 @@ def test_study_oblique_mr_from_npz(tmp_path):
     "spacing",
     [
         (2.5, 1.0, 1.0),
-        pytest.param(
-            (2.5, 0.8, 1.2),
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="classic engine _finish pads rows and columns with (pad_rows, pad_cols) on both axes "
-                "(np.pad(mask, (pad[0], pad[1]))) but crops columns at pad_cols: with dy != dx the closing "
-                "shifts the mask by pad_rows - pad_cols columns (2 columns of background here). Reported; "
-                "remove this mark when inference/engines/classic.py is fixed.",
-            ),
-        ),
+        (2.5, 0.8, 1.2),  # dy != dx: the closing in the classic engine once shifted the mask
     ],
 )
 def test_study_classic_on_a_sharp_cuboid_stays_inside_it(tmp_path, spacing):

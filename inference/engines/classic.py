@@ -437,7 +437,7 @@ class ClassicSliceSegmenter:
             return mask
         se = self._se_mm(self.p.close_mm)
         pad = se.shape[0] // 2 + 1, se.shape[1] // 2 + 1
-        closed = ndimage.binary_closing(np.pad(mask, (pad[0], pad[1])), se)
+        closed = ndimage.binary_closing(np.pad(mask, ((pad[0], pad[0]), (pad[1], pad[1]))), se)
         closed = closed[pad[0] : pad[0] + mask.shape[0], pad[1] : pad[1] + mask.shape[1]]
         return ndimage.binary_fill_holes((closed & region) | mask)
 
