@@ -2,8 +2,9 @@
 
 ``load_series -> read_rtstruct -> extract_prompts -> get_engine(...).segment per target ->
 write_rtstruct`` (one ROI per target, algorithm name and version from the engine's result).
-``dicom-node segment`` and the research ``study`` command call :func:`segment_case`; the
-node's worker runs the same steps. Every problem of the *input* raises
+``dicom-node segment`` calls :func:`segment_case`, the node's worker :func:`run_case`,
+and the research ``study`` command :func:`segment_targets` (the engine step all of them
+share) on prompts it simulates. Every problem of the *input* raises
 :class:`CaseError` whose message says which input and what is wrong; anything else
 (a bug, out of memory) propagates unchanged.
 
@@ -139,38 +140,35 @@ def segment_case(
     return case.dataset, case.targets
 
 
-def run_case(
-    images,
-    prompt_rtstruct,
+def build_engine(engine_name: str, engine_config: Mapping[str, Any] | None = None):
+    """The process-wide engine (:func:`inference.engine.get_engine`): ``None`` values of
+    ``engine_config`` are dropped so that engine defaults apply. An unknown engine, a bad
+    setting or an unusable checkpoint is a :class:`CaseError`."""
+    from inference.engine import SegmentationError, get_engine
+
+    config = {k: v for k, v in (engine_config or {}).items() if v is not None}
+    try:
+        return get_engine(engine_name, **config)
+    except (ValueError, SegmentationError) as exc:
+        raise CaseError("segmentation", f"engine {engine_name!r} cannot be used: {exc}") from None
+
+
+def segment_targets(
+    volume: "Volume",
+    targets: "Iterable[TargetPrompts]",
     engine_name: str = "classic",
     engine_config: Mapping[str, Any] | None = None,
     options: "SegmentOptions | None" = None,
     *,
-    color: tuple[int, int, int] = (255, 0, 0),
     roi_names: Mapping[str, str] | None = None,
-    conventions=None,
-    allow_frame_of_reference_only: bool = False,
-    series_instance_uid: str | None = None,
-    volume: "Volume | None" = None,
-) -> CaseResult:
-    """:func:`segment_case`, returning a :class:`CaseResult` (volume, timings, warnings)."""
-    from inference.engine import SegmentationError, SegmentOptions, get_engine
-    from rtstruct.reader import RTStructError
-    from rtstruct.writer import RoiMask, write_rtstruct
+) -> tuple[list[TargetResult], list[str]]:
+    """Segment in-memory prompt targets on ``volume``: the engine step shared by the node's
+    worker, ``dicom-node segment`` and the research ``study``. Returns one
+    :class:`TargetResult` per target and the engines' warnings (prefixed with the ROI name)."""
+    from inference.engine import SegmentationError, SegmentOptions
 
-    t0 = time.perf_counter()
-    if volume is None:
-        volume = load_volume(images, series_instance_uid=series_instance_uid)
-    targets = load_prompts(volume, prompt_rtstruct, conventions=conventions,
-                           allow_frame_of_reference_only=allow_frame_of_reference_only)
-    load_seconds = time.perf_counter() - t0
     options = options or SegmentOptions()
-    config = {k: v for k, v in (engine_config or {}).items() if v is not None}
-    try:
-        engine = get_engine(engine_name, **config)
-    except (ValueError, SegmentationError) as exc:  # unknown engine, bad settings or checkpoint
-        raise CaseError("segmentation", f"engine {engine_name!r} cannot be used: {exc}") from None
-
+    engine = build_engine(engine_name, engine_config)
     results: list[TargetResult] = []
     warnings: list[str] = []
     for target in targets:
@@ -184,6 +182,37 @@ def run_case(
         warnings += [f"{name}: {w}" for w in result.warnings]
         log.info("target %s: %d slices, %.1f s, %s", name, int(result.mask.any(axis=(1, 2)).sum()),
                  result.seconds, result.algorithm_name)
+    return results, warnings
+
+
+def run_case(
+    images,
+    prompt_rtstruct,
+    engine_name: str = "classic",
+    engine_config: Mapping[str, Any] | None = None,
+    options: "SegmentOptions | None" = None,
+    *,
+    color: tuple[int, int, int] = (255, 0, 0),
+    roi_names: Mapping[str, str] | None = None,
+    conventions=None,
+    allow_frame_of_reference_only: bool = False,
+    series_instance_uid: str | None = None,
+    volume: "Volume | None" = None,
+    targets: "list[TargetPrompts] | None" = None,
+) -> CaseResult:
+    """:func:`segment_case`, returning a :class:`CaseResult` (volume, timings, warnings).
+    Pass ``targets`` when the prompts are already extracted from ``prompt_rtstruct``."""
+    from rtstruct.reader import RTStructError
+    from rtstruct.writer import RoiMask, write_rtstruct
+
+    t0 = time.perf_counter()
+    if volume is None:
+        volume = load_volume(images, series_instance_uid=series_instance_uid)
+    if targets is None:
+        targets = load_prompts(volume, prompt_rtstruct, conventions=conventions,
+                               allow_frame_of_reference_only=allow_frame_of_reference_only)
+    load_seconds = time.perf_counter() - t0
+    results, warnings = segment_targets(volume, targets, engine_name, engine_config, options, roi_names=roi_names)
     rois = [
         RoiMask(
             name=r.roi_name, mask=r.result.mask, color=tuple(color), interpreted_type="GTV",

@@ -107,7 +107,7 @@ def segment_case(
         case = run_case(
             None, prompt_path, action.engine, config, action.segment_options(),
             color=tuple(action.output_color or (255, 0, 0)), roi_names=roi_names,
-            allow_frame_of_reference_only=allow_frame_of_reference_only, volume=volume,
+            allow_frame_of_reference_only=allow_frame_of_reference_only, volume=volume, targets=targets,
         )
     except CaseError as exc:
         raise PermanentJobError(str(exc)) from None

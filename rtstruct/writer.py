@@ -59,7 +59,6 @@ from typing import Any
 
 import highdicom
 import numpy as np
-import pydicom
 from highdicom.spatial import PixelToReferenceTransformer
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence

@@ -121,9 +121,9 @@ def test_recover_on_start(tmp_path):
 def test_fail_permanent_vs_retryable(tmp_path):
     db = make_db(tmp_path)
     jid = add_case_and_job(db)
-    job = q.claim_job(db, "w", 30)
+    q.claim_job(db, "w", 30)
     assert q.fail_job(db, jid, "w", "CUDA error", retryable=True, max_attempts=3) == "pending"
-    job = q.claim_job(db, "w", 30)
+    q.claim_job(db, "w", 30)
     assert q.fail_job(db, jid, "w", "prompt outside the image", retryable=False, max_attempts=3) == "failed"
     assert db.one("SELECT reason FROM cases")["reason"] == "prompt outside the image"
 

@@ -151,26 +151,24 @@ class StudyError(ValueError):
 
 
 def build_engine(config: StudyConfig):
-    """The process-wide engine, as :func:`dicom_node.pipeline.run_case` gets it: the
-    engine name and its configuration without ``None`` values (engine defaults apply).
-    A bad engine setting or checkpoint is a :class:`StudyError` before any case runs."""
-    from inference.engine import SegmentationError, get_engine
+    """The process-wide engine, built the way the node's pipeline builds it
+    (:func:`dicom_node.pipeline.build_engine`). A bad engine setting or checkpoint is a
+    :class:`StudyError` before any case runs."""
+    from dicom_node.pipeline import CaseError, build_engine as pipeline_engine
 
     try:
-        return get_engine(config.engine, **config.engine_config())
-    except (ValueError, SegmentationError) as exc:
-        raise StudyError(f"engine {config.engine!r} cannot be used: {exc}") from None
+        return pipeline_engine(config.engine, config.engine_config())
+    except CaseError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def segment_prompts(volume: Volume, prompts: TargetPrompts, config: StudyConfig):
-    """Segment one target the way the node's pipeline does (:func:`dicom_node.pipeline.run_case`):
-    ``get_engine(name, **config).segment(volume, target, SegmentOptions)``.
+    """Segment one target through the node's code path
+    (:func:`dicom_node.pipeline.segment_targets`); returns its SegmentationResult."""
+    from dicom_node.pipeline import segment_targets
 
-    The pipeline has no entry point taking in-memory prompts yet (its functions start
-    from a prompt RTSTRUCT file), so this repeats its two engine lines; when it gets one,
-    call it here.
-    """
-    return build_engine(config).segment(volume, prompts, config.options())
+    (target,), _warnings = segment_targets(volume, [prompts], config.engine, config.engine_config(), config.options())
+    return target.result
 
 
 # ---------------------------------------------------------------------------------------
