@@ -42,6 +42,7 @@ from typing import Callable
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
+from dicom_node.durable import publish
 from dicom_node.logs import event, get_logger
 from dicom_node.store import IMAGE_MODALITIES, Store
 from dicom_node.uids import is_valid_uid
@@ -216,17 +217,7 @@ class CaseAssembler:
             os.link(path, tmp)
         except OSError:
             shutil.copyfile(path, tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, target)
-        fd = os.open(self.prompts_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        publish(tmp, target)
         return target
 
     # -- readiness -----------------------------------------------------------------------

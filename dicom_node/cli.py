@@ -13,9 +13,7 @@ import logging
 import pkgutil
 import sys
 
-from dicom_node import __version__
-
-from dicom_node import commands
+from dicom_node import __version__, commands
 
 
 class CommandError(Exception):

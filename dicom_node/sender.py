@@ -32,6 +32,7 @@ from pynetdicom import AE, evt
 from dicom_node.audit import AuditLog
 from dicom_node.config import Destination, NodeConfig, TlsClient
 from dicom_node.db import Database
+from dicom_node.durable import publish
 from dicom_node.jobs import backoff_seconds
 from dicom_node.logs import event, get_logger
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -179,20 +180,10 @@ def export_file(source: Path, folder: Path, name: str) -> Path:
     tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         shutil.copyfile(source, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
+        publish(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
     return final
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from dicom_node.db import Database
+from dicom_node.durable import fsync_dir
 from dicom_node.logs import event, get_logger, patient_ref
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, InvalidUID, clean_uid, validate_uid
 
@@ -433,13 +434,8 @@ class Store:
 
     # -- directories ---------------------------------------------------------------------
     def _fsync_dir(self, path: Path) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync:
+            fsync_dir(path)
 
     def _ensure_dir(self, path: Path) -> None:
         if path in self._dirs:

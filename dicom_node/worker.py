@@ -37,6 +37,7 @@ from typing import Callable
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
+from dicom_node.durable import publish
 from dicom_node.jobs import claim_job, complete_job, fail_job, owner_name, release_owner, renew_lease
 from dicom_node.logs import event, get_logger
 
@@ -67,17 +68,7 @@ def _atomic_write_dataset(ds, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     ds.save_as(tmp, enforce_file_format=True)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    publish(tmp, path)
 
 
 def segment_case(
