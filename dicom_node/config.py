@@ -145,6 +145,7 @@ class Network(_Model):
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     network_timeout_seconds: float = Field(default=120.0, gt=0)
+    poll_interval_ms: float = Field(default=0.2, ge=0.05, le=1.0)
     sop_classes: list[str] = Field(default_factory=lambda: ["CT", "MR", "RTSTRUCT"])
 
     @field_validator("bind")
