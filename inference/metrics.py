@@ -117,9 +117,9 @@ def surface_dice(a: np.ndarray, b: np.ndarray, spacing, tolerance_mm: float = 2.
     return within / (d_ab.size + d_ba.size)
 
 
-def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
-    """95th percentile Hausdorff distance in mm: the larger of the two directed 95th
-    percentiles of surface-to-surface distances (0.0 both empty, inf one empty)."""
+def _directed_distances(a: np.ndarray, b: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray] | float:
+    """Surface distances both ways in mm, or the value of a distance metric when a mask is
+    empty: 0.0 when both are, inf when one is."""
     a, b = _pair(a, b)
     sp = _spacing(spacing, a.ndim)
     ea, eb = not a.any(), not b.any()
@@ -127,20 +127,25 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
         return 0.0
     if ea or eb:
         return math.inf
-    d_ab, d_ba = _surface_distances(a, b, sp)
+    return _surface_distances(a, b, sp)
+
+
+def hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """95th percentile Hausdorff distance in mm: the larger of the two directed 95th
+    percentiles of surface-to-surface distances (0.0 both empty, inf one empty)."""
+    d = _directed_distances(a, b, spacing)
+    if isinstance(d, float):
+        return d
+    d_ab, d_ba = d
     return float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
 
 
 def hausdorff(a: np.ndarray, b: np.ndarray, spacing) -> float:
     """Maximum surface distance in mm (same empty-mask rules as :func:`hd95`)."""
-    a, b = _pair(a, b)
-    sp = _spacing(spacing, a.ndim)
-    ea, eb = not a.any(), not b.any()
-    if ea and eb:
-        return 0.0
-    if ea or eb:
-        return math.inf
-    d_ab, d_ba = _surface_distances(a, b, sp)
+    d = _directed_distances(a, b, spacing)
+    if isinstance(d, float):
+        return d
+    d_ab, d_ba = d
     return float(max(d_ab.max(), d_ba.max()))
 
 

@@ -5,19 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_node.cli import CommandError
+from dicom_node.commands._peer import add_peer_arguments, tls_client
 
 
 def register(sub) -> None:
     p = sub.add_parser("send", help="send DICOM files (a file or a folder, recursively) by C-STORE")
     p.add_argument("path")
-    p.add_argument("host")
-    p.add_argument("port", type=int)
-    p.add_argument("--aec", default="ANY-SCP", help="called AE title (the peer's)")
-    p.add_argument("--aet", default="STARDUST", help="calling AE title (ours)")
-    p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--tls", action="store_true", help="use TLS")
-    p.add_argument("--ca-file", help="CA bundle for the peer's certificate (with --tls)")
-    p.add_argument("--no-check-hostname", action="store_true")
+    add_peer_arguments(p, timeout=30.0)
     p.set_defaults(func=run)
 
 
@@ -32,13 +26,12 @@ def _files(path: Path) -> list[Path]:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from dicom_node.config import TlsClient
     from dicom_node.sender import DeliveryError, c_store_files
 
     files = _files(Path(args.path))
     if not files:
         raise CommandError(f"{args.path}: no files to send")
-    tls = TlsClient(enabled=True, ca_file=args.ca_file, check_hostname=not args.no_check_hostname) if args.tls else None
+    tls = tls_client(args)
     with tqdm(total=len(files), unit="file", desc=f"-> {args.aec}", disable=None) as bar:
         try:
             results = c_store_files(files, args.host, args.port, args.aec, args.aet, args.timeout, tls, progress=bar)
