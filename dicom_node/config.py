@@ -16,8 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicom_node.yamlfile import read_yaml
 
 __all__ = [
     "ConfigError",
@@ -481,14 +482,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     demo and the tests use it to change ports and directories.
     """
     path = Path(path) if path is not None else default_config_path()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration ({exc.strerror or exc})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, "configuration", ConfigError)
     if overrides:
         data = merge(data or {}, overrides)
     cfg = config_from_data(data, source=str(path), base=path.resolve().parent)

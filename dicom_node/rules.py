@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydicom
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
+from dicom_node.yamlfile import read_yaml
 from inference.engine import SegmentOptions
 
 __all__ = [
@@ -632,14 +632,7 @@ class RuleSet:
     def load(cls, path: str | Path) -> RuleSet:
         """Read and validate a rules file; :class:`RulesError` names the rule and key."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise RulesError(f"{path}: cannot read the rules file ({exc.strerror or exc})") from exc
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RulesError(f"{path}: not valid YAML: {exc}") from exc
+        data = read_yaml(path, "rules file", RulesError)
         return cls.from_data(data, source=path, base_dir=path.parent)
 
     @classmethod
