@@ -54,6 +54,7 @@ from pydicom.tag import BaseTag, Tag
 
 from dicom_node.yamlfile import read_yaml
 from inference.engine import SegmentOptions
+from inference.files import files_under
 
 __all__ = [
     "Action",
@@ -597,7 +598,7 @@ def prompt_rois_of(rtstruct: pydicom.Dataset | Path, conventions: Any = None) ->
 def _first_image_header(images: list[Path] | Path) -> pydicom.Dataset | None:
     if isinstance(images, (str, Path)):
         root = Path(images)
-        candidates = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        candidates = files_under(root) if root.is_dir() else [root]
     else:
         candidates = [Path(p) for p in images]
     for path in candidates:

@@ -40,6 +40,7 @@ from pydicom.pixels import get_decoder
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from inference.files import files_under
 from inference.geometry import Geometry
 
 
@@ -202,7 +203,7 @@ def _collect_files(paths) -> tuple[list[Path], bool, str]:
     if isinstance(paths, (str, os.PathLike)):
         root = Path(paths)
         if root.is_dir():
-            files = sorted(p for p in root.rglob("*") if p.is_file())
+            files = files_under(root)
             return files, False, f"directory {root}"
         if root.is_file():
             return [root], True, f"file {root}"

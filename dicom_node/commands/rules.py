@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_node.cli import CommandError
+from inference.files import files_under
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 
@@ -66,7 +67,7 @@ def _scan(paths: list[str]) -> _Scan:
         if not root.exists():
             raise CommandError(f"{root}: no such file or folder")
         explicit = root.is_file()
-        files = [root] if explicit else sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = [root] if explicit else files_under(root, skip_hidden=True)
         for path in files:
             try:
                 ds = pydicom.dcmread(path, stop_before_pixels=True)

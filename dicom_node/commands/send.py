@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_node.cli import CommandError
+from inference.files import files_under
 from dicom_node.commands._peer import add_peer_arguments, tls_client
 
 
@@ -19,7 +20,7 @@ def _files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return files_under(path, skip_hidden=True)
     raise CommandError(f"{path}: no such file or folder")
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from inference.files import files_under
 from inference.geometry import Geometry
 from inference.volume import MULTI_FRAME_CLASSES, SINGLE_FRAME_CLASSES, Volume, load_series
 
@@ -275,7 +276,7 @@ def scan(
     if not root.is_dir():
         raise FileNotFoundError(f"not a folder: {root}")
     result = Scan(root=root)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = files_under(root)
 
     series: dict[str, ImageSeries] = {}
     structures: list[StructureRef] = []
