@@ -64,8 +64,10 @@ def write_rules(path: Path, destinations: list[str], export_folder: str | None =
 
 def write_config(tmp: Path, *, port: int | None = None, destinations: dict | None = None,
                  rule_destinations: list[str] | None = None, export_folder: str | None = None,
-                 rules: bool = True, **overrides: Any) -> Path:
-    """A node.yaml in ``tmp`` (data in tmp/data, loopback, fast timeouts) merged with overrides."""
+                 rules: bool = True, extra_rules: list | None = None, **overrides: Any) -> Path:
+    """A node.yaml in ``tmp`` (data in tmp/data, loopback, fast timeouts) merged with overrides.
+
+    ``extra_rules`` come before the catch-all classic rule that sends to every destination."""
     from dicom_node.config import merge
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -85,7 +87,7 @@ def write_config(tmp: Path, *, port: int | None = None, destinations: dict | Non
     }
     if rules:
         dest_names = list((destinations or {}).keys()) if rule_destinations is None else rule_destinations
-        cfg["rules"] = str(write_rules(tmp / "rules.yaml", dest_names, export_folder))
+        cfg["rules"] = str(write_rules(tmp / "rules.yaml", dest_names, export_folder, extra_rules))
     cfg = merge(cfg, overrides)
     path = tmp / "node.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -158,3 +158,44 @@ def test_tps_down_delivered_once_it_comes_up(tmp_path, start_node):
         assert sum(e["event"] == "sent" for e in node.audit()) == 1
     finally:
         tps.stop()
+
+
+@pytest.mark.slow
+def test_a_sam2_rule_runs_its_checkpoint_in_the_worker(tmp_path, tps, start_node):
+    """A rule with engine sam2 and a checkpoint file: the worker loads the model once (at
+    warm-up, before any case), segments with it and the result names model and weights.
+
+    The checkpoint is a seeded randomly initialised SAM2.1 tiny at 512 pixels saved in the
+    official format: the node treats it like any user's file. Its masks mean nothing, so
+    the result is checked for what does not depend on the weights (seed 2 gives a
+    non-empty mask for this phantom's box, see test_sam2_engine)."""
+    import torch
+
+    from inference.engine import get_engine
+    from inference.sam2_models import file_sha256
+
+    model = get_engine("sam2", model_cfg="sam2.1_hiera_t512", device="cpu", allow_random_weights=True,
+                       random_seed=2, batch_size=4).model
+    checkpoint = tmp_path / "models" / "site_ft.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"model": model.state_dict()}, checkpoint)
+    p = phantom(0, shape=(12, 128, 128), spacing=(5.0, 3.0, 3.0))
+    sam2_rule = {"name": "sam2-ct", "match": {"modality": "CT"},
+                 "action": {"engine": "sam2", "checkpoint": str(checkpoint), "model_cfg": "sam2.1_hiera_t512",
+                            "mode": "box2d", "engine_options": {"batch_size": 4},
+                            "output_roi_name": "GTV_SAM2", "destinations": ["tps"]}}
+    node = start_node(destinations={"tps": tps.destination()}, extra_rules=[sam2_rule])
+    wait_for(lambda: "worker_ready" in node.log_text(), 300, 0.2, "the worker to load the SAM2 model")
+    out = storescu([p["images"], p["prompt"]], node.port)
+    assert out.returncode == 0, out.stderr
+    (result,) = delivered(node, tps, timeout=300)
+    facts = check_result(result, p, min_dice=0.0)  # dciodvfy, references, GTV, AUTOMATIC
+    assert facts["roi"] == "GTV_SAM2"
+    item = facts["dataset"].StructureSetROISequence[0]
+    assert "SAM2 sam2.1_hiera_t512 site_ft" in item.ROIGenerationDescription
+    assert f"sha256:{file_sha256(checkpoint)[:12]}" in item.ROIGenerationDescription
+    assert "RANDOM" not in item.ROIGenerationDescription  # a checkpoint file is never called random
+    (job,) = node.jobs()
+    assert job["state"] == "done" and job["engine"] == "sam2"
+    # built once, at warm-up: the job reused it
+    assert node.log_text().count("SAM2 model sam2.1_hiera_t512 ready on cpu") == 1
