@@ -87,20 +87,41 @@ def c_echo(host: str, port: int, called_aet: str, calling_aet: str = "STARDUST",
 
 
 def _associate(ae: AE, host: str, port: int, called_aet: str, tls: TlsClient | None, **kw):
-    """``ae.associate`` that remembers whether the TCP connection was made at all."""
+    """``ae.associate`` that remembers whether the TCP connection was made at all, and
+    the A-ASSOCIATE-RJ PDU if the peer sent one.
+
+    The reject PDU is kept because pynetdicom (3.0) can lose it: when the peer closes the
+    connection right after its reject (dcmtk does), the requestor thread may see the
+    closed socket before it reads the queued reject, and marks the association aborted.
+    The operator must still read "rejected" (a configuration matter at the TPS), not
+    "aborted" (a network or peer failure).
+    """
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
+
     opened: list[bool] = []
+    rejects: list = []
+
+    def on_pdu(ev) -> None:
+        if isinstance(ev.pdu, A_ASSOCIATE_RJ):
+            rejects.append(ev.pdu)
+
     tls_args = (client_ssl_context(tls), host) if tls is not None and tls.enabled else None
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _e: opened.append(True))], **kw)
+                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _e: opened.append(True)),
+                                       (evt.EVT_PDU_RECV, on_pdu)], **kw)
     assoc.stardust_connected = bool(opened)
+    assoc.stardust_reject = rejects[0] if rejects else None
+    if assoc.is_established:
+        assoc.unbind(evt.EVT_PDU_RECV, on_pdu)  # not needed for the rest of the association
     return assoc
 
 
 def _assoc_failure(assoc, host: str, port: int, called_aet: str) -> str:
     if not getattr(assoc, "stardust_connected", True):
         return f"cannot connect to {called_aet}@{host}:{port} (refused, unreachable, timed out or TLS failed)"
-    if assoc.is_rejected:
-        prim = assoc.acceptor.primitive
+    reject = getattr(assoc, "stardust_reject", None)
+    if assoc.is_rejected or reject is not None:
+        prim = reject if reject is not None else assoc.acceptor.primitive
         reason = getattr(prim, "reason_str", None) if prim is not None else None
         return f"association rejected by {called_aet}@{host}:{port}" + (f" ({reason})" if reason else "")
     if assoc.is_aborted:
