@@ -90,9 +90,10 @@ def _associate(ae: AE, host: str, port: int, called_aet: str, tls: TlsClient | N
     """``ae.associate`` that remembers whether the TCP connection was made at all, and
     the A-ASSOCIATE-RJ PDU if the peer sent one.
 
-    The reject PDU is kept because pynetdicom (3.0) can lose it: when the peer closes the
-    connection right after its reject (dcmtk does), the requestor thread may see the
-    closed socket before it reads the queued reject, and marks the association aborted.
+    The reject PDU is kept because pynetdicom (3.0) can lose it: on a reject its DUL
+    thread queues the reject and closes the socket at once (action AE-4); when that
+    happens before the requestor thread checks that the socket is connected, the
+    requestor never reads the queued reject and marks the association aborted.
     The operator must still read "rejected" (a configuration matter at the TPS), not
     "aborted" (a network or peer failure).
     """

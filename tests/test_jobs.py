@@ -222,9 +222,9 @@ def test_dead_letter_and_resend(tmp_path):
 
 
 def test_a_reject_followed_by_a_close_is_always_reported_as_rejected(tmp_path):
-    """dcmtk closes the connection right after its A-ASSOCIATE-RJ; pynetdicom's requestor
-    then sometimes marks the association aborted (about 1 in 4 here). The reject PDU is
-    what counts: every attempt must say 'rejected'."""
+    """pynetdicom's DUL closes the socket as soon as an A-ASSOCIATE-RJ arrives, and its
+    requestor thread then sometimes marks the association aborted (about 1 in 4 here).
+    The reject PDU is what counts: every attempt must say 'rejected'."""
     from dicom_node.sender import DeliveryError, c_echo
 
     tps = StoreSCP(tmp_path / "tps", extra=["--refuse"]).start()
