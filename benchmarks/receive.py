@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
         send(storescu, series, node_port, "STARDUST")  # warm-up (directories, page cache)
         send(storescu, series, scp_port, "STORESCP")
+        # a timing only means something if each receiver kept every instance
+        for name, folder in (("node", work / "node-data" / "store"), ("storescp", scp_dir)):
+            kept = sum(1 for f in folder.rglob("*") if f.is_file() and not f.name.endswith(".part"))
+            if kept != args.slices:
+                raise SystemExit(f"{name} kept {kept} of {args.slices} instances: the timing would mean nothing "
+                                 f"(see {work / 'node.log'})")
         mb = sum(f.stat().st_size for f in series.iterdir()) / 2**20
         plain_env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
         clients = [("storescu", plain_env), ("storescu with TCP_NODELAY=1", {**plain_env, "TCP_NODELAY": "1"})]
