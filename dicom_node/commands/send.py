@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicom_node.cli import CommandError
-from inference.files import files_under
 from dicom_node.commands._peer import add_peer_arguments, tls_client
+from inference.files import files_under
 
 
 def register(sub) -> None:
