@@ -14,7 +14,7 @@ SAM2   ?= sam2==1.1.0
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps demo test bench clean
+.PHONY: all install system-deps demo test lint bench clean
 
 all: test
 
@@ -47,7 +47,13 @@ system-deps:
 demo: install system-deps
 	$(VENV)/bin/dicom-node demo
 
-test: install system-deps
+# Guardrails: lint, formatting and the layering contracts of DESIGN.md (pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: install system-deps lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install system-deps

@@ -68,8 +68,12 @@ def make_series(folder: Path, slices: int, size: int) -> list[Path]:
 
 def send(storescu: str, folder: Path, port: int, aec: str, env: dict | None = None) -> float:
     t = time.perf_counter()
-    out = subprocess.run([storescu, "+sd", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), str(folder)],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [storescu, "+sd", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     elapsed = time.perf_counter() - t
     if out.returncode != 0:
         raise SystemExit(f"storescu to {aec} failed ({out.returncode}): {out.stderr[-2000:]}")
@@ -109,16 +113,28 @@ def main(argv: list[str] | None = None) -> int:
         (work / "node.yaml").write_text(yaml.safe_dump(cfg))
         node_log = open(work / "node.log", "wb")
         node = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from dicom_node.cli import main; sys.exit(main())",
-             "serve", "-c", str(work / "node.yaml")],
-            stdout=node_log, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from dicom_node.cli import main; sys.exit(main())",
+                "serve",
+                "-c",
+                str(work / "node.yaml"),
+            ],
+            stdout=node_log,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+            start_new_session=True,
         )
         procs.append(node)
         scp_dir = work / "storescp-out"
         scp_dir.mkdir()
-        scp = subprocess.Popen([storescp, "-aet", "STORESCP", "-od", str(scp_dir), str(scp_port)],
-                               env={**os.environ, "TCP_NODELAY": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        scp = subprocess.Popen(
+            [storescp, "-aet", "STORESCP", "-od", str(scp_dir), str(scp_port)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(scp)
         wait_port(node_port)
         wait_port(scp_port)
@@ -129,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, folder in (("node", work / "node-data" / "store"), ("storescp", scp_dir)):
             kept = sum(1 for f in folder.rglob("*") if f.is_file() and not f.name.endswith(".part"))
             if kept != args.slices:
-                raise SystemExit(f"{name} kept {kept} of {args.slices} instances: the timing would mean nothing "
-                                 f"(see {work / 'node.log'})")
+                raise SystemExit(
+                    f"{name} kept {kept} of {args.slices} instances: the timing would mean nothing "
+                    f"(see {work / 'node.log'})"
+                )
         mb = sum(f.stat().st_size for f in series.iterdir()) / 2**20
         plain_env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
         clients = [("storescu", plain_env), ("storescu with TCP_NODELAY=1", {**plain_env, "TCP_NODELAY": "1"})]
@@ -149,17 +167,24 @@ def main(argv: list[str] | None = None) -> int:
                     os.sync()  # no dirty pages of the previous run may slow this one down
                     seconds = send(storescu, series, port, aec, env)
                     (node_times if name == "node" else scp_times).append(seconds)
-                print(f"  rep {rep + 1}: node {node_times[-1]:.2f} s, storescp {scp_times[-1]:.2f} s, "
-                      f"ratio {node_times[-1] / scp_times[-1]:.2f}")
+                print(
+                    f"  rep {rep + 1}: node {node_times[-1]:.2f} s, storescp {scp_times[-1]:.2f} s, "
+                    f"ratio {node_times[-1] / scp_times[-1]:.2f}"
+                )
             n_med, s_med = statistics.median(node_times), statistics.median(scp_times)
-            print(f"  node     ({'fsync off' if args.no_fsync else 'durable: fsync file + directory'}): "
-                  f"median {n_med:.2f} s ({mb / n_med:.0f} MiB/s)  runs {', '.join(f'{t:.2f}' for t in node_times)}")
-            print(f"  storescp (TCP_NODELAY=1, no fsync): median {s_med:.2f} s ({mb / s_med:.0f} MiB/s)  "
-                  f"runs {', '.join(f'{t:.2f}' for t in scp_times)}")
+            print(
+                f"  node     ({'fsync off' if args.no_fsync else 'durable: fsync file + directory'}): "
+                f"median {n_med:.2f} s ({mb / n_med:.0f} MiB/s)  runs {', '.join(f'{t:.2f}' for t in node_times)}"
+            )
+            print(
+                f"  storescp (TCP_NODELAY=1, no fsync): median {s_med:.2f} s ({mb / s_med:.0f} MiB/s)  "
+                f"runs {', '.join(f'{t:.2f}' for t in scp_times)}"
+            )
             summary.append((client, n_med / s_med, min(node_times) / min(scp_times)))
         for client, ratio, best in summary:
-            print(f"ratio node/storescp, client {client}: {ratio:.2f} (medians), {best:.2f} (best runs)  "
-                  "(target <= 2.0)")
+            print(
+                f"ratio node/storescp, client {client}: {ratio:.2f} (medians), {best:.2f} (best runs)  (target <= 2.0)"
+            )
         return 0
     finally:
         for p in procs:

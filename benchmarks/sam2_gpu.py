@@ -100,9 +100,11 @@ def bench_encoding(model, device, batch_sizes, dtypes, min_slices, warmup) -> li
                 row["note"] = "OOM"
                 torch.cuda.empty_cache()
             rows.append(row)
-            print(f"  encode {row['model']:<20} {row['dtype']:<4} batch {bs:>2}: "
-                  + (f"{row['slices_per_s']:8.2f} slices/s" if row.get("slices_per_s") else row.get("note", "")),
-                  flush=True)
+            print(
+                f"  encode {row['model']:<20} {row['dtype']:<4} batch {bs:>2}: "
+                + (f"{row['slices_per_s']:8.2f} slices/s" if row.get("slices_per_s") else row.get("note", "")),
+                flush=True,
+            )
     return rows
 
 
@@ -137,13 +139,20 @@ def synthetic_ct(n_slices: int, size: int, tumour_slices: int, slice_mm: float =
             truth[k] = t
         array[k] = np.clip(img + rng.normal(0, 12, img.shape), -1024, 3071).astype(np.int16)
     geometry = Geometry(
-        shape=(n_slices, size, size), spacing=(slice_mm, pixel_mm, pixel_mm),
-        origin=np.array([-192.0, -192.0, 0.0]), direction=np.eye(3),
+        shape=(n_slices, size, size),
+        spacing=(slice_mm, pixel_mm, pixel_mm),
+        origin=np.array([-192.0, -192.0, 0.0]),
+        direction=np.eye(3),
     )
     vol = Volume(
-        array=array, geometry=geometry, sop_instance_uids=tuple(f"2.25.{k + 1}" for k in range(n_slices)),
-        modality="CT", series_instance_uid="2.25.100", study_instance_uid="2.25.200",
-        frame_of_reference_uid="2.25.300", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        array=array,
+        geometry=geometry,
+        sop_instance_uids=tuple(f"2.25.{k + 1}" for k in range(n_slices)),
+        modality="CT",
+        series_instance_uid="2.25.100",
+        study_instance_uid="2.25.200",
+        frame_of_reference_uid="2.25.300",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
     )
     k = int(np.argmax(truth.sum(axis=(1, 2))))
     rows = np.flatnonzero(truth[k].any(axis=1))
@@ -173,26 +182,39 @@ def bench_e2e(engine_kwargs, vol, truth, box, modes, max_extent_mm, repeats) -> 
             except Exception as exc:  # noqa: BLE001 - the benchmark reports and goes on
                 error = f"{type(exc).__name__}: {exc}"[:120]
                 break
-        row = {"model": engine.spec.name, "mode": mode, "build_s": build_s,
-               "precision": "bf16" if engine.autocast_dtype is not None else "fp32"}
+        row = {
+            "model": engine.spec.name,
+            "mode": mode,
+            "build_s": build_s,
+            "precision": "bf16" if engine.autocast_dtype is not None else "fp32",
+        }
         if times:
             n = int(result.mask.any(axis=(1, 2)).sum())
             inter = (result.mask & truth).sum()
-            row.update(seconds=min(times), slices=n, slices_per_s=n / min(times),
-                       dice=float(2 * inter / (result.mask.sum() + truth.sum())))
+            row.update(
+                seconds=min(times),
+                slices=n,
+                slices_per_s=n / min(times),
+                dice=float(2 * inter / (result.mask.sum() + truth.sum())),
+            )
         else:
             row["note"] = error
         rows.append(row)
-        print(f"  e2e {row['model']:<20} {mode:<8}: "
-              + (f"{row['seconds']:.2f} s for {row['slices']} slices" if times else row["note"]), flush=True)
+        print(
+            f"  e2e {row['model']:<20} {mode:<8}: "
+            + (f"{row['seconds']:.2f} s for {row['slices']} slices" if times else row["note"]),
+            flush=True,
+        )
     return rows
 
 
 # -- main -------------------------------------------------------------------------------------
 def print_tables(enc_rows, e2e_rows, device, args) -> None:
     print()
-    print(f"SAM2 benchmark on {device_name(device)}; torch {torch.__version__}; "
-          f"weights: {'checkpoint ' + args.checkpoint if args.checkpoint else 'random (seed 0)'}")
+    print(
+        f"SAM2 benchmark on {device_name(device)}; torch {torch.__version__}; "
+        f"weights: {'checkpoint ' + args.checkpoint if args.checkpoint else 'random (seed 0)'}"
+    )
     if enc_rows:
         print("\nImage encoding (uint8 slices -> features, as the engine runs it)")
         head = f"{'model':<20} {'size':>5} {'dtype':<5} {'batch':>5} {'slices/s':>9} {'ms/slice':>9}"
@@ -210,10 +232,14 @@ def print_tables(enc_rows, e2e_rows, device, args) -> None:
                 line += f"{r.get('note', ''):>9}"
             print(line)
     if e2e_rows:
-        print(f"\nEnd to end: {args.slices} slices of {args.size}x{args.size}, tumour over "
-              f"{args.tumour_slices} slices, max extent {args.max_extent_mm:g} mm (Sam2Engine.segment)")
-        head = (f"{'model':<20} {'mode':<8} {'prec':<5} {'build s':>8} {'seconds':>8} "
-                f"{'slices':>6} {'slices/s':>8} {'dice*':>6}")
+        print(
+            f"\nEnd to end: {args.slices} slices of {args.size}x{args.size}, tumour over "
+            f"{args.tumour_slices} slices, max extent {args.max_extent_mm:g} mm (Sam2Engine.segment)"
+        )
+        head = (
+            f"{'model':<20} {'mode':<8} {'prec':<5} {'build s':>8} {'seconds':>8} "
+            f"{'slices':>6} {'slices/s':>8} {'dice*':>6}"
+        )
         print(head)
         print("-" * len(head))
         for r in e2e_rows:
@@ -228,22 +254,33 @@ def print_tables(enc_rows, e2e_rows, device, args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run (1-2 minutes)")
     p.add_argument("--checkpoint", default=None, help="weights for the end-to-end runs (default: random)")
     p.add_argument("--model-cfg", default=None, help="model for the end-to-end runs with --checkpoint")
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,2,4,8,16,32; quick: 1,2)")
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16 (default both; quick on CPU: fp32)")
-    p.add_argument("--engine-batch", type=int, default=None, help="engine batch size for end to end (default 16 on CUDA, 4 on CPU)")
+    p.add_argument(
+        "--engine-batch", type=int, default=None, help="engine batch size for end to end (default 16 on CUDA, 4 on CPU)"
+    )
     p.add_argument("--slices", type=int, default=None, help="end-to-end volume slices (default 200; quick 16)")
     p.add_argument("--size", type=int, default=None, help="end-to-end slice size (default 512; quick 128)")
     p.add_argument("--tumour-slices", type=int, default=None, help="default 40; quick 6")
-    p.add_argument("--max-extent-mm", type=float, default=None,
-                   help="propagation limit (default: half the tumour + 10 mm, so a random model covers the tumour)")
+    p.add_argument(
+        "--max-extent-mm",
+        type=float,
+        default=None,
+        help="propagation limit (default: half the tumour + 10 mm, so a random model covers the tumour)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="end-to-end repeats, best kept (default 2; quick 1)")
-    p.add_argument("--encode-models", default=",".join(ENCODE_MODELS),
-                   help=f"models for the encoding table (default {','.join(ENCODE_MODELS)})")
+    p.add_argument(
+        "--encode-models",
+        default=",".join(ENCODE_MODELS),
+        help=f"models for the encoding table (default {','.join(ENCODE_MODELS)})",
+    )
     p.add_argument("--skip-encode", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -298,13 +335,20 @@ def main(argv=None) -> int:
             precisions = ["bf16", "fp32"]
         for cfg in configs:
             for prec in precisions:
-                kwargs = dict(cfg, device=str(device), batch_size=engine_batch, precision=prec,
-                              object_score_stop=bool(args.checkpoint))
+                kwargs = dict(
+                    cfg,
+                    device=str(device),
+                    batch_size=engine_batch,
+                    precision=prec,
+                    object_score_stop=bool(args.checkpoint),
+                )
                 e2e_rows += bench_e2e(kwargs, vol, truth, box, ["box2d", "video3d"], args.max_extent_mm, repeats)
 
     print_tables(enc_rows, e2e_rows, device, args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": device_name(device), "encode": enc_rows, "e2e": e2e_rows}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"device": device_name(device), "encode": enc_rows, "e2e": e2e_rows}, indent=2)
+        )
     return 0
 
 

@@ -35,9 +35,9 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
@@ -169,8 +169,14 @@ class CaseAssembler:
         )
         for prev in previous:
             if prev["rtstruct_sha256"] == digest and prev["state"] in ("waiting", "queued", "done"):
-                event(log, "prompt_resent_unchanged", sop=uid, case=prev["id"], state=prev["state"],
-                      note="ignored; change the RTSTRUCT or use 'dicom-node jobs retry' to run it again")
+                event(
+                    log,
+                    "prompt_resent_unchanged",
+                    sop=uid,
+                    case=prev["id"],
+                    state=prev["state"],
+                    note="ignored; change the RTSTRUCT or use 'dicom-node jobs retry' to run it again",
+                )
                 return
         refs = [u for u in ss.referenced_image_uids if is_valid_uid(u)]
         dropped = len(ss.referenced_image_uids) - len(refs)
@@ -192,20 +198,51 @@ class CaseAssembler:
                        ref_series_uids, frame_of_reference_uid, n_refs, source, calling_aet, called_aet,
                        created_at, last_progress_at)
                    VALUES ('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (uid, digest, str(prompt_path), inst["study_uid"], inst["patient_ref"], json.dumps(series),
-                 frames[0] if frames else None, len(refs), inst["source"], inst["calling_aet"],
-                 inst["called_aet"], now, now),
+                (
+                    uid,
+                    digest,
+                    str(prompt_path),
+                    inst["study_uid"],
+                    inst["patient_ref"],
+                    json.dumps(series),
+                    frames[0] if frames else None,
+                    len(refs),
+                    inst["source"],
+                    inst["calling_aet"],
+                    inst["called_aet"],
+                    now,
+                    now,
+                ),
             )
             case_id = cur.lastrowid
-            c.executemany("INSERT OR IGNORE INTO case_refs (case_id, sop_instance_uid) VALUES (?, ?)",
-                          [(case_id, u) for u in refs])
+            c.executemany(
+                "INSERT OR IGNORE INTO case_refs (case_id, sop_instance_uid) VALUES (?, ?)",
+                [(case_id, u) for u in refs],
+            )
         for prev in previous:
             if prev["state"] == "waiting" and prev["rtstruct_sha256"] != digest:
                 self.audit.write("case_failed", case=prev["id"], reason="superseded", by_case=case_id)
-        event(log, "case_created", case=case_id, rtstruct=uid, refs=len(refs), series=len(series),
-              prompts=",".join(r.name for r in prompts), patient=inst["patient_ref"], source=inst["source"])
-        self.audit.write("case_created", case=case_id, rtstruct=uid, refs=len(refs), patient=inst["patient_ref"],
-                         received=inst["received_at"], source=inst["source"], calling_aet=inst["calling_aet"])
+        event(
+            log,
+            "case_created",
+            case=case_id,
+            rtstruct=uid,
+            refs=len(refs),
+            series=len(series),
+            prompts=",".join(r.name for r in prompts),
+            patient=inst["patient_ref"],
+            source=inst["source"],
+        )
+        self.audit.write(
+            "case_created",
+            case=case_id,
+            rtstruct=uid,
+            refs=len(refs),
+            patient=inst["patient_ref"],
+            received=inst["received_at"],
+            source=inst["source"],
+            calling_aet=inst["calling_aet"],
+        )
 
     def _freeze_prompt(self, path: Path, digest: str) -> Path:
         """A content-addressed hard link (or copy) of the prompt RTSTRUCT for the case."""
@@ -237,8 +274,9 @@ class CaseAssembler:
 
     def _evaluate(self, case: dict, now: float) -> None:
         cid = case["id"]
-        rt = self.db.one("SELECT received_at, assoc_id FROM instances WHERE sop_instance_uid = ?",
-                         (case["rtstruct_uid"],))
+        rt = self.db.one(
+            "SELECT received_at, assoc_id FROM instances WHERE sop_instance_uid = ?", (case["rtstruct_uid"],)
+        )
         rt_piece = (rt["received_at"], rt["assoc_id"]) if rt else (case["created_at"], None)
         present = self.db.query(
             f"""SELECT i.sop_instance_uid, i.series_uid, i.received_at, i.assoc_id
@@ -332,8 +370,10 @@ class CaseAssembler:
             ).rowcount
             if not changed:
                 return
-            c.executemany("INSERT OR IGNORE INTO case_images (case_id, sop_instance_uid) VALUES (?, ?)",
-                          [(cid, r["sop_instance_uid"]) for r in images])
+            c.executemany(
+                "INSERT OR IGNORE INTO case_images (case_id, sop_instance_uid) VALUES (?, ?)",
+                [(cid, r["sop_instance_uid"]) for r in images],
+            )
             if decision.action is None:
                 reason = decision.explanation[-1] if decision.explanation else "no rule matched"
                 c.execute("UPDATE cases SET reason=?, finished_at=? WHERE id=?", (reason, now, cid))
@@ -342,15 +382,31 @@ class CaseAssembler:
 
                 job_id = create_job(c, cid, decision.rule, decision.action, decision.explanation, now)
         received = [r["received_at"] for r in images]
-        self.audit.write("case_ready", case=cid, mode=mode, images=len(images), series=series_uid,
-                         first_image_received=round(min(received), 4), last_image_received=round(max(received), 4),
-                         last_piece=round(last_time, 4), waited=round(now - last_time, 4))
+        self.audit.write(
+            "case_ready",
+            case=cid,
+            mode=mode,
+            images=len(images),
+            series=series_uid,
+            first_image_received=round(min(received), 4),
+            last_image_received=round(max(received), 4),
+            last_piece=round(last_time, 4),
+            waited=round(now - last_time, 4),
+        )
         if decision.action is None:
             event(log, "case_not_processed", level=logging.WARNING, case=cid, why=" | ".join(decision.explanation))
             self.audit.write("case_failed", case=cid, reason="no rule matched")
             return
-        event(log, "case_ready", case=cid, job=job_id, mode=mode, images=len(images), rule=decision.rule,
-              waited_after_last_piece=f"{now - last_time:.3f}s")
+        event(
+            log,
+            "case_ready",
+            case=cid,
+            job=job_id,
+            mode=mode,
+            images=len(images),
+            rule=decision.rule,
+            waited_after_last_piece=f"{now - last_time:.3f}s",
+        )
         self.audit.write("job_queued", case=cid, job=job_id, rule=decision.rule)
         if self.on_queued is not None:
             self.on_queued(job_id)

@@ -95,9 +95,7 @@ class _SecretSource(_Model):
         if self.key_password_env:
             value = os.environ.get(self.key_password_env)
             if value is None:
-                raise ConfigError(
-                    f"key_password_env: environment variable {self.key_password_env} is not set"
-                )
+                raise ConfigError(f"key_password_env: environment variable {self.key_password_env} is not set")
             return value
         if self.key_password_file:
             try:
@@ -180,9 +178,7 @@ class Network(_Model):
             elif is_valid_uid(key):
                 out.append(key)
             else:
-                raise ValueError(
-                    f"{item!r} is neither a known name ({', '.join(SOP_CLASS_NAMES)}) nor a SOP Class UID"
-                )
+                raise ValueError(f"{item!r} is neither a known name ({', '.join(SOP_CLASS_NAMES)}) nor a SOP Class UID")
         return list(dict.fromkeys(out))
 
 
@@ -412,7 +408,9 @@ class NodeConfig(_Model):
     def problems(self) -> list[str]:
         """Checks that need the file system or the rules file (``config check`` prints them)."""
         problems: list[str] = []
-        for where, tls in [("tls", self.tls)] + [(f"destinations.{n}.tls", d.tls) for n, d in self.destinations.items()]:
+        for where, tls in [("tls", self.tls)] + [
+            (f"destinations.{n}.tls", d.tls) for n, d in self.destinations.items()
+        ]:
             if where == "tls" and not tls.enabled:
                 continue
             for key in ("cert_file", "key_file", "ca_file"):
@@ -449,7 +447,7 @@ def _format_validation(exc: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in err["loc"])
         msg = err["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":

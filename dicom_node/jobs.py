@@ -50,8 +50,14 @@ def owner_name(worker: str | int) -> str:
     return f"{socket.gethostname()}:worker{worker}"
 
 
-def create_job(c: sqlite3.Connection, case_id: int, rule: str | None, action: dict, explanation: list[str],
-               now: float | None = None) -> int:
+def create_job(
+    c: sqlite3.Connection,
+    case_id: int,
+    rule: str | None,
+    action: dict,
+    explanation: list[str],
+    now: float | None = None,
+) -> int:
     """Insert a pending job for ``case_id`` inside the caller's transaction."""
     cur = c.execute(
         """INSERT INTO jobs (case_id, state, rule, action, explanation, created_at)
@@ -108,8 +114,17 @@ def complete_job(
                    result_path=?, result_sop_uid=?, result_series_uid=?, engine=?, inference_seconds=?,
                    detail=?, error=NULL
                WHERE id=? AND state='running' AND lease_owner=?""",
-            (now, result_path, result_sop_uid, result_series_uid, engine, inference_seconds,
-             json.dumps(detail), job_id, owner),
+            (
+                now,
+                result_path,
+                result_sop_uid,
+                result_series_uid,
+                engine,
+                inference_seconds,
+                json.dumps(detail),
+                job_id,
+                owner,
+            ),
         ).rowcount
         if n != 1:
             return False
@@ -152,17 +167,27 @@ def release_owner(db: Database, owner: str, why: str, max_attempts: int) -> list
     out = []
     now = time.time()
     with db.tx() as c:
-        for job in c.execute("SELECT id, attempts FROM jobs WHERE state='running' AND lease_owner=?", (owner,)).fetchall():
+        for job in c.execute(
+            "SELECT id, attempts FROM jobs WHERE state='running' AND lease_owner=?", (owner,)
+        ).fetchall():
             if job["attempts"] >= max_attempts:
                 error = f"{why}; gave up after {job['attempts']} attempts"
-                c.execute("UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, "
-                          "finished_at=? WHERE id=?", (error, now, job["id"]))
-                c.execute("UPDATE cases SET state='failed', reason=?, finished_at=? "
-                          "WHERE id=(SELECT case_id FROM jobs WHERE id=?)", (error, now, job["id"]))
+                c.execute(
+                    "UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, "
+                    "finished_at=? WHERE id=?",
+                    (error, now, job["id"]),
+                )
+                c.execute(
+                    "UPDATE cases SET state='failed', reason=?, finished_at=? "
+                    "WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
+                    (error, now, job["id"]),
+                )
                 out.append((job["id"], "failed"))
             else:
-                c.execute("UPDATE jobs SET state='pending', error=?, lease_owner=NULL, lease_expires=NULL "
-                          "WHERE id=?", (why, job["id"]))
+                c.execute(
+                    "UPDATE jobs SET state='pending', error=?, lease_owner=NULL, lease_expires=NULL WHERE id=?",
+                    (why, job["id"]),
+                )
                 out.append((job["id"], "pending"))
     return out
 
@@ -198,8 +223,11 @@ def retry_job(db: Database, job_id: int) -> None:
             hint = " (use 'dicom-node resend' to deliver its result again)" if job["state"] == "done" else ""
             raise JobError(f"job {job_id} is {job['state']}; only failed jobs can be retried{hint}")
         c.execute("UPDATE jobs SET state='pending', attempts=0, error=NULL, finished_at=NULL WHERE id=?", (job_id,))
-        c.execute("UPDATE cases SET state='queued', reason=NULL, finished_at=NULL "
-                  "WHERE id=(SELECT case_id FROM jobs WHERE id=?)", (job_id,))
+        c.execute(
+            "UPDATE cases SET state='queued', reason=NULL, finished_at=NULL "
+            "WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
+            (job_id,),
+        )
 
 
 def resend_job(db: Database, job_id: int, destination: str | None = None) -> int:
@@ -221,8 +249,10 @@ def resend_job(db: Database, job_id: int, destination: str | None = None) -> int
         if busy:
             raise JobError(f"job {job_id} is being sent to {', '.join(busy)} right now; try again in a moment")
         for r in rows:
-            c.execute("UPDATE sends SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL "
-                      "WHERE id=?", (time.time(), r["id"]))
+            c.execute(
+                "UPDATE sends SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL WHERE id=?",
+                (time.time(), r["id"]),
+            )
     return len(rows)
 
 

@@ -48,14 +48,36 @@ PATIENT_NAME = "PHANTOM^STARDUST"
 
 #: Tissue values. CT in Hounsfield units; MR in T1-weighted-like arbitrary units (0..4095).
 CT_VALUES = {
-    "air": -1000.0, "fat": -100.0, "muscle": 40.0, "mediastinum": 35.0, "lung": -850.0,
-    "heart": 45.0, "blood": 50.0, "bone": 700.0, "marrow": 250.0, "canal": 20.0,
-    "vessel": 40.0, "tumour": 85.0, "couch": 150.0, "couch_core": -600.0,
+    "air": -1000.0,
+    "fat": -100.0,
+    "muscle": 40.0,
+    "mediastinum": 35.0,
+    "lung": -850.0,
+    "heart": 45.0,
+    "blood": 50.0,
+    "bone": 700.0,
+    "marrow": 250.0,
+    "canal": 20.0,
+    "vessel": 40.0,
+    "tumour": 85.0,
+    "couch": 150.0,
+    "couch_core": -600.0,
 }
 MR_VALUES = {
-    "air": 0.0, "fat": 900.0, "muscle": 330.0, "mediastinum": 420.0, "lung": 25.0,
-    "heart": 260.0, "blood": 90.0, "bone": 30.0, "marrow": 650.0, "canal": 180.0,
-    "vessel": 90.0, "tumour": 560.0, "couch": 0.0, "couch_core": 0.0,
+    "air": 0.0,
+    "fat": 900.0,
+    "muscle": 330.0,
+    "mediastinum": 420.0,
+    "lung": 25.0,
+    "heart": 260.0,
+    "blood": 90.0,
+    "bone": 30.0,
+    "marrow": 650.0,
+    "canal": 180.0,
+    "vessel": 90.0,
+    "tumour": 560.0,
+    "couch": 0.0,
+    "couch_core": 0.0,
 }
 CT_NOISE_HU = 12.0
 MR_NOISE = 14.0
@@ -145,12 +167,15 @@ class _Anatomy:
         # vessels: tubes through the lungs, drifting slowly in-plane along w
         nv = 14
         side = np.repeat([-1.0, 1.0], nv // 2)
-        self.vessels = np.column_stack([
-            side * self.lung_u + rng.uniform(-0.6, 0.6, nv) * self.lung_a,  # u at w=0
-            self.lung_v + rng.uniform(-0.6, 0.6, nv) * self.lung_b,  # v at w=0
-            rng.uniform(-0.15, 0.15, nv), rng.uniform(-0.15, 0.15, nv),  # du/dw, dv/dw
-            rng.uniform(1.2, 2.8, nv),  # radius
-        ])
+        self.vessels = np.column_stack(
+            [
+                side * self.lung_u + rng.uniform(-0.6, 0.6, nv) * self.lung_a,  # u at w=0
+                self.lung_v + rng.uniform(-0.6, 0.6, nv) * self.lung_b,  # v at w=0
+                rng.uniform(-0.15, 0.15, nv),
+                rng.uniform(-0.15, 0.15, nv),  # du/dw, dv/dw
+                rng.uniform(1.2, 2.8, nv),  # radius
+            ]
+        )
         self.tumour = self._make_tumour(rng)
         # vessels must not run through or touch the tumour
         c, reach = self.tumour.centre, self.tumour.reach_mm
@@ -256,8 +281,16 @@ class _Anatomy:
             self._ellipse(img, 0, -0.05 * b, 0.45 * a, 0.8 * b, V["mediastinum"])
             wall = (a - self.fat - 10.0, b - self.fat - 10.0)  # the lungs stay inside the chest wall
             for side in (-1.0, 1.0):
-                self._ellipse(img, side * self.lung_u, self.lung_v, self.lung_a * s, self.lung_b * s, V["lung"],
-                              side * 0.12, within=wall)
+                self._ellipse(
+                    img,
+                    side * self.lung_u,
+                    self.lung_v,
+                    self.lung_a * s,
+                    self.lung_b * s,
+                    V["lung"],
+                    side * 0.12,
+                    within=wall,
+                )
             hu, hv, ha, hb = self.heart
             if abs(w) < 0.6 * self.lung_half_len:
                 hs = math.sqrt(max(1 - (w / (0.6 * self.lung_half_len)) ** 2, 0.0))
@@ -265,7 +298,9 @@ class _Anatomy:
             self._ellipse(img, 12, self.spine_v - 38, 12, 12, V["blood"])  # descending aorta
             for vu, vv, su, sv, r in self.vessels:
                 cu, cv = vu + su * w, vv + sv * w
-                if ((cu - np.sign(vu) * self.lung_u) / (self.lung_a * s)) ** 2 + ((cv - self.lung_v) / (self.lung_b * s)) ** 2 < 0.8:
+                if ((cu - np.sign(vu) * self.lung_u) / (self.lung_a * s)) ** 2 + (
+                    (cv - self.lung_v) / (self.lung_b * s)
+                ) ** 2 < 0.8:
                     self._ellipse(img, cu, cv, r, r, V["vessel"])
         # spine: vertebral body with cortical rim, canal, posterior arch
         self._ellipse(img, 0, self.spine_v, 20, 17, V["bone"])
@@ -301,7 +336,12 @@ class _Anatomy:
             return out
         # MR: smooth receive bias, then Rician magnitude noise
         r2 = (self.u / self.u.max()) ** 2 + (self.v / self.v.max()) ** 2
-        bias = 1.0 + self.bias[0] * self.u / self.u.max() + self.bias[1] * self.v / self.v.max() + self.bias[2] * (r2 - 0.5)
+        bias = (
+            1.0
+            + self.bias[0] * self.u / self.u.max()
+            + self.bias[1] * self.v / self.v.max()
+            + self.bias[2] * (r2 - 0.5)
+        )
         clean = ndimage.gaussian_filter(img * bias.astype(np.float32), sigma, mode="nearest")
         imag = rng.standard_normal(img.shape, dtype=np.float32) * MR_NOISE
         return np.sqrt((clean + noise * MR_NOISE) ** 2 + imag**2)
@@ -437,15 +477,21 @@ def _box_pixels(mask2d: np.ndarray, geometry: Geometry, margin_mm: float) -> tup
     mi = math.ceil(margin_mm / geometry.spacing[1] - 1e-9)
     mj = math.ceil(margin_mm / geometry.spacing[2] - 1e-9)
     ny, nx = mask2d.shape
-    return (max(int(rows[0]) - mi, 0), min(int(rows[-1]) + mi, ny - 1),
-            max(int(cols[0]) - mj, 0), min(int(cols[-1]) + mj, nx - 1))
+    return (
+        max(int(rows[0]) - mi, 0),
+        min(int(rows[-1]) + mi, ny - 1),
+        max(int(cols[0]) - mj, 0),
+        min(int(cols[-1]) + mj, nx - 1),
+    )
 
 
 def box_mask(phantom: Phantom) -> np.ndarray:
     """The ``BOX_`` ROI as a mask: the rectangle of pixels of ``phantom.box`` on its slice."""
     box = phantom.box
     mask = np.zeros(phantom.truth.shape, dtype=bool)
-    mask[box.slice_index, round(box.i0 + 0.5): round(box.i1 - 0.5) + 1, round(box.j0 + 0.5): round(box.j1 - 0.5) + 1] = True
+    mask[
+        box.slice_index, round(box.i0 + 0.5) : round(box.i1 - 0.5) + 1, round(box.j0 + 0.5) : round(box.j1 - 0.5) + 1
+    ] = True
     return mask
 
 
@@ -582,7 +628,9 @@ def write_image_series(volume: Volume, outdir: str | Path, *, prefix: str = "") 
         if enc["slope"] == 1.0:
             stored = (values.astype(np.int32) - int(enc["intercept"])).astype(dtype)
         else:
-            stored = np.clip(np.rint((values.astype(np.float64) - enc["intercept"]) / enc["slope"]), 0, 65535).astype(dtype)
+            stored = np.clip(np.rint((values.astype(np.float64) - enc["intercept"]) / enc["slope"]), 0, 65535).astype(
+                dtype
+            )
         ds.PixelData = stored.tobytes()
         ds["PixelData"].VR = "OW"
         path = outdir / f"{prefix}{volume.modality}_{k + 1:04d}.dcm"
@@ -623,16 +671,32 @@ def save_phantom(phantom: Phantom, outdir: str | Path, *, rtstructs: bool = True
     algorithm = {"algorithm_name": "STARDUST phantom", "algorithm_version": __version__}
     prompt = write_rtstruct(
         phantom.volume,
-        [RoiMask("BOX_", box_mask(phantom), color=(255, 255, 0), interpreted_type="CONTROL",
-                 description="box prompt around the tumour", **algorithm)],
+        [
+            RoiMask(
+                "BOX_",
+                box_mask(phantom),
+                color=(255, 255, 0),
+                interpreted_type="CONTROL",
+                description="box prompt around the tumour",
+                **algorithm,
+            )
+        ],
         label="PHANTOM_PROMPT",
         series_description="STARDUST phantom prompt",
         series_number=801,
     )
     truth = write_rtstruct(
         phantom.volume,
-        [RoiMask("GTV", phantom.truth, color=(255, 0, 0), interpreted_type="GTV",
-                 description="true tumour of the phantom", **algorithm)],
+        [
+            RoiMask(
+                "GTV",
+                phantom.truth,
+                color=(255, 0, 0),
+                interpreted_type="GTV",
+                description="true tumour of the phantom",
+                **algorithm,
+            )
+        ],
         label="PHANTOM_TRUTH",
         series_description="STARDUST phantom truth",
         series_number=802,

@@ -44,14 +44,14 @@ class CaseError(ValueError):
 
 @dataclass
 class TargetResult:
-    target: "TargetPrompts"
+    target: TargetPrompts
     roi_name: str
-    result: "SegmentationResult"
+    result: SegmentationResult
 
 
 @dataclass
 class CaseResult:
-    volume: "Volume"
+    volume: Volume
     dataset: Any  # rtstruct.writer.RTStructureSet (a pydicom Dataset)
     targets: list[TargetResult]
     load_seconds: float = 0.0
@@ -59,7 +59,7 @@ class CaseResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def load_volume(images: str | Path | Iterable[str | Path], *, series_instance_uid: str | None = None) -> "Volume":
+def load_volume(images: str | Path | Iterable[str | Path], *, series_instance_uid: str | None = None) -> Volume:
     """:func:`inference.volume.load_series` with its refusals as :class:`CaseError`."""
     from inference.volume import VolumeError, load_series
 
@@ -71,7 +71,7 @@ def load_volume(images: str | Path | Iterable[str | Path], *, series_instance_ui
         raise CaseError("images", f"image series unusable: {exc}") from None
 
 
-def read_structure_set(path: str | Path, what: str = "RTSTRUCT") -> "StructureSet":
+def read_structure_set(path: str | Path, what: str = "RTSTRUCT") -> StructureSet:
     """:func:`rtstruct.read_rtstruct` with its refusals as :class:`CaseError`."""
     from rtstruct.reader import RTStructError, read_rtstruct
 
@@ -87,19 +87,21 @@ def read_structure_set(path: str | Path, what: str = "RTSTRUCT") -> "StructureSe
 
 
 def load_prompts(
-    volume: "Volume",
+    volume: Volume,
     prompt_rtstruct: str | Path,
     *,
     conventions=None,
     allow_frame_of_reference_only: bool = False,
-) -> list["TargetPrompts"]:
+) -> list[TargetPrompts]:
     """The prompt targets of ``prompt_rtstruct`` in ``volume``'s voxel space."""
     from rtstruct.prompts import DEFAULT_CONVENTIONS, PromptError, extract_prompts
 
     structure_set = read_structure_set(prompt_rtstruct, "prompt RTSTRUCT")
     try:
         return extract_prompts(
-            structure_set, volume, conventions or DEFAULT_CONVENTIONS,
+            structure_set,
+            volume,
+            conventions or DEFAULT_CONVENTIONS,
             allow_frame_of_reference_only=allow_frame_of_reference_only,
         )
     except PromptError as exc:
@@ -111,14 +113,14 @@ def segment_case(
     prompt_rtstruct: str | Path,
     engine_name: str = "classic",
     engine_config: Mapping[str, Any] | None = None,
-    options: "SegmentOptions | None" = None,
+    options: SegmentOptions | None = None,
     *,
     color: tuple[int, int, int] = (255, 0, 0),
     roi_names: Mapping[str, str] | None = None,
     conventions=None,
     allow_frame_of_reference_only: bool = False,
     series_instance_uid: str | None = None,
-    volume: "Volume | None" = None,
+    volume: Volume | None = None,
 ) -> tuple[Any, list[TargetResult]]:
     """Segment every target of a prompt RTSTRUCT and write the result RTSTRUCT.
 
@@ -133,9 +135,17 @@ def segment_case(
     per target. :func:`run_case` returns the same with timings.
     """
     case = run_case(
-        images, prompt_rtstruct, engine_name, engine_config, options, color=color, roi_names=roi_names,
-        conventions=conventions, allow_frame_of_reference_only=allow_frame_of_reference_only,
-        series_instance_uid=series_instance_uid, volume=volume,
+        images,
+        prompt_rtstruct,
+        engine_name,
+        engine_config,
+        options,
+        color=color,
+        roi_names=roi_names,
+        conventions=conventions,
+        allow_frame_of_reference_only=allow_frame_of_reference_only,
+        series_instance_uid=series_instance_uid,
+        volume=volume,
     )
     return case.dataset, case.targets
 
@@ -154,11 +164,11 @@ def build_engine(engine_name: str, engine_config: Mapping[str, Any] | None = Non
 
 
 def segment_targets(
-    volume: "Volume",
-    targets: "Iterable[TargetPrompts]",
+    volume: Volume,
+    targets: Iterable[TargetPrompts],
     engine_name: str = "classic",
     engine_config: Mapping[str, Any] | None = None,
-    options: "SegmentOptions | None" = None,
+    options: SegmentOptions | None = None,
     *,
     roi_names: Mapping[str, str] | None = None,
 ) -> tuple[list[TargetResult], list[str]]:
@@ -180,8 +190,13 @@ def segment_targets(
         name = (roi_names or {}).get(target.target, target.output_name)
         results.append(TargetResult(target=target, roi_name=name, result=result))
         warnings += [f"{name}: {w}" for w in result.warnings]
-        log.info("target %s: %d slices, %.1f s, %s", name, int(result.mask.any(axis=(1, 2)).sum()),
-                 result.seconds, result.algorithm_name)
+        log.info(
+            "target %s: %d slices, %.1f s, %s",
+            name,
+            int(result.mask.any(axis=(1, 2)).sum()),
+            result.seconds,
+            result.algorithm_name,
+        )
     return results, warnings
 
 
@@ -190,15 +205,15 @@ def run_case(
     prompt_rtstruct,
     engine_name: str = "classic",
     engine_config: Mapping[str, Any] | None = None,
-    options: "SegmentOptions | None" = None,
+    options: SegmentOptions | None = None,
     *,
     color: tuple[int, int, int] = (255, 0, 0),
     roi_names: Mapping[str, str] | None = None,
     conventions=None,
     allow_frame_of_reference_only: bool = False,
     series_instance_uid: str | None = None,
-    volume: "Volume | None" = None,
-    targets: "list[TargetPrompts] | None" = None,
+    volume: Volume | None = None,
+    targets: list[TargetPrompts] | None = None,
 ) -> CaseResult:
     """:func:`segment_case`, returning a :class:`CaseResult` (volume, timings, warnings).
     Pass ``targets`` when the prompts are already extracted from ``prompt_rtstruct``."""
@@ -209,14 +224,22 @@ def run_case(
     if volume is None:
         volume = load_volume(images, series_instance_uid=series_instance_uid)
     if targets is None:
-        targets = load_prompts(volume, prompt_rtstruct, conventions=conventions,
-                               allow_frame_of_reference_only=allow_frame_of_reference_only)
+        targets = load_prompts(
+            volume,
+            prompt_rtstruct,
+            conventions=conventions,
+            allow_frame_of_reference_only=allow_frame_of_reference_only,
+        )
     load_seconds = time.perf_counter() - t0
     results, warnings = segment_targets(volume, targets, engine_name, engine_config, options, roi_names=roi_names)
     rois = [
         RoiMask(
-            name=r.roi_name, mask=r.result.mask, color=tuple(color), interpreted_type="GTV",
-            algorithm_name=r.result.algorithm_name, algorithm_version=str(r.result.engine_version),
+            name=r.roi_name,
+            mask=r.result.mask,
+            color=tuple(color),
+            interpreted_type="GTV",
+            algorithm_name=r.result.algorithm_name,
+            algorithm_version=str(r.result.engine_version),
             description=f"{r.result.algorithm_name}, mode {r.result.mode}",
         )
         for r in results
@@ -225,14 +248,20 @@ def run_case(
         dataset = write_rtstruct(volume, rois)
     except RTStructError as exc:
         raise CaseError("write", f"result RTSTRUCT cannot be written: {exc}") from None
-    return CaseResult(volume=volume, dataset=dataset, targets=results, load_seconds=load_seconds,
-                      seconds=time.perf_counter() - t0, warnings=warnings)
+    return CaseResult(
+        volume=volume,
+        dataset=dataset,
+        targets=results,
+        load_seconds=load_seconds,
+        seconds=time.perf_counter() - t0,
+        warnings=warnings,
+    )
 
 
 # -- evaluation -----------------------------------------------------------------------
 
 
-def pick_roi(structure_set: "StructureSet", name: str | None, what: str):
+def pick_roi(structure_set: StructureSet, name: str | None, what: str):
     """The ROI ``name`` (exact, then case-insensitive), or the only non-empty ROI when
     ``name`` is None. :class:`CaseError` lists the ROIs otherwise."""
     names = ", ".join(repr(r.name) for r in structure_set.rois) or "none"
@@ -249,7 +278,7 @@ def pick_roi(structure_set: "StructureSet", name: str | None, what: str):
     raise CaseError("roi", f"{what} has {len(candidates)} ROIs with contours: name one (ROIs: {names})")
 
 
-def load_roi_mask(structure_set: "StructureSet", roi, volume: "Volume", what: str) -> np.ndarray:
+def load_roi_mask(structure_set: StructureSet, roi, volume: Volume, what: str) -> np.ndarray:
     """``roi`` rasterised on ``volume`` (refused: other frame of reference, empty, off-plane)."""
     from rtstruct.rasterize import rasterize_roi
     from rtstruct.reader import RTStructError

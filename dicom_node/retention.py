@@ -43,8 +43,9 @@ WHERE i.received_at < :cutoff
 """
 
 
-def run_retention(cfg: NodeConfig, db: Database, store: Store, audit: AuditLog | None = None,
-                  now: float | None = None) -> dict[str, int]:
+def run_retention(
+    cfg: NodeConfig, db: Database, store: Store, audit: AuditLog | None = None, now: float | None = None
+) -> dict[str, int]:
     now = now if now is not None else time.time()
     cutoff = now - cfg.storage.retention_days * 86400
     uids = [r["sop_instance_uid"] for r in db.query(_PROTECTED_INSTANCES, {"cutoff": cutoff})]

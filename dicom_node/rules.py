@@ -272,7 +272,11 @@ class Match(BaseModel):
             wanted = _patterns_text(patterns)
             hits = [n for n in values if any(p.fullmatch(n) for p in patterns)]
             if hits:
-                verb = f"{what}s {', '.join(repr(h) for h in hits)} match" if len(hits) > 1 else f"{what} {hits[0]!r} matches"
+                verb = (
+                    f"{what}s {', '.join(repr(h) for h in hits)} match"
+                    if len(hits) > 1
+                    else f"{what} {hits[0]!r} matches"
+                )
                 held.append(f"{verb} {wanted}")
             elif values:
                 failed.append(f"no {what} matches {wanted} (has {', '.join(repr(v) for v in values)})")
@@ -422,8 +426,10 @@ class Action(BaseModel):
         if self.engine == "sam2":
             unknown = sorted(set(self.engine_options) - SAM2_ENGINE_OPTIONS)
             if unknown:
-                raise ValueError(f"engine_options: unknown option(s) for sam2: {', '.join(unknown)} "
-                                 f"(known: {', '.join(sorted(SAM2_ENGINE_OPTIONS))})")
+                raise ValueError(
+                    f"engine_options: unknown option(s) for sam2: {', '.join(unknown)} "
+                    f"(known: {', '.join(sorted(SAM2_ENGINE_OPTIONS))})"
+                )
         if self.engine == "sam2" and self.checkpoint is None:
             raise ValueError("engine sam2 needs 'checkpoint' (the path of the model weights)")
         if self.engine == "classic" and (self.checkpoint is not None or self.model_cfg is not None):
@@ -646,8 +652,10 @@ class RuleSet:
             raise RulesError(f"{where}: expected a mapping with a 'rules' list (got {type(data).__name__})")
         unknown = set(data) - {"version", "defaults", "rules"}
         if unknown:
-            raise RulesError(f"{where}: unknown top-level key(s) {', '.join(sorted(map(str, unknown)))} "
-                             "(allowed: version, defaults, rules)")
+            raise RulesError(
+                f"{where}: unknown top-level key(s) {', '.join(sorted(map(str, unknown)))} "
+                "(allowed: version, defaults, rules)"
+            )
         version = data.get("version", 1)
         if version != 1:
             raise RulesError(f"{where}: version: this node reads rules version 1, not {version!r}")
@@ -656,8 +664,10 @@ class RuleSet:
             raise RulesError(f"{where}: defaults: expected a mapping of action fields")
         bad_defaults = set(defaults) - set(Action.model_fields)
         if bad_defaults:
-            raise RulesError(f"{where}: defaults: unknown action field(s) {', '.join(sorted(map(str, bad_defaults)))} "
-                             f"(known: {', '.join(Action.model_fields)})")
+            raise RulesError(
+                f"{where}: defaults: unknown action field(s) {', '.join(sorted(map(str, bad_defaults)))} "
+                f"(known: {', '.join(Action.model_fields)})"
+            )
         raw_rules = data.get("rules")
         if not isinstance(raw_rules, list) or not raw_rules:
             raise RulesError(f"{where}: 'rules' must be a non-empty list of rules")
@@ -672,7 +682,9 @@ class RuleSet:
             raw = dict(raw)
             action = raw.get("action")
             if action is None:
-                raise RulesError(f"{where}: {label}: action: missing (say at least which engine, e.g. 'engine: classic')")
+                raise RulesError(
+                    f"{where}: {label}: action: missing (say at least which engine, e.g. 'engine: classic')"
+                )
             if not isinstance(action, dict):
                 raise RulesError(f"{where}: {label}: action: expected a mapping of action fields")
             action = {**defaults, **action}
@@ -721,8 +733,10 @@ class RuleSet:
             for name in rule.action.destinations:
                 if name not in known:
                     have = ", ".join(sorted(known)) or "none defined"
-                    problems.append(f"rule {rule.name!r}: destination {name!r} is not defined in the node "
-                                    f"configuration (defined: {have})")
+                    problems.append(
+                        f"rule {rule.name!r}: destination {name!r} is not defined in the node "
+                        f"configuration (defined: {have})"
+                    )
             if rule.enabled and not rule.action.destinations and rule.action.export_folder is None:
                 problems.append(f"rule {rule.name!r}: no destinations and no export_folder: results would go nowhere")
         return problems
@@ -743,7 +757,7 @@ def _format_errors(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or len(err["loc"]) == 1)
         msg = err["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
             parent = err["loc"][0] if err["loc"] else None

@@ -24,8 +24,8 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
@@ -244,8 +244,15 @@ class StorageSCP:
                 self.open[info.id] = info
             event(log, "association_requested", level=logging.DEBUG, assoc=info.id, calling=calling, peer=info.peer)
             return
-        event(log, "association_rejected", level=logging.WARNING, calling=calling, called=called,
-              peer=f"{address}:{assoc.requestor.port}", reason=reason)
+        event(
+            log,
+            "association_rejected",
+            level=logging.WARNING,
+            calling=calling,
+            called=called,
+            peer=f"{address}:{assoc.requestor.port}",
+            reason=reason,
+        )
         assoc.acse.send_reject(*rsd)
         assoc.is_rejected = True
         evt.trigger(assoc, evt.EVT_REJECTED, {})
@@ -288,8 +295,15 @@ class StorageSCP:
         except StoreError as exc:
             with info.lock:
                 info.failures += 1
-            event(log, "store_refused", level=logging.WARNING, assoc=info.id, calling=info.calling_aet,
-                  status=f"0x{exc.status:04X}", why=str(exc))
+            event(
+                log,
+                "store_refused",
+                level=logging.WARNING,
+                assoc=info.id,
+                calling=info.calling_aet,
+                status=f"0x{exc.status:04X}",
+                why=str(exc),
+            )
             return _status(exc.status, str(exc))
         except Exception as exc:  # never let a bug take the association down silently
             with info.lock:
@@ -302,8 +316,15 @@ class StorageSCP:
         with info.lock:
             info.instances += 1
             info.bytes += stored.size
-        event(log, "stored", level=logging.DEBUG, assoc=info.id, sop=stored.header.sop_instance_uid,
-              modality=stored.header.modality, bytes=stored.size)
+        event(
+            log,
+            "stored",
+            level=logging.DEBUG,
+            assoc=info.id,
+            sop=stored.header.sop_instance_uid,
+            modality=stored.header.modality,
+            bytes=stored.size,
+        )
         return 0x0000
 
     def _on_closed(self, ev, how: str) -> None:
@@ -315,9 +336,18 @@ class StorageSCP:
                 return  # already reported
         info.closed_at = time.time()
         info.how = how
-        event(log, "association_closed", assoc=info.id, calling=info.calling_aet, peer=info.peer, how=how,
-              instances=info.instances, failures=info.failures, mbytes=round(info.bytes / 2**20, 1),
-              seconds=round(info.closed_at - info.opened_at, 2))
+        event(
+            log,
+            "association_closed",
+            assoc=info.id,
+            calling=info.calling_aet,
+            peer=info.peer,
+            how=how,
+            instances=info.instances,
+            failures=info.failures,
+            mbytes=round(info.bytes / 2**20, 1),
+            seconds=round(info.closed_at - info.opened_at, 2),
+        )
         for listener in self.close_listeners:
             try:
                 listener(info)

@@ -69,8 +69,14 @@ def _requestor_ae(calling_aet: str, timeout: float) -> AE:
     return ae
 
 
-def c_echo(host: str, port: int, called_aet: str, calling_aet: str = "STARDUST", timeout: float = 10.0,
-           tls: TlsClient | None = None) -> int:
+def c_echo(
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str = "STARDUST",
+    timeout: float = 10.0,
+    tls: TlsClient | None = None,
+) -> int:
     """C-ECHO; returns the status (raises :class:`DeliveryError` when no association)."""
     ae = _requestor_ae(calling_aet, timeout)
     ae.add_requested_context("1.2.840.10008.1.1")
@@ -107,9 +113,14 @@ def _associate(ae: AE, host: str, port: int, called_aet: str, tls: TlsClient | N
             rejects.append(ev.pdu)
 
     tls_args = (client_ssl_context(tls), host) if tls is not None and tls.enabled else None
-    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls_args,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _e: opened.append(True)),
-                                       (evt.EVT_PDU_RECV, on_pdu)], **kw)
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called_aet,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, lambda _e: opened.append(True)), (evt.EVT_PDU_RECV, on_pdu)],
+        **kw,
+    )
     assoc.stardust_connected = bool(opened)
     assoc.stardust_reject = rejects[0] if rejects else None
     if assoc.is_established:
@@ -220,8 +231,9 @@ class Sender:
         self._stopped = False
 
     def start(self) -> None:
-        self.scheduler.add_job(self.pump, "interval", seconds=1.0, id="sender-poll", max_instances=1,
-                               coalesce=True, replace_existing=True)
+        self.scheduler.add_job(
+            self.pump, "interval", seconds=1.0, id="sender-poll", max_instances=1, coalesce=True, replace_existing=True
+        )
         self.wake()
 
     def stop(self) -> None:
@@ -283,23 +295,43 @@ class Sender:
         now = time.time()
         with self.db.tx() as c:
             c.execute("UPDATE sends SET state='sent', sent_at=?, last_error=NULL WHERE id=?", (now, send_id))
-        event(log, "sent", job=row["job_id"], case=row["case_id"], destination=row["destination"],
-              attempt=row["attempts"], seconds=f"{now - start:.3f}")
-        self.audit.write("sent", case=row["case_id"], job=row["job_id"], destination=row["destination"],
-                         attempt=row["attempts"], result=row["result_sop_uid"], detail=detail,
-                         since_ready=round(now - row["ready_at"], 3) if row["ready_at"] else None)
+        event(
+            log,
+            "sent",
+            job=row["job_id"],
+            case=row["case_id"],
+            destination=row["destination"],
+            attempt=row["attempts"],
+            seconds=f"{now - start:.3f}",
+        )
+        self.audit.write(
+            "sent",
+            case=row["case_id"],
+            job=row["job_id"],
+            destination=row["destination"],
+            attempt=row["attempts"],
+            result=row["result_sop_uid"],
+            detail=detail,
+            since_ready=round(now - row["ready_at"], 3) if row["ready_at"] else None,
+        )
 
     def _c_store(self, dest: Destination, path: Path) -> str:
         results = c_store_files(
-            [path], dest.host, dest.port, dest.ae_title,
+            [path],
+            dest.host,
+            dest.port,
+            dest.ae_title,
             calling_aet=dest.calling_ae_title or self.cfg.ae_title,
-            timeout=dest.timeout_seconds, tls=dest.tls,
+            timeout=dest.timeout_seconds,
+            tls=dest.tls,
         )
         _, status, message = results[0]
         if status is None:
             raise DeliveryError(message)
         if status not in _OK_STATUSES:
-            raise DeliveryError(f"{dest.ae_title} answered status 0x{status:04X}" + (f" ({message})" if message else ""))
+            raise DeliveryError(
+                f"{dest.ae_title} answered status 0x{status:04X}" + (f" ({message})" if message else "")
+            )
         return f"{dest.ae_title}@{dest.host}:{dest.port} status 0x{status:04X}"
 
     def _failed(self, row, exc: Exception) -> None:
@@ -308,21 +340,47 @@ class Sender:
         if attempts >= self.cfg.send.max_attempts:
             with self.db.tx() as c:
                 c.execute("UPDATE sends SET state='dead', last_error=? WHERE id=?", (reason, row["id"]))
-            event(log, "delivery_dead", level=logging.ERROR, job=row["job_id"], destination=row["destination"],
-                  attempts=attempts, reason=reason, hint=f"dicom-node resend {row['job_id']}")
-            self.audit.write("delivery_failed", case=row["case_id"], job=row["job_id"],
-                             destination=row["destination"], attempts=attempts, reason=reason, dead=True)
+            event(
+                log,
+                "delivery_dead",
+                level=logging.ERROR,
+                job=row["job_id"],
+                destination=row["destination"],
+                attempts=attempts,
+                reason=reason,
+                hint=f"dicom-node resend {row['job_id']}",
+            )
+            self.audit.write(
+                "delivery_failed",
+                case=row["case_id"],
+                job=row["job_id"],
+                destination=row["destination"],
+                attempts=attempts,
+                reason=reason,
+                dead=True,
+            )
             return
         delay = backoff_seconds(attempts, self.cfg.send.backoff_initial_seconds, self.cfg.send.backoff_max_seconds)
         next_at = time.time() + delay
         with self.db.tx() as c:
-            c.execute("UPDATE sends SET state='pending', last_error=?, next_attempt_at=? WHERE id=?",
-                      (reason, next_at, row["id"]))
-        event(log, "delivery_retry", level=logging.WARNING, job=row["job_id"], destination=row["destination"],
-              attempt=attempts, reason=reason, retry_in=f"{delay:g}s")
+            c.execute(
+                "UPDATE sends SET state='pending', last_error=?, next_attempt_at=? WHERE id=?",
+                (reason, next_at, row["id"]),
+            )
+        event(
+            log,
+            "delivery_retry",
+            level=logging.WARNING,
+            job=row["job_id"],
+            destination=row["destination"],
+            attempt=attempts,
+            reason=reason,
+            retry_in=f"{delay:g}s",
+        )
         if not self._stopped:
             try:
-                self.scheduler.add_job(self.pump, "date", run_date=datetime.now() + timedelta(seconds=delay),
-                                       misfire_grace_time=None)
+                self.scheduler.add_job(
+                    self.pump, "date", run_date=datetime.now() + timedelta(seconds=delay), misfire_grace_time=None
+                )
             except Exception:  # scheduler stopped; the interval poll or a restart picks it up
                 pass

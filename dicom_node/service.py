@@ -117,8 +117,13 @@ class Node:
         self.secret = load_secret(cfg.data_dir)
         self.db = Database(cfg.db_path)
         self.audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
-        self.store = Store(cfg.store_dir, self.db, fsync=cfg.storage.fsync,
-                           min_free_bytes=cfg.storage.min_free_mb * 2**20, secret=self.secret)
+        self.store = Store(
+            cfg.store_dir,
+            self.db,
+            fsync=cfg.storage.fsync,
+            min_free_bytes=cfg.storage.min_free_mb * 2**20,
+            secret=self.secret,
+        )
         reconciled = self.store.reconcile()
         recovered = recover_on_start(self.db, cfg.jobs.max_attempts)
         event(log, "recovered", **reconciled, **recovered, seconds=f"{time.time() - t0:.2f}")
@@ -138,8 +143,15 @@ class Node:
         self.scp = StorageSCP(cfg, self.store)
         self.sender = Sender(cfg, self.db, self.audit, self.scheduler)
         self.supervisor = WorkerSupervisor(cfg, self.db, self.audit, self.config_json, on_done=self.sender.wake)
-        self.assembler = CaseAssembler(cfg, self.db, self.store, self.audit, decide=self.decide,
-                                       is_open=self.scp.is_open, on_queued=self.supervisor.wake)
+        self.assembler = CaseAssembler(
+            cfg,
+            self.db,
+            self.store,
+            self.audit,
+            decide=self.decide,
+            is_open=self.scp.is_open,
+            on_queued=self.supervisor.wake,
+        )
         self.store.listeners.append(self.assembler.wake)
         self.scp.close_listeners.append(self.assembler.wake)
         self.watch = None
@@ -151,7 +163,9 @@ class Node:
         self.scheduler.start()
         self.scheduler.add_job(
             lambda: run_retention(cfg, self.db, self.store, self.audit),
-            CronTrigger.from_crontab(cfg.storage.cleanup_cron), id="retention", replace_existing=True,
+            CronTrigger.from_crontab(cfg.storage.cleanup_cron),
+            id="retention",
+            replace_existing=True,
         )
         self.assembler.start()
         self.supervisor.start()
@@ -166,10 +180,18 @@ class Node:
                 f"network: cannot listen on {cfg.network.bind}:{cfg.network.port}: {exc.strerror or exc}"
             ) from None
         self.started = True
-        self.audit.write("node_started", pid=os.getpid(), ae_title=cfg.ae_title, port=self.scp.port,
-                         workers=self.supervisor.devices)
-        event(log, "node_started", ae_title=cfg.ae_title, port=self.scp.port, workers=",".join(self.supervisor.devices),
-              rules=str(cfg.rules) if cfg.rules else "none", data_dir=str(cfg.data_dir))
+        self.audit.write(
+            "node_started", pid=os.getpid(), ae_title=cfg.ae_title, port=self.scp.port, workers=self.supervisor.devices
+        )
+        event(
+            log,
+            "node_started",
+            ae_title=cfg.ae_title,
+            port=self.scp.port,
+            workers=",".join(self.supervisor.devices),
+            rules=str(cfg.rules) if cfg.rules else "none",
+            data_dir=str(cfg.data_dir),
+        )
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -224,10 +246,14 @@ def decide_with_rules(ruleset, case: dict, image_paths: list[Path], prompt_path:
 
     if ruleset is None:
         action = Action(engine="classic")
-        return Decision("built-in default (no rules file configured)", action.model_dump(mode="json"),
-                        ["no rules file: classic engine, no destinations"])
-    ctx = RuleContext.from_files(image_paths[:1], prompt_path, calling_aet=case.get("calling_aet"),
-                                 called_aet=case.get("called_aet"))
+        return Decision(
+            "built-in default (no rules file configured)",
+            action.model_dump(mode="json"),
+            ["no rules file: classic engine, no destinations"],
+        )
+    ctx = RuleContext.from_files(
+        image_paths[:1], prompt_path, calling_aet=case.get("calling_aet"), called_aet=case.get("called_aet")
+    )
     decision = ruleset.evaluate(ctx)
     return Decision(
         decision.rule.name if decision.rule is not None else None,

@@ -27,9 +27,9 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from dicom_node.db import Database
 from dicom_node.durable import fsync_dir
@@ -123,8 +123,27 @@ class StoredInstance:
 # --------------------------------------------------------------------------------------
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _ALL_VRS = _LONG_VRS | {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
-    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FL",
+    b"FD",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SS",
+    b"ST",
+    b"TM",
+    b"UI",
+    b"UL",
+    b"US",
 }
 _WANTED = {
     0x00080016: "sop_class_uid",
@@ -295,15 +314,21 @@ def scan_dataset(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
     try:
         walker.dataset(0, len(payload), top=True)
     except _Truncated as exc:
-        raise Undecodable(f"not a decodable DICOM dataset ({'implicit' if implicit else 'explicit'} VR): {exc}") from None
+        raise Undecodable(
+            f"not a decodable DICOM dataset ({'implicit' if implicit else 'explicit'} VR): {exc}"
+        ) from None
     except (struct.error, IndexError) as exc:  # pragma: no cover - defensive
         raise Undecodable(f"not a decodable DICOM dataset: {exc}") from None
     found = walker.found
     _check_pixels(walker, little)
     missing = [k for k in ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid") if k not in found]
     if missing:
-        names = {"sop_class_uid": "SOPClassUID", "sop_instance_uid": "SOPInstanceUID",
-                 "study_uid": "StudyInstanceUID", "series_uid": "SeriesInstanceUID"}
+        names = {
+            "sop_class_uid": "SOPClassUID",
+            "sop_instance_uid": "SOPInstanceUID",
+            "study_uid": "StudyInstanceUID",
+            "series_uid": "SeriesInstanceUID",
+        }
         raise Undecodable("dataset lacks " + ", ".join(names[m] for m in missing))
     try:
         header = HeaderInfo(
@@ -314,7 +339,8 @@ def scan_dataset(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
             modality=(_text(found.get("modality")) or "").upper() or None,
             frame_of_reference_uid=(
                 validate_uid(_text(found["frame_of_reference_uid"]), "FrameOfReferenceUID")
-                if _text(found.get("frame_of_reference_uid")) else None
+                if _text(found.get("frame_of_reference_uid"))
+                else None
             ),
             patient_id=_text(found.get("patient_id")),
         )
@@ -346,8 +372,10 @@ def _check_pixels(walker: _Walker, little: bool) -> None:
     if walker.pixel_length >= 0:
         expected = (rows * cols * spp * frames * bits + 7) // 8
         if walker.pixel_length < expected:
-            raise Undecodable(f"PixelData has {walker.pixel_length} bytes, {rows}x{cols}x{frames} pixels of "
-                              f"{bits} bits need {expected}")
+            raise Undecodable(
+                f"PixelData has {walker.pixel_length} bytes, {rows}x{cols}x{frames} pixels of "
+                f"{bits} bits need {expected}"
+            )
 
 
 def read_part10(raw: bytes) -> tuple[str, memoryview, str | None]:
@@ -553,10 +581,22 @@ class Store:
                        received_at=excluded.received_at, assoc_id=excluded.assoc_id, source=excluded.source,
                        calling_aet=excluded.calling_aet, called_aet=excluded.called_aet, peer=excluded.peer""",
                 (
-                    h.sop_instance_uid, h.sop_class_uid, h.study_uid, h.series_uid, h.modality,
-                    h.frame_of_reference_uid, patient_ref(h.patient_id, self.secret),
-                    str(stored.path.relative_to(self.root)), stored.size, stored.sha256, stored.received_at,
-                    origin.assoc_id, origin.source, origin.calling_aet, origin.called_aet, origin.peer,
+                    h.sop_instance_uid,
+                    h.sop_class_uid,
+                    h.study_uid,
+                    h.series_uid,
+                    h.modality,
+                    h.frame_of_reference_uid,
+                    patient_ref(h.patient_id, self.secret),
+                    str(stored.path.relative_to(self.root)),
+                    stored.size,
+                    stored.sha256,
+                    stored.received_at,
+                    origin.assoc_id,
+                    origin.source,
+                    origin.calling_aet,
+                    origin.called_aet,
+                    origin.peer,
                 ),
             )
             c.execute(

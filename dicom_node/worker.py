@@ -31,8 +31,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
@@ -96,9 +96,16 @@ def segment_case(
         targets = load_prompts(volume, prompt_path, allow_frame_of_reference_only=allow_frame_of_reference_only)
         roi_names = {t.target: action.roi_name_for(t.target, t.output_name) for t in targets}
         case = run_case(
-            None, prompt_path, action.engine, config, action.segment_options(),
-            color=tuple(action.output_color or (255, 0, 0)), roi_names=roi_names,
-            allow_frame_of_reference_only=allow_frame_of_reference_only, volume=volume, targets=targets,
+            None,
+            prompt_path,
+            action.engine,
+            config,
+            action.segment_options(),
+            color=tuple(action.output_color or (255, 0, 0)),
+            roi_names=roi_names,
+            allow_frame_of_reference_only=allow_frame_of_reference_only,
+            volume=volume,
+            targets=targets,
         )
     except CaseError as exc:
         raise PermanentJobError(str(exc)) from None
@@ -107,9 +114,15 @@ def segment_case(
         "engine": first.engine,
         "algorithm": first.algorithm_name,
         "rois": ",".join(t.roi_name for t in case.targets),
-        "targets": [{"roi": t.roi_name, "slices": int(t.result.mask.any(axis=(1, 2)).sum()),
-                     "voxels": int(t.result.mask.sum()), "seconds": round(t.result.seconds, 3)}
-                    for t in case.targets],
+        "targets": [
+            {
+                "roi": t.roi_name,
+                "slices": int(t.result.mask.any(axis=(1, 2)).sum()),
+                "voxels": int(t.result.mask.sum()),
+                "seconds": round(t.result.seconds, 3),
+            }
+            for t in case.targets
+        ],
         "warnings": list(case.warnings),
         "load_seconds": round(case.load_seconds, 3),
         "slices": volume.shape[0],
@@ -189,14 +202,17 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
         keeper.stop_event.set()
         reason = f"{type(exc).__name__}: {exc}"
         state = fail_job(db, job_id, owner, reason, retryable=True, max_attempts=cfg.jobs.max_attempts)
-        event(log, "job_error", level=logging.ERROR, job=job_id, case=case_id, reason=reason, state=state,
-              exc_info=True)
+        event(
+            log, "job_error", level=logging.ERROR, job=job_id, case=case_id, reason=reason, state=state, exc_info=True
+        )
         audit.write("job_failed", case=case_id, job=job_id, reason=reason, state=state)
         raise  # the worker exits: a fresh process after an unexpected error (CUDA state, memory)
     keeper.stop_event.set()
     seconds = time.time() - start
     done = complete_job(
-        db, job_id, owner,
+        db,
+        job_id,
+        owner,
         result_path=str(result_path),
         result_sop_uid=str(ds.SOPInstanceUID),
         result_series_uid=str(ds.SeriesInstanceUID),
@@ -206,14 +222,32 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
         deliveries=_deliveries(cfg, action, case),
     )
     if not done or keeper.lost:
-        event(log, "job_lease_lost", level=logging.WARNING, job=job_id,
-              note="another worker owns the job now; this result is discarded")
+        event(
+            log,
+            "job_lease_lost",
+            level=logging.WARNING,
+            job=job_id,
+            note="another worker owns the job now; this result is discarded",
+        )
         shutil.rmtree(result_path.parent, ignore_errors=True)
         return "lost"
-    audit.write("inference_end", case=case_id, job=job_id, seconds=round(seconds, 3),
-                engine=info.get("engine"), result=str(ds.SOPInstanceUID))
-    event(log, "inference_end", job=job_id, case=case_id, seconds=f"{seconds:.2f}", engine=info.get("engine"),
-          rois=info.get("rois"))
+    audit.write(
+        "inference_end",
+        case=case_id,
+        job=job_id,
+        seconds=round(seconds, 3),
+        engine=info.get("engine"),
+        result=str(ds.SOPInstanceUID),
+    )
+    event(
+        log,
+        "inference_end",
+        job=job_id,
+        case=case_id,
+        seconds=f"{seconds:.2f}",
+        engine=info.get("engine"),
+        rois=info.get("rois"),
+    )
     return "done"
 
 
@@ -250,8 +284,14 @@ def warm_up(cfg: NodeConfig, device: str) -> float:
         try:
             get_engine(action.engine, **config)
         except Exception as exc:
-            event(log, "engine_unavailable", level=logging.WARNING, engine=action.engine,
-                  checkpoint=config.get("checkpoint"), why=f"{type(exc).__name__}: {exc}")
+            event(
+                log,
+                "engine_unavailable",
+                level=logging.WARNING,
+                engine=action.engine,
+                checkpoint=config.get("checkpoint"),
+                why=f"{type(exc).__name__}: {exc}",
+            )
     if not built:
         get_engine("classic")
     seconds = time.perf_counter() - t0
@@ -352,8 +392,14 @@ class _WorkerHandle:
 class WorkerSupervisor:
     """Starts one worker process per device, restarts dead ones, relays notifications."""
 
-    def __init__(self, cfg: NodeConfig, db: Database, audit: AuditLog, config_json: Path,
-                 on_done: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        db: Database,
+        audit: AuditLog,
+        config_json: Path,
+        on_done: Callable[[int], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.db = db
         self.audit = audit
@@ -372,12 +418,22 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self, w: _WorkerHandle) -> None:
-        cmd = [sys.executable, "-m", "dicom_node.worker", "--config-json", str(self.config_json),
-               "--index", str(w.index), "--device", w.device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dicom_node.worker",
+            "--config-json",
+            str(self.config_json),
+            "--index",
+            str(w.index),
+            "--device",
+            w.device,
+        ]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        w.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                  cwd=str(Path(__file__).resolve().parents[1]))
+        w.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=str(Path(__file__).resolve().parents[1])
+        )
         w.started_at = time.time()
         w.reader = threading.Thread(target=self._read, args=(w, w.proc), name=f"worker{w.index}-out", daemon=True)
         w.reader.start()
@@ -419,9 +475,16 @@ class WorkerSupervisor:
                     w.failures = w.failures + 1 if now - w.started_at < 60 else 1
                     delay = min(self.cfg.workers.restart_backoff_max_seconds, 2 ** (w.failures - 1))
                     w.next_start = now + delay
-                    event(log, "worker_died", level=logging.ERROR, worker=w.index, device=w.device,
-                          status=code, jobs_returned=",".join(f"{j}:{s}" for j, s in released) or "none",
-                          restart_in=f"{delay:g}s")
+                    event(
+                        log,
+                        "worker_died",
+                        level=logging.ERROR,
+                        worker=w.index,
+                        device=w.device,
+                        status=code,
+                        jobs_returned=",".join(f"{j}:{s}" for j, s in released) or "none",
+                        restart_in=f"{delay:g}s",
+                    )
                     self.audit.write("worker_died", worker=w.index, status=code, jobs=released)
                 if w.proc is None and not self._stop.is_set() and now >= w.next_start:
                     self._spawn(w)
@@ -451,8 +514,13 @@ class WorkerSupervisor:
         for owner in expired_owners(self.db, now):
             for w in self.workers:
                 if owner.startswith(w.owner_prefix) and w.proc is not None:
-                    event(log, "worker_hung", level=logging.ERROR, worker=w.index,
-                          note=f"lease expired (jobs.lease_seconds={self.cfg.jobs.lease_seconds:g}); killing it")
+                    event(
+                        log,
+                        "worker_hung",
+                        level=logging.ERROR,
+                        worker=w.index,
+                        note=f"lease expired (jobs.lease_seconds={self.cfg.jobs.lease_seconds:g}); killing it",
+                    )
                     w.proc.kill()
 
     def stop(self, timeout: float = 10.0) -> None:

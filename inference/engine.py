@@ -62,9 +62,7 @@ class Engine(abc.ABC):
         return f"{self.name} {self.version}"
 
     @abc.abstractmethod
-    def segment(
-        self, volume: Volume, prompts: TargetPrompts, options: SegmentOptions
-    ) -> SegmentationResult:
+    def segment(self, volume: Volume, prompts: TargetPrompts, options: SegmentOptions) -> SegmentationResult:
         """Segment one target; raise :class:`SegmentationError` with a reason on failure."""
 
 

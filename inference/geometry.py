@@ -59,7 +59,7 @@ class Geometry:
         pixel_spacing: tuple[float, float],
         slice_spacing: float,
         shape: tuple[int, int, int],
-    ) -> "Geometry":
+    ) -> Geometry:
         """From the first slice's ImagePositionPatient, ImageOrientationPatient,
         PixelSpacing, the slice spacing and the (slices, rows, columns) shape."""
         orientation = np.asarray(orientation, dtype=np.float64).reshape(6)
@@ -118,7 +118,7 @@ class Geometry:
     def voxel_volume_mm3(self) -> float:
         return float(np.prod(self.spacing))
 
-    def same_grid(self, other: "Geometry", atol: float = 1e-3) -> bool:
+    def same_grid(self, other: Geometry, atol: float = 1e-3) -> bool:
         return (
             self.shape == other.shape
             and np.allclose(self.spacing, other.spacing, atol=atol)

@@ -67,9 +67,7 @@ class StopPropagation(Exception):
 class SliceSegmenter(Protocol):
     """One 2D segmentation per call, on slice ``k`` of the volume the segmenter was built for."""
 
-    def segment_slice(
-        self, k: int, box: Box | None, points: Sequence[Point] = ()
-    ) -> tuple[np.ndarray, float | None]:
+    def segment_slice(self, k: int, box: Box | None, points: Sequence[Point] = ()) -> tuple[np.ndarray, float | None]:
         """Segment slice ``k`` from a box ``(i0, j0, i1, j1)`` (voxel units, inclusive) and/or
         points ``(i, j, positive)``. Returns a bool ``(ny, nx)`` mask and a score
         (predicted IoU) or ``None``."""
@@ -120,7 +118,7 @@ class PropagationParams:
             raise ValueError("prefetch_batch must be >= 1")
 
     @classmethod
-    def from_options(cls, options: "SegmentOptions", **overrides) -> "PropagationParams":
+    def from_options(cls, options: SegmentOptions, **overrides) -> PropagationParams:
         values = dict(
             margin_mm=options.margin_mm,
             min_area_mm2=options.min_area_mm2,
@@ -271,8 +269,20 @@ def propagate_2d(
         lo, hi = territories[a]
         for direction, step, limit in ((UP, 1, hi), (DOWN, -1, lo)):
             last, reason = _walk(
-                segmenter, guided, a, am, a_area, step, limit, nz, spacing=(dz, dy, dx),
-                shape_yx=shape_yx, params=params, mask=mask, scores=scores, areas=areas,
+                segmenter,
+                guided,
+                a,
+                am,
+                a_area,
+                step,
+                limit,
+                nz,
+                spacing=(dz, dy, dx),
+                shape_yx=shape_yx,
+                params=params,
+                mask=mask,
+                scores=scores,
+                areas=areas,
                 neighbour_anchor=(limit != (nz - 1 if step > 0 else 0)),
             )
             info.stop_reasons[direction] = reason
@@ -290,13 +300,19 @@ def propagate_2d(
 
     live = [a for a in anchors if a.area_mm2 > 0]
     if live:
-        stop = {UP: max(live, key=lambda a: a.k).stop_reasons[UP],
-                DOWN: min(live, key=lambda a: a.k).stop_reasons[DOWN]}
+        stop = {
+            UP: max(live, key=lambda a: a.k).stop_reasons[UP],
+            DOWN: min(live, key=lambda a: a.k).stop_reasons[DOWN],
+        }
     else:
         stop = {UP: "no anchor produced a mask", DOWN: "no anchor produced a mask"}
     return PropagationResult(
-        mask=mask, slice_scores=scores, slice_areas_mm2=areas, stop_reasons=stop,
-        anchors=anchors, warnings=warnings,
+        mask=mask,
+        slice_scores=scores,
+        slice_areas_mm2=areas,
+        stop_reasons=stop,
+        anchors=anchors,
+        warnings=warnings,
     )
 
 

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from inference.sam2_models import image_feature_sizes
 
-
 #: SAM2's input normalisation (ImageNet), as in sam2.utils.transforms / misc.load_video_frames.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
@@ -212,10 +211,7 @@ def decode_prompts(
     _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
     if model.directly_add_no_mem_embed:
         vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
-    feats = [
-        feat.permute(1, 2, 0).reshape(1, -1, *hw)
-        for feat, hw in zip(vision_feats, image_feature_sizes(size))
-    ]
+    feats = [feat.permute(1, 2, 0).reshape(1, -1, *hw) for feat, hw in zip(vision_feats, image_feature_sizes(size))]
     image_embed, high_res = feats[-1], feats[:-1]
 
     sparse, dense = model.sam_prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)

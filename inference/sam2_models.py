@@ -137,10 +137,17 @@ _OUR_TARGET = f"{NodeVideoPredictor.__module__}.{NodeVideoPredictor.__qualname__
 # -- configs ---------------------------------------------------------------------------------
 
 _SIZE_ALIASES = {
-    "t": "t", "tiny": "t",
-    "s": "s", "small": "s",
-    "b+": "b+", "base_plus": "b+", "base-plus": "b+", "bplus": "b+", "b": "b+",
-    "l": "l", "large": "l",
+    "t": "t",
+    "tiny": "t",
+    "s": "s",
+    "small": "s",
+    "b+": "b+",
+    "base_plus": "b+",
+    "base-plus": "b+",
+    "bplus": "b+",
+    "b": "b+",
+    "l": "l",
+    "large": "l",
 }
 
 #: Named variants: name -> (base config name, image size). ``sam2.1_hiera_t512`` has the
@@ -276,9 +283,7 @@ def _check_targets(node: Any, where: str = "model") -> None:
         for key, value in node.items():
             if key == "_target_":
                 if not isinstance(value, str) or not (value.startswith("sam2.") or value == _OUR_TARGET):
-                    raise Sam2ModelError(
-                        f"{where}._target_ = {value!r}: only classes of the sam2 package can be built"
-                    )
+                    raise Sam2ModelError(f"{where}._target_ = {value!r}: only classes of the sam2 package can be built")
             else:
                 _check_targets(value, f"{where}.{key}")
     elif isinstance(node, list):
@@ -392,7 +397,7 @@ def _is_state_dict(obj: Any) -> bool:
 
 def _strip_common_prefix(sd: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], bool]:
     if sd and all(k.startswith(prefix) for k in sd):
-        return {k[len(prefix):]: v for k, v in sd.items()}, True
+        return {k[len(prefix) :]: v for k, v in sd.items()}, True
     return sd, False
 
 
@@ -475,7 +480,9 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
                 f"loaded for safety (torch.load weights_only=True). Re-save only the weights, e.g. "
                 f"torch.save({{'model': model.state_dict()}}, path), in a trusted environment."
             ) from exc
-        detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.splitlines()[0] if text else "")
+        detail = next(
+            (line.strip() for line in text.splitlines() if "Unsupported" in line), text.splitlines()[0] if text else ""
+        )
         raise CheckpointError(
             f"cannot read checkpoint {p}: not a PyTorch checkpoint, or a damaged or truncated one ({detail})"
         ) from exc
@@ -494,6 +501,9 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, model_name:
     )
     log.info(
         "loaded SAM2 checkpoint %s (format %s, %d tensors, sha256 %s)",
-        Path(path).name, fmt, len(sd), info.sha256[:12],
+        Path(path).name,
+        fmt,
+        len(sd),
+        info.sha256[:12],
     )
     return info

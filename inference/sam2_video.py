@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference.propagation import postprocess
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
+from inference.propagation import postprocess
 from inference.sam2_features import SliceFeatureCache, slices_to_model_input
 
 log = logging.getLogger(__name__)
@@ -121,17 +121,11 @@ def group_objects(prompts: TargetPrompts, lo: int) -> tuple[dict[int, dict[int, 
     warnings: list[str] = []
     objects: dict[int, dict[int, tuple]] = {}
     for k in prompts.anchor_slices:
-        boxes: list[BoxPrompt] = sorted(
-            (b for b in prompts.boxes if b.slice_index == k), key=lambda b: (b.i0, b.j0)
-        )
+        boxes: list[BoxPrompt] = sorted((b for b in prompts.boxes if b.slice_index == k), key=lambda b: (b.i0, b.j0))
         points: list[PointPrompt] = [p for p in prompts.points if p.slice_index == k]
-        per_obj: dict[int, tuple[BoxPrompt | None, list[PointPrompt]]] = {
-            n: (b, []) for n, b in enumerate(boxes)
-        }
+        per_obj: dict[int, tuple[BoxPrompt | None, list[PointPrompt]]] = {n: (b, []) for n, b in enumerate(boxes)}
         for p in points:
-            owner = next(
-                (n for n, b in enumerate(boxes) if b.i0 <= p.i <= b.i1 and b.j0 <= p.j <= b.j1), 0
-            )
+            owner = next((n for n, b in enumerate(boxes) if b.i0 <= p.i <= b.i1 and b.j0 <= p.j <= b.j1), 0)
             per_obj.setdefault(owner, (None, []))[1].append(p)
         for n, (b, pts) in per_obj.items():
             if b is None and not any(p.positive for p in pts):

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
-from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from inference.files import files_under
@@ -127,24 +127,59 @@ GANTRY_TILT_TOLERANCE_DEG = 0.01
 COPIED_ATTRIBUTES = (
     "SpecificCharacterSet",
     # Patient module
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "OtherPatientIDs", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "OtherPatientIDs",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
     # Patient study module
-    "PatientAge", "PatientSize", "PatientWeight",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
     # General study module
-    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-    "ReferringPhysicianName", "StudyDescription", "PhysiciansOfRecord",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "PhysiciansOfRecord",
     # General series / frame of reference / equipment of the images
-    "Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "SeriesDate",
-    "SeriesTime", "BodyPartExamined", "PatientPosition", "FrameOfReferenceUID",
-    "PositionReferenceIndicator", "Manufacturer", "ManufacturerModelName", "InstitutionName",
-    "InstitutionAddress", "StationName", "DeviceSerialNumber", "SoftwareVersions",
+    "Modality",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+    "PatientPosition",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "InstitutionName",
+    "InstitutionAddress",
+    "StationName",
+    "DeviceSerialNumber",
+    "SoftwareVersions",
 )
 #: Type 2 attributes of the Patient and General Study modules: always present in
 #: ``Volume.attributes`` ("" when the images lack them), so a writer can copy them as is.
 TYPE2_ATTRIBUTES = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
 )
 
 _GEOMETRY_ATTRIBUTES = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
@@ -265,8 +300,7 @@ def _select_series(
     if series_instance_uid is not None:
         if series_instance_uid not in by_series:
             raise VolumeError(
-                f"series {series_instance_uid} is not in {where}; it holds "
-                + _describe_series(by_series)
+                f"series {series_instance_uid} is not in {where}; it holds " + _describe_series(by_series)
             )
         return by_series[series_instance_uid]
     if len(by_series) > 1:
@@ -282,7 +316,9 @@ def _describe_series(by_series: dict[str, list[_Header]]) -> str:
     for uid, hs in sorted(by_series.items(), key=lambda kv: -len(kv[1])):
         modality = hs[0].ds.get("Modality", "?")
         desc = str(hs[0].ds.get("SeriesDescription", "") or "")
-        parts.append(f"{uid or '<no SeriesInstanceUID>'} ({modality}, {_n(len(hs))}{', ' + repr(desc) if desc else ''})")
+        parts.append(
+            f"{uid or '<no SeriesInstanceUID>'} ({modality}, {_n(len(hs))}{', ' + repr(desc) if desc else ''})"
+        )
     return ", ".join(parts)
 
 
@@ -340,8 +376,7 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
         and abs(float(row_dir @ col_dir)) < 1e-3
     ):
         raise VolumeError(
-            f"ImageOrientationPatient {reference.tolist()} of series {series_uid} is not two "
-            "orthogonal unit vectors"
+            f"ImageOrientationPatient {reference.tolist()} of series {series_uid} is not two orthogonal unit vectors"
         )
     # One size and one pixel spacing.
     size_counts = Counter(sizes)
@@ -382,9 +417,7 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
         slice_spacing = _check_positions(headers, positions, along, normal, series_uid, spacing_tolerance)
 
     rows, cols = sizes[0]
-    geometry = Geometry.from_dicom(
-        positions[0], reference, tuple(pixel_spacings[0]), slice_spacing, (n, rows, cols)
-    )
+    geometry = Geometry.from_dicom(positions[0], reference, tuple(pixel_spacings[0]), slice_spacing, (n, rows, cols))
     array = _read_pixels(headers, series_uid)
     first = headers[0].ds
     return Volume(
@@ -431,8 +464,7 @@ def _check_positions(
     if gaps.size:
         total = int(sum(round(float(ratio[k])) - 1 for k in gaps))
         where = "; ".join(
-            f"{round(float(ratio[k])) - 1} between z={along[k]:.2f} and z={along[k + 1]:.2f} mm"
-            for k in gaps[:5]
+            f"{round(float(ratio[k])) - 1} between z={along[k]:.2f} and z={along[k + 1]:.2f} mm" for k in gaps[:5]
         ) + ("; ..." if gaps.size > 5 else "")
         raise VolumeError(
             f"{total} slice(s) missing in series {series_uid} (slice spacing {nominal:.4g} mm; "
@@ -458,9 +490,7 @@ def _check_positions(
     offset = np.linalg.norm(positions - expected, axis=1)
     if offset.max() > tol:
         k = int(np.argmax(offset))
-        step_offset = np.linalg.norm(
-            (positions[1:] - positions[:-1]) - np.outer(steps, normal), axis=1
-        )
+        step_offset = np.linalg.norm((positions[1:] - positions[:-1]) - np.outer(steps, normal), axis=1)
         j = int(np.argmax(step_offset))
         angle = math.degrees(math.atan2(float(step_offset[j]), float(steps[j])))
         raise VolumeError(
@@ -478,8 +508,7 @@ def _single_slice_spacing(header: _Header, series_uid: str) -> float:
         if value is not None and value > 0:
             return value
     log.warning(
-        "series %s has one slice without SpacingBetweenSlices or SliceThickness: "
-        "slice spacing set to 1.0 mm",
+        "series %s has one slice without SpacingBetweenSlices or SliceThickness: slice spacing set to 1.0 mm",
         series_uid,
     )
     return 1.0
@@ -634,7 +663,9 @@ def _plain(value: Any) -> Any:
 def _floats(h: _Header, keyword: str, count: int) -> list[float]:
     value = h.ds[keyword].value
     try:
-        values = [float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])]
+        values = [
+            float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])
+        ]
     except (TypeError, ValueError) as exc:
         raise VolumeError(f"{keyword} of {h.path} is not numeric: {value!r}") from exc
     if len(values) != count or not all(math.isfinite(v) for v in values):

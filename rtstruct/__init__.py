@@ -37,7 +37,7 @@ _EXPORTS = {
     "write_rtstruct": "rtstruct.writer",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 - the lazily imported names, kept in one place
 
 
 def __getattr__(name: str):

@@ -70,7 +70,9 @@ class PromptConventions:
             try:
                 compiled = re.compile(pattern, flags)
             except re.error as exc:
-                raise ValueError(f"prompt pattern for {kind} {pattern!r} is not a valid regular expression: {exc}") from exc
+                raise ValueError(
+                    f"prompt pattern for {kind} {pattern!r} is not a valid regular expression: {exc}"
+                ) from exc
             if "target" not in compiled.groupindex:
                 raise ValueError(f"prompt pattern for {kind} {pattern!r} needs a named group (?P<target>...)")
             self._compiled[kind] = compiled
@@ -149,10 +151,12 @@ def extract_prompts(
     label = structure_set.label or structure_set.sop_instance_uid
     if not prompt_rois:
         names = ", ".join(repr(r.name) for r in structure_set.rois) or "none"
-        raise PromptError([
-            f"RTSTRUCT {label!r} has no prompt ROIs (names like BOX_<target>, POS_<target>, "
-            f"NEG_<target>); its ROIs: {names}"
-        ])
+        raise PromptError(
+            [
+                f"RTSTRUCT {label!r} has no prompt ROIs (names like BOX_<target>, POS_<target>, "
+                f"NEG_<target>); its ROIs: {names}"
+            ]
+        )
 
     geometry = volume.geometry
     dims = f"{geometry.shape[1]}x{geometry.shape[2]}"
@@ -174,8 +178,7 @@ def extract_prompts(
         elif roi_for != volume.frame_of_reference_uid:
             other_frame = True
             reasons.append(
-                f"{what} is on another frame of reference ({roi_for}) than the images "
-                f"({volume.frame_of_reference_uid})"
+                f"{what} is on another frame of reference ({roi_for}) than the images ({volume.frame_of_reference_uid})"
             )
         elif not roi.contours:
             reasons.append(f"{what} is empty (no contours)")
@@ -210,8 +213,11 @@ def extract_prompts(
                     i0, j0 = max(i0, 0.0), max(j0, 0.0)
                     i1, j1 = min(i1, geometry.shape[1] - 1.0), min(j1, geometry.shape[2] - 1.0)
                 box = entry.boxes.get(k)
-                entry.boxes[k] = [i0, j0, i1, j1] if box is None else [
-                    min(box[0], i0), min(box[1], j0), max(box[2], i1), max(box[3], j1)]
+                entry.boxes[k] = (
+                    [i0, j0, i1, j1]
+                    if box is None
+                    else [min(box[0], i0), min(box[1], j0), max(box[2], i1), max(box[3], j1)]
+                )
             else:
                 if gtype == "POINT":
                     centres = np.column_stack([rows, cols])
@@ -259,11 +265,13 @@ def extract_prompts(
     for entry in targets.values():
         name = unique_name(conventions.output_name(entry.target), taken, conventions.max_name_length)
         taken.add(name.casefold())
-        results.append(TargetPrompts(
-            target=entry.target,
-            output_name=name,
-            boxes=[BoxPrompt(k, *entry.boxes[k]) for k in sorted(entry.boxes)],
-            points=sorted(entry.points, key=lambda p: (p.slice_index, not p.positive, p.i, p.j)),
-            source_rois=list(entry.source_rois),
-        ))
+        results.append(
+            TargetPrompts(
+                target=entry.target,
+                output_name=name,
+                boxes=[BoxPrompt(k, *entry.boxes[k]) for k in sorted(entry.boxes)],
+                points=sorted(entry.points, key=lambda p: (p.slice_index, not p.positive, p.i, p.j)),
+                source_rois=list(entry.source_rois),
+            )
+        )
     return results

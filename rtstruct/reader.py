@@ -207,10 +207,17 @@ def _contour(item, roi_label: str, index: int) -> Contour:
         except (TypeError, ValueError):
             declared_n = None
         if declared_n is not None and declared_n != len(points):
-            log.warning("%s: NumberOfContourPoints is %s but ContourData holds %d points; using ContourData",
-                        where, declared, len(points))
-    return Contour(points=points, geometric_type=gtype,
-                   referenced_sop_instance_uids=tuple(_image_uids(item.get("ContourImageSequence"))))
+            log.warning(
+                "%s: NumberOfContourPoints is %s but ContourData holds %d points; using ContourData",
+                where,
+                declared,
+                len(points),
+            )
+    return Contour(
+        points=points,
+        geometric_type=gtype,
+        referenced_sop_instance_uids=tuple(_image_uids(item.get("ContourImageSequence"))),
+    )
 
 
 def read_rtstruct(source: str | Path | pydicom.Dataset) -> StructureSet:
@@ -276,8 +283,11 @@ def _parse(ds: pydicom.Dataset) -> StructureSet:
         number = _int(item.get("ReferencedROINumber"), "ReferencedROINumber of a ROIContourSequence item")
         roi = rois.get(number)
         if roi is None:
-            log.warning("ROIContourSequence refers to ROI number %d, which StructureSetROISequence does not define;"
-                        " kept with an empty name", number)
+            log.warning(
+                "ROIContourSequence refers to ROI number %d, which StructureSetROISequence does not define;"
+                " kept with an empty name",
+                number,
+            )
             roi = rois[number] = ROI(number=number, name="")
         label = f"{roi.name!r} (number {number})"
         roi.color = _color(item.get("ROIDisplayColor"))
@@ -313,7 +323,7 @@ def _parse(ds: pydicom.Dataset) -> StructureSet:
 # ---------------------------------------------------------------------------------------
 def check_references(
     structure_set: StructureSet,
-    volume: "Volume",
+    volume: Volume,
     *,
     allow_frame_of_reference_only: bool = False,
 ) -> None:

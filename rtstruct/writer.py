@@ -297,9 +297,15 @@ class RTStructureSet(highdicom.base.SOPClass):
             series_time=now.time(),
         )
         # Set directly: highdicom refuses valid multi-valued forms such as ['', 'ISO 2022 IR 87'].
-        charset = _character_set(attrs, [label, series_description, structure_set_name or ""]
-                                 + [t for e in rois for t in (e.roi.name, e.roi.description or "",
-                                                              e.roi.algorithm_name, e.roi.algorithm_version)])
+        charset = _character_set(
+            attrs,
+            [label, series_description, structure_set_name or ""]
+            + [
+                t
+                for e in rois
+                for t in (e.roi.name, e.roi.description or "", e.roi.algorithm_name, e.roi.algorithm_version)
+            ],
+        )
         if charset is not None:
             self.SpecificCharacterSet = charset
         self.PatientName = _text(attrs, "PatientName")
@@ -442,9 +448,15 @@ def write_rtstruct(
         for k in np.flatnonzero(mask.any(axis=(1, 2))):
             for polygon in mask_to_polygons(mask[k], tolerance):
                 contours.append((int(k), slice_polygons_to_patient(geometry, int(k), polygon)))
-        clean = RoiMask(name=name, mask=mask, color=color, interpreted_type=roi.interpreted_type,
-                        algorithm_name=roi.algorithm_name, algorithm_version=roi.algorithm_version,
-                        description=roi.description)
+        clean = RoiMask(
+            name=name,
+            mask=mask,
+            color=color,
+            interpreted_type=roi.interpreted_type,
+            algorithm_name=roi.algorithm_name,
+            algorithm_version=roi.algorithm_version,
+            description=roi.description,
+        )
         entries.append(_RoiContours(number=number, roi=clean, contours=contours))
         log.debug("ROI %s: %d contours on %d slices", name, len(contours), len({k for k, _ in contours}))
     return RTStructureSet(

@@ -16,11 +16,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
-
 from conftest import REPO, free_port, require_tool
 
 PY = sys.executable
@@ -41,7 +41,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: floa
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout:g} s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else "")
+    )
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -53,7 +55,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 # --------------------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------------------
-def write_rules(path: Path, destinations: list[str], export_folder: str | None = None, extra_rules: list | None = None) -> Path:
+def write_rules(
+    path: Path, destinations: list[str], export_folder: str | None = None, extra_rules: list | None = None
+) -> Path:
     action: dict[str, Any] = {"engine": "classic", "mode": "box2d", "destinations": destinations}
     if export_folder:
         action["export_folder"] = export_folder
@@ -62,9 +66,17 @@ def write_rules(path: Path, destinations: list[str], export_folder: str | None =
     return path
 
 
-def write_config(tmp: Path, *, port: int | None = None, destinations: dict | None = None,
-                 rule_destinations: list[str] | None = None, export_folder: str | None = None,
-                 rules: bool = True, extra_rules: list | None = None, **overrides: Any) -> Path:
+def write_config(
+    tmp: Path,
+    *,
+    port: int | None = None,
+    destinations: dict | None = None,
+    rule_destinations: list[str] | None = None,
+    export_folder: str | None = None,
+    rules: bool = True,
+    extra_rules: list | None = None,
+    **overrides: Any,
+) -> Path:
     """A node.yaml in ``tmp`` (data in tmp/data, loopback, fast timeouts) merged with overrides.
 
     ``extra_rules`` come before the catch-all classic rule that sends to every destination."""
@@ -75,8 +87,10 @@ def write_config(tmp: Path, *, port: int | None = None, destinations: dict | Non
         "ae_title": "STARDUST",
         "data_dir": str(tmp / "data"),
         "network": {"bind": "127.0.0.1", "port": port or free_port()},
-        "access": {"calling_aets": ["STORESCU", "ECHOSCU", "TPS", "STARDUST", "PYNETDICOM"],
-                   "networks": ["127.0.0.0/8"]},
+        "access": {
+            "calling_aets": ["STORESCU", "ECHOSCU", "TPS", "STARDUST", "PYNETDICOM"],
+            "networks": ["127.0.0.0/8"],
+        },
         "storage": {"min_free_mb": 64},
         "cases": {"settle_seconds": 2, "incomplete_timeout_seconds": 120, "stale_reference_wait_seconds": 3},
         "jobs": {"lease_seconds": 30},
@@ -109,11 +123,14 @@ class NodeProcess:
         self.log_path = self.config.parent / f"node-{int(time.time() * 1000)}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 60.0) -> "NodeProcess":
+    def start(self, timeout: float = 60.0) -> NodeProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [*CLI, "serve", "-c", str(self.config)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+            start_new_session=True,
         )
         wait_for(lambda: self.proc.poll() is not None or port_open(self.port), timeout, 0.1, "the node to listen")
         if self.proc.poll() is not None:
@@ -186,8 +203,15 @@ class NodeProcess:
 # --------------------------------------------------------------------------------------
 # dcmtk
 # --------------------------------------------------------------------------------------
-def storescu(paths: list[Path] | Path, port: int, aec: str = "STARDUST", aet: str = "STORESCU",
-             extra: list[str] | None = None, timeout: float = 300.0, host: str = "127.0.0.1") -> subprocess.CompletedProcess:
+def storescu(
+    paths: list[Path] | Path,
+    port: int,
+    aec: str = "STARDUST",
+    aet: str = "STORESCU",
+    extra: list[str] | None = None,
+    timeout: float = 300.0,
+    host: str = "127.0.0.1",
+) -> subprocess.CompletedProcess:
     exe = require_tool("storescu")
     if isinstance(paths, (str, Path)):
         paths = [Path(paths)]
@@ -198,32 +222,37 @@ def storescu(paths: list[Path] | Path, port: int, aec: str = "STARDUST", aet: st
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
 
 
-def echoscu(port: int, aec: str = "STARDUST", aet: str = "ECHOSCU", host: str = "127.0.0.1",
-            extra: list[str] | None = None) -> subprocess.CompletedProcess:
+def echoscu(
+    port: int, aec: str = "STARDUST", aet: str = "ECHOSCU", host: str = "127.0.0.1", extra: list[str] | None = None
+) -> subprocess.CompletedProcess:
     exe = require_tool("echoscu")
-    return subprocess.run([exe, "-aet", aet, "-aec", aec, *(extra or []), host, str(port)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [exe, "-aet", aet, "-aec", aec, *(extra or []), host, str(port)], capture_output=True, text=True, timeout=60
+    )
 
 
 class StoreSCP:
     """dcmtk storescp standing in for the TPS import: every received file lands in ``folder``."""
 
-    def __init__(self, folder: Path, port: int | None = None, aet: str = "TPS_IMPORT",
-                 extra: list[str] | None = None) -> None:
+    def __init__(
+        self, folder: Path, port: int | None = None, aet: str = "TPS_IMPORT", extra: list[str] | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.extra = list(extra or [])
         self.port = port or free_port()
         self.aet = aet
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "StoreSCP":
+    def start(self) -> StoreSCP:
         exe = require_tool("storescp")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log_path = self.folder.parent / f"storescp-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [exe, "-aet", self.aet, "-od", str(self.folder), "-uf", "+B", *self.extra, str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
         wait_for(lambda: port_open(self.port), 20, 0.05, f"storescp on {self.port}")
         return self
@@ -258,7 +287,7 @@ class Orthanc:
         self.node_port = node_port
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Orthanc":
+    def start(self) -> Orthanc:
         exe = require_tool("Orthanc")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
@@ -283,7 +312,9 @@ class Orthanc:
         self.proc = subprocess.Popen([exe, str(cfg_path)], stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(lambda: self.proc.poll() is not None or self._get("/system"), 60, 0.2, "Orthanc to start")
         if self.proc.poll() is not None:
-            raise AssertionError("Orthanc exited: " + (self.workdir / "orthanc.log").read_text(errors="replace")[-2000:])
+            raise AssertionError(
+                "Orthanc exited: " + (self.workdir / "orthanc.log").read_text(errors="replace")[-2000:]
+            )
         return self
 
     def _get(self, path: str) -> Any:
@@ -356,8 +387,12 @@ _PHANTOMS: dict[tuple, dict[str, Path]] = {}
 _PHANTOM_ROOT: Path | None = None
 
 
-def phantom(seed: int = 1, modality: str = "CT", shape: tuple[int, int, int] | None = None,
-            spacing: tuple[float, float, float] | None = None) -> dict[str, Path]:
+def phantom(
+    seed: int = 1,
+    modality: str = "CT",
+    shape: tuple[int, int, int] | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> dict[str, Path]:
     """``write_phantom`` output (images/, prompt.dcm, truth.dcm), cached for the session.
 
     Treat the files as read-only (copy them before changing anything).

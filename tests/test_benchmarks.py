@@ -27,8 +27,22 @@ def test_receive_benchmark_runs_and_prints_both_ratios():
 
 
 def test_sam2_benchmark_runs_on_the_cpu():
-    out = run("benchmarks/sam2_gpu.py", "--device", "cpu", "--quick", "--encode-models", "sam2.1_hiera_t512",
-              "--batch-sizes", "1", "--slices", "8", "--size", "64", "--tumour-slices", "3")
+    out = run(
+        "benchmarks/sam2_gpu.py",
+        "--device",
+        "cpu",
+        "--quick",
+        "--encode-models",
+        "sam2.1_hiera_t512",
+        "--batch-sizes",
+        "1",
+        "--slices",
+        "8",
+        "--size",
+        "64",
+        "--tumour-slices",
+        "3",
+    )
     assert "no CUDA device" in out
     assert re.search(r"^sam2\.1_hiera_t512\s+512 fp32\s+1\s+[\d.]+\s+[\d.]+$", out, re.M), out
     for mode in ("box2d", "video3d"):

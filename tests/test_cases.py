@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from node_helpers import write_rules
 from pydicom.uid import generate_uid
 
 from dicom_node.audit import AuditLog
@@ -16,7 +17,6 @@ from dicom_node.db import Database
 from dicom_node.rules import RuleSet
 from dicom_node.service import decide_with_rules
 from dicom_node.store import Origin, Store
-from node_helpers import write_rules
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +24,28 @@ def phantoms(tmp_path_factory):
     from dicom_node.phantom import write_phantom
 
     root = tmp_path_factory.mktemp("phantoms")
-    return {seed: write_phantom(root / f"p{seed}", "CT", seed, shape=(24, 128, 128),
-                                spacing=(2.5, 3.0, 3.0)) for seed in (1, 2)}
+    return {
+        seed: write_phantom(root / f"p{seed}", "CT", seed, shape=(24, 128, 128), spacing=(2.5, 3.0, 3.0))
+        for seed in (1, 2)
+    }
 
 
 class Harness:
     """A store, a real rules file and the assembler, with associations opened and closed by hand."""
 
     def __init__(self, tmp_path: Path, **cases_cfg) -> None:
-        cfg = config_from_data({
-            "access": {"calling_aets": ["STORESCU"]},
-            "data_dir": str(tmp_path / "data"),
-            "cases": {"settle_seconds": 2, "incomplete_timeout_seconds": 60, "stale_reference_wait_seconds": 5,
-                      **cases_cfg},
-        })
+        cfg = config_from_data(
+            {
+                "access": {"calling_aets": ["STORESCU"]},
+                "data_dir": str(tmp_path / "data"),
+                "cases": {
+                    "settle_seconds": 2,
+                    "incomplete_timeout_seconds": 60,
+                    "stale_reference_wait_seconds": 5,
+                    **cases_cfg,
+                },
+            }
+        )
         self.cfg = cfg
         self.db = Database(cfg.db_path)
         self.store = Store(cfg.store_dir, self.db, fsync=False)
@@ -45,15 +53,22 @@ class Harness:
         ruleset = RuleSet.load(write_rules(tmp_path / "rules.yaml", ["tps"]))
         self.open: set[str] = set()
         self.queued: list[int] = []
-        self.asm = CaseAssembler(cfg, self.db, self.store, self.audit,
-                                 decide=lambda c, i, p: decide_with_rules(ruleset, c, i, p),
-                                 is_open=lambda a: a in self.open, on_queued=self.queued.append)
+        self.asm = CaseAssembler(
+            cfg,
+            self.db,
+            self.store,
+            self.audit,
+            decide=lambda c, i, p: decide_with_rules(ruleset, c, i, p),
+            is_open=lambda a: a in self.open,
+            on_queued=self.queued.append,
+        )
 
     def send(self, files, assoc: str, close: bool = True) -> None:
         self.open.add(assoc)
         for f in files:
-            self.store.import_file(Path(f), Origin(source="dicom", assoc_id=assoc, calling_aet="STORESCU",
-                                                   called_aet="STARDUST"))
+            self.store.import_file(
+                Path(f), Origin(source="dicom", assoc_id=assoc, calling_aet="STORESCU", called_aet="STARDUST")
+            )
         if close:
             self.open.discard(assoc)
 
@@ -119,8 +134,10 @@ def test_two_patients_interleaved(tmp_path, phantoms):
     for case, p in zip(cases, (b, a)):
         series = pydicom.dcmread(images(p)[0]).SeriesInstanceUID
         assert case["image_series_uid"] == series and case["n_images"] == 24
-        uids = {r["sop_instance_uid"] for r in h.db.query("SELECT sop_instance_uid FROM case_images WHERE case_id=?",
-                                                           (case["id"],))}
+        uids = {
+            r["sop_instance_uid"]
+            for r in h.db.query("SELECT sop_instance_uid FROM case_images WHERE case_id=?", (case["id"],))
+        }
         assert uids == {pydicom.dcmread(f).SOPInstanceUID for f in images(p)}
 
 
@@ -164,7 +181,10 @@ def test_resent_prompt_unchanged_is_ignored_changed_makes_a_new_case(tmp_path, p
     h.send([changed], "C")
     cases = h.step()
     assert [c["state"] for c in cases] == ["queued", "queued"]
-    assert cases[1]["rtstruct_uid"] == cases[0]["rtstruct_uid"] and cases[1]["rtstruct_sha256"] != cases[0]["rtstruct_sha256"]
+    assert (
+        cases[1]["rtstruct_uid"] == cases[0]["rtstruct_uid"]
+        and cases[1]["rtstruct_sha256"] != cases[0]["rtstruct_sha256"]
+    )
     assert Path(cases[0]["prompt_path"]).read_bytes() != Path(cases[1]["prompt_path"]).read_bytes()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from scipy import ndimage
 
 from inference.engine import SegmentationError, SegmentOptions, get_engine
@@ -23,16 +24,19 @@ from inference.preprocess import (
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
 from inference.propagation import bounding_box
 from inference.volume import Volume
-from conftest import shared_path
 
 
 def make_volume(array: np.ndarray, spacing=(3.0, 1.0, 1.0), modality="CT") -> Volume:
     geometry = Geometry(shape=array.shape, spacing=spacing, origin=np.zeros(3), direction=np.eye(3)[::-1])
     return Volume(
-        array=array, geometry=geometry,
+        array=array,
+        geometry=geometry,
         sop_instance_uids=tuple(f"1.2.3.{k + 1}" for k in range(array.shape[0])),
-        modality=modality, series_instance_uid="1.2.3", study_instance_uid="1.2",
-        frame_of_reference_uid="1.2.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        modality=modality,
+        series_instance_uid="1.2.3",
+        study_instance_uid="1.2",
+        frame_of_reference_uid="1.2.4",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
     )
 
 
@@ -142,7 +146,9 @@ def test_classic_engine_contract():
     hu, tumour, _ = lung_with_tumour()
     vol = make_volume(hu)
     with pytest.raises(SegmentationError, match="video3d"):
-        engine.segment(vol, TargetPrompts("", "G", boxes=[BoxPrompt(15, 30, 30, 60, 60)]), SegmentOptions(mode="video3d"))
+        engine.segment(
+            vol, TargetPrompts("", "G", boxes=[BoxPrompt(15, 30, 30, 60, 60)]), SegmentOptions(mode="video3d")
+        )
     with pytest.raises(SegmentationError, match="no box"):
         engine.segment(vol, TargetPrompts("", "G", points=[PointPrompt(15, 4, 4, False)]), SegmentOptions())
     with pytest.raises(SegmentationError, match="found no tumour"):  # a box in empty lung
@@ -218,8 +224,13 @@ def naive_threshold(vol: Volume, box: BoxPrompt, max_extent_mm: float) -> np.nda
             m[i0 : i1 + 1, j0 : j1 + 1] = ndimage.binary_fill_holes(inside)
             return m, None
 
-    res = propagate_2d(Naive(), vol.shape, vol.spacing, TargetPrompts("", "G", boxes=[box]),
-                       PropagationParams(max_extent_mm=max_extent_mm))
+    res = propagate_2d(
+        Naive(),
+        vol.shape,
+        vol.spacing,
+        TargetPrompts("", "G", boxes=[box]),
+        PropagationParams(max_extent_mm=max_extent_mm),
+    )
     return res.mask
 
 
@@ -245,7 +256,9 @@ def test_classic_on_lung1_never_passes_the_maximum_extent(lung1):
     vol, truth, box = lung1
     dz = vol.spacing[0]
     for extent in (9.0, 20.0):
-        res = ClassicEngine().segment(vol, TargetPrompts("", "GTV_AI", boxes=[box]), SegmentOptions(max_extent_mm=extent))
+        res = ClassicEngine().segment(
+            vol, TargetPrompts("", "GTV_AI", boxes=[box]), SegmentOptions(max_extent_mm=extent)
+        )
         ks = np.flatnonzero(res.mask.any(axis=(1, 2)))
         assert np.abs(ks - box.slice_index).max() * dz <= extent
         assert len(ks) == 2 * int(extent // dz) + 1  # the tumour goes on: it stops at the limit

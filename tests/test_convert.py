@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import shared_path
 from pydicom.uid import generate_uid
 
-from conftest import shared_path
 from dicom_node.cli import main
 from dicom_node.phantom import make_phantom, write_phantom
 from inference.geometry import Geometry
@@ -201,8 +201,13 @@ def test_convert_pseudonymized_is_deterministic_and_carries_no_identifier(cohort
         assert m["PatientID"] == header.PatientID
         assert m["SeriesInstanceUID"] == header.SeriesInstanceUID
         assert m["StudyInstanceUID"] == header.StudyInstanceUID
-        identifiers |= {header.PatientID, header.SeriesInstanceUID, header.StudyInstanceUID,
-                        header.FrameOfReferenceUID, header.SOPInstanceUID}
+        identifiers |= {
+            header.PatientID,
+            header.SeriesInstanceUID,
+            header.StudyInstanceUID,
+            header.FrameOfReferenceUID,
+            header.SOPInstanceUID,
+        }
     for name in ("case_0001.npz", "case_0002.npz"):
         za, zb = load_npz(a / name), load_npz(b / name)
         assert set(za) == {"imgs", "gts", "label_names", "spacing", "origin", "direction", "modality"}

@@ -151,8 +151,22 @@ def test_a_changed_mode_or_unit_is_repaired_and_dry_run_changes_nothing(tmp_path
 
 def test_custom_paths_and_user_are_written_into_the_unit_and_config(tmp_path):
     root = tmp_path / "root"
-    install("--root", str(root), "--skip-venv", "--prefix", "/srv/stardust", "--confdir", "/srv/stardust/etc",
-            "--datadir", "/data/stardust", "--logdir", "/data/log", "--user", "dicomnode", "--port-104")
+    install(
+        "--root",
+        str(root),
+        "--skip-venv",
+        "--prefix",
+        "/srv/stardust",
+        "--confdir",
+        "/srv/stardust/etc",
+        "--datadir",
+        "/data/stardust",
+        "--logdir",
+        "/data/log",
+        "--user",
+        "dicomnode",
+        "--port-104",
+    )
     unit = (root / "etc/systemd/system/stardust-node.service").read_text()
     s = unit_settings(unit)
     assert s["ExecStart"] == ["/srv/stardust/venv/bin/dicom-node serve -c /srv/stardust/etc/node.yaml"]
@@ -191,10 +205,20 @@ def test_bad_options_are_refused(tmp_path, args, message):
 def test_unit_has_the_required_hardening():
     s = unit_settings(UNIT.read_text())
     required = {
-        "User": "stardust", "Group": "stardust", "Restart": "on-failure", "ProtectSystem": "strict",
-        "NoNewPrivileges": "yes", "PrivateTmp": "yes", "ProtectHome": "yes", "CapabilityBoundingSet": "",
-        "AmbientCapabilities": "", "UMask": "0027", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
-        "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes",
+        "User": "stardust",
+        "Group": "stardust",
+        "Restart": "on-failure",
+        "ProtectSystem": "strict",
+        "NoNewPrivileges": "yes",
+        "PrivateTmp": "yes",
+        "ProtectHome": "yes",
+        "CapabilityBoundingSet": "",
+        "AmbientCapabilities": "",
+        "UMask": "0027",
+        "ProtectKernelTunables": "yes",
+        "ProtectKernelModules": "yes",
+        "ProtectKernelLogs": "yes",
+        "ProtectControlGroups": "yes",
         "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
         "PrivateDevices": "no",  # yes would hide /dev/nvidia*
         "ReadWritePaths": "/var/lib/stardust /var/log/stardust",
@@ -246,8 +270,12 @@ def test_systemd_security_exposure_is_low(tmp_path):
     if tool is None:
         pytest.skip("systemd-analyze not found: install it with 'sudo apt-get install systemd'")
     _, env = _verify_env(tmp_path, port_104=False)
-    proc = subprocess.run([tool, "security", "--offline=yes", "--no-pager", "stardust-node.service"], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [tool, "security", "--offline=yes", "--no-pager", "stardust-node.service"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     m = re.search(r"Overall exposure level for stardust-node\.service: ([0-9.]+)", proc.stdout)
     assert m, proc.stdout + proc.stderr
     exposure = float(m.group(1))

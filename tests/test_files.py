@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 from conftest import shared_path
+from test_convert import read_csv
+
 from dicom_node.cli import main
 from inference.files import files_under
-from test_convert import read_csv
 
 
 def test_linked_folders_are_followed_once_and_cycles_end(tmp_path):

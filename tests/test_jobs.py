@@ -9,15 +9,15 @@ from pathlib import Path
 import pydicom
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-
 from conftest import free_port
+from node_helpers import StoreSCP, wait_for
+from test_store import tiny_ct
+
 from dicom_node import jobs as q
 from dicom_node.audit import AuditLog, read_audit
 from dicom_node.config import config_from_data
 from dicom_node.db import Database
 from dicom_node.sender import Sender, export_file
-from node_helpers import StoreSCP, wait_for
-from test_store import tiny_ct
 
 
 def make_db(tmp_path: Path) -> Database:
@@ -29,7 +29,8 @@ def add_case_and_job(db: Database, action: dict | None = None) -> int:
     with db.tx() as c:
         cid = c.execute(
             """INSERT INTO cases (state, rtstruct_uid, rtstruct_sha256, prompt_path, n_refs, created_at,
-                   last_progress_at, ready_at) VALUES ('queued', '1.2.3', 'h', '/p', 1, ?, ?, ?)""", (now, now, now)
+                   last_progress_at, ready_at) VALUES ('queued', '1.2.3', 'h', '/p', 1, ?, ?, ?)""",
+            (now, now, now),
         ).lastrowid
         return q.create_job(c, cid, "r", action or {"engine": "classic", "destinations": []}, ["why"], now)
 
@@ -79,8 +80,15 @@ def test_lease_renewal_completion_and_lost_lease(tmp_path):
     again = q.claim_job(db, "w2", 30)
     assert again["id"] == job["id"] and again["attempts"] == 2
     # the first worker's late completion is refused (it lost the lease)
-    kw = dict(result_path="/r.dcm", result_sop_uid="1.2", result_series_uid="1.3", engine="classic",
-              inference_seconds=1.0, detail={}, deliveries=[("tps", "dicom")])
+    kw = dict(
+        result_path="/r.dcm",
+        result_sop_uid="1.2",
+        result_series_uid="1.3",
+        engine="classic",
+        inference_seconds=1.0,
+        detail={},
+        deliveries=[("tps", "dicom")],
+    )
     assert not q.complete_job(db, job["id"], "w1", **kw)
     assert q.complete_job(db, job["id"], "w2", **kw)
     assert not q.complete_job(db, job["id"], "w2", **kw)  # once only
@@ -111,8 +119,11 @@ def test_recover_on_start(tmp_path):
     add_case_and_job(db)
     job = q.claim_job(db, "old-node:worker0:123", 30)
     with db.tx() as c:
-        c.execute("INSERT INTO sends (job_id, destination, kind, state, attempts, next_attempt_at) "
-                  "VALUES (?, 'tps', 'dicom', 'sending', 1, 0)", (job["id"],))
+        c.execute(
+            "INSERT INTO sends (job_id, destination, kind, state, attempts, next_attempt_at) "
+            "VALUES (?, 'tps', 'dicom', 'sending', 1, 0)",
+            (job["id"],),
+        )
     counts = q.recover_on_start(db, max_attempts=3)
     assert counts == {"jobs_requeued": 1, "jobs_failed": 0, "sends_requeued": 1}
     assert db.one("SELECT state FROM jobs")["state"] == "pending"
@@ -147,11 +158,14 @@ def _result_file(tmp_path: Path) -> Path:
 
 class SenderHarness:
     def __init__(self, tmp_path: Path, destinations: dict, **send_cfg) -> None:
-        self.cfg = config_from_data({
-            "access": {"calling_aets": ["X"]}, "data_dir": str(tmp_path / "data"),
-            "destinations": destinations,
-            "send": {"backoff_initial_seconds": 0.3, "backoff_max_seconds": 1.0, "max_attempts": 50, **send_cfg},
-        })
+        self.cfg = config_from_data(
+            {
+                "access": {"calling_aets": ["X"]},
+                "data_dir": str(tmp_path / "data"),
+                "destinations": destinations,
+                "send": {"backoff_initial_seconds": 0.3, "backoff_max_seconds": 1.0, "max_attempts": 50, **send_cfg},
+            }
+        )
         self.db = make_db(tmp_path)
         self.audit = AuditLog(tmp_path / "audit.jsonl")
         self.scheduler = BackgroundScheduler()
@@ -163,9 +177,18 @@ class SenderHarness:
         jid = add_case_and_job(self.db)
         job = q.claim_job(self.db, "w", 30)
         ds = pydicom.dcmread(result)
-        assert q.complete_job(self.db, job["id"], "w", result_path=str(result), result_sop_uid=ds.SOPInstanceUID,
-                              result_series_uid=ds.SeriesInstanceUID, engine="classic", inference_seconds=0.1,
-                              detail={}, deliveries=deliveries)
+        assert q.complete_job(
+            self.db,
+            job["id"],
+            "w",
+            result_path=str(result),
+            result_sop_uid=ds.SOPInstanceUID,
+            result_series_uid=ds.SeriesInstanceUID,
+            engine="classic",
+            inference_seconds=0.1,
+            detail={},
+            deliveries=deliveries,
+        )
         self.sender.wake()
         return jid
 
@@ -295,26 +318,80 @@ def test_delivery_over_tls_with_a_client_certificate(tmp_path):
 
     d = tmp_path / "pki"
     d.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=test CA", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name in ("tps", "node"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
-    tps = StoreSCP(tmp_path / "tps", extra=["+tls", str(d / "tps.key"), str(d / "tps.crt"), "-pw",
-                                            "-rc", "+cf", str(d / "ca.crt")]).start()
-    tls = {"enabled": True, "ca_file": str(d / "ca.crt"), "cert_file": str(d / "node.crt"),
-           "key_file": str(d / "node.key")}
-    h = SenderHarness(tmp_path, {"tps": {**tps.destination(), "tls": tls},
-                                 "wrong_ca": {**tps.destination(), "tls": {**tls, "ca_file": str(d / "node.crt")}}},
-                      max_attempts=1)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            cwd=d,
+        )
+    tps = StoreSCP(
+        tmp_path / "tps", extra=["+tls", str(d / "tps.key"), str(d / "tps.crt"), "-pw", "-rc", "+cf", str(d / "ca.crt")]
+    ).start()
+    tls = {
+        "enabled": True,
+        "ca_file": str(d / "ca.crt"),
+        "cert_file": str(d / "node.crt"),
+        "key_file": str(d / "node.key"),
+    }
+    h = SenderHarness(
+        tmp_path,
+        {
+            "tps": {**tps.destination(), "tls": tls},
+            "wrong_ca": {**tps.destination(), "tls": {**tls, "ca_file": str(d / "node.crt")}},
+        },
+        max_attempts=1,
+    )
     try:
         result = _result_file(tmp_path)
         h.job_with_result(result, [("tps", "dicom"), ("wrong_ca", "dicom")])
-        wait_for(lambda: {s["state"] for s in h.sends()} <= {"sent", "dead"} and len(h.sends()) == 2, 30,
-                 what="both deliveries to finish")
+        wait_for(
+            lambda: {s["state"] for s in h.sends()} <= {"sent", "dead"} and len(h.sends()) == 2,
+            30,
+            what="both deliveries to finish",
+        )
         states = {s["destination"]: s for s in h.sends()}
         assert states["tps"]["state"] == "sent", states["tps"]["last_error"]
         assert states["wrong_ca"]["state"] == "dead" and "cannot connect" in states["wrong_ca"]["last_error"]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
-
 from node_helpers import NodeProcess, StoreSCP, echoscu, image_files, phantom, storescu, wait_for, write_config
+from pydicom.uid import generate_uid
 from test_scp import _raw_store, _with_payload, dataset_bytes, write_files
 from test_store import tiny_ct
 
@@ -86,9 +85,12 @@ def _changed_prompt(src: Path, out: Path, change) -> Path:
 
 def _failed_job_reason(node: NodeProcess, rtstruct_uid: str) -> str:
     def reason():
-        rows = node.query("SELECT j.state, j.error FROM jobs j JOIN cases c ON c.id = j.case_id "
-                          "WHERE c.rtstruct_uid = ?", (rtstruct_uid,))
+        rows = node.query(
+            "SELECT j.state, j.error FROM jobs j JOIN cases c ON c.id = j.case_id WHERE c.rtstruct_uid = ?",
+            (rtstruct_uid,),
+        )
         return rows and rows[0]["state"] == "failed" and rows[0]["error"]
+
     return wait_for(reason, 120, 0.2, "the job to fail")
 
 

@@ -6,7 +6,6 @@ import json
 import subprocess
 
 import pytest
-
 from conftest import free_port
 from node_helpers import CLI, REPO, NodeProcess, StoreSCP, delivered, image_files, phantom, wait_for, write_config
 
@@ -78,8 +77,9 @@ def test_jobs_retry_runs_a_failed_job_again(tmp_path):
             conn.execute("UPDATE jobs SET state='failed', error='simulated' WHERE id=1")
         out = cli("jobs", "-c", config, "retry", 1)
         assert out.returncode == 0, out.stderr
-        wait_for(lambda: node.jobs()[0]["state"] == "done" and node.jobs()[0]["error"] is None, 120, 0.2,
-                 "the retried job")
+        wait_for(
+            lambda: node.jobs()[0]["state"] == "done" and node.jobs()[0]["error"] is None, 120, 0.2, "the retried job"
+        )
     finally:
         node.stop()
         tps.stop()

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import REPO
 from node_helpers import CLI
+
 from dicom_node.config import ConfigError, config_from_data, load_config
 from dicom_node.uids import InvalidUID, is_valid_uid, validate_uid
 
@@ -16,8 +16,10 @@ MINIMAL = {"access": {"calling_aets": ["TPS"]}}
 
 
 # -- UIDs --------------------------------------------------------------------------------
-@pytest.mark.parametrize("uid", ["1.2", "1.2.840.10008.5.1.4.1.1.2", "0.0", "2.25.329800735698586629295641978511506172918",
-                                 "1.2.3\x00", "1.2.3 "])
+@pytest.mark.parametrize(
+    "uid",
+    ["1.2", "1.2.840.10008.5.1.4.1.1.2", "0.0", "2.25.329800735698586629295641978511506172918", "1.2.3\x00", "1.2.3 "],
+)
 def test_valid_uids(uid):
     assert is_valid_uid(uid)
     assert validate_uid(uid) == uid.rstrip("\x00 ")
@@ -59,7 +61,7 @@ def test_shipped_node_yaml_is_valid_and_documented():
     data = yaml.safe_load(text)
 
     def keys(model, prefix=""):
-        for name, field in type(model).model_fields.items():
+        for name in type(model).model_fields:
             if name == "source":
                 continue
             value = getattr(model, name)
@@ -118,11 +120,24 @@ def test_secret_from_env_and_file(tmp_path, monkeypatch):
     key.write_text("x")
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
-    cfg = config_from_data({**MINIMAL, "tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key),
-                                               "key_password_file": str(pw)}})
+    cfg = config_from_data(
+        {
+            **MINIMAL,
+            "tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key), "key_password_file": str(pw)},
+        }
+    )
     assert cfg.tls.key_password() == "s3cret"
-    cfg = config_from_data({**MINIMAL, "tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key),
-                                               "key_password_env": "STARDUST_TEST_PW"}})
+    cfg = config_from_data(
+        {
+            **MINIMAL,
+            "tls": {
+                "enabled": True,
+                "cert_file": str(cert),
+                "key_file": str(key),
+                "key_password_env": "STARDUST_TEST_PW",
+            },
+        }
+    )
     monkeypatch.delenv("STARDUST_TEST_PW", raising=False)
     assert any("STARDUST_TEST_PW is not set" in p for p in cfg.problems())
     monkeypatch.setenv("STARDUST_TEST_PW", "from-env")
@@ -131,21 +146,36 @@ def test_secret_from_env_and_file(tmp_path, monkeypatch):
 
 
 def test_config_check_cli(tmp_path):
-    good = subprocess.run([*CLI, "config", "check", str(REPO / "config" / "node.yaml")],
-                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    good = subprocess.run(
+        [*CLI, "config", "check", str(REPO / "config" / "node.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert good.returncode == 0, good.stderr
     assert "OK" in good.stdout
     bad = tmp_path / "node.yaml"
-    bad.write_text(yaml.safe_dump({**MINIMAL, "rules": str(tmp_path / "rules.yaml"),
-                                   "destinations": {"tps": {"host": "h", "port": 104, "ae_title": "X"}}}))
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"version": 1, "rules": [
-        {"name": "r", "action": {"engine": "classic", "destinations": ["archive"]}}]}))
-    out = subprocess.run([*CLI, "config", "check", str(bad)],
-                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                **MINIMAL,
+                "rules": str(tmp_path / "rules.yaml"),
+                "destinations": {"tps": {"host": "h", "port": 104, "ae_title": "X"}},
+            }
+        )
+    )
+    (tmp_path / "rules.yaml").write_text(
+        yaml.safe_dump(
+            {"version": 1, "rules": [{"name": "r", "action": {"engine": "classic", "destinations": ["archive"]}}]}
+        )
+    )
+    out = subprocess.run([*CLI, "config", "check", str(bad)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2
     assert "'archive' is not defined" in out.stderr
-    missing = subprocess.run([*CLI, "config", "check", str(tmp_path / "nope.yaml")],
-                             capture_output=True, text=True, cwd=REPO, timeout=60)
+    missing = subprocess.run(
+        [*CLI, "config", "check", str(tmp_path / "nope.yaml")], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
     assert missing.returncode == 2 and "cannot read" in missing.stderr
 
 
@@ -158,8 +188,14 @@ def test_structured_logs_text_and_json():
     record = logging.LogRecord("dicom_node.scp", logging.INFO, __file__, 1, "stored", None, None)
     record.fields = {"sop": "1.2.3", "bytes": 42, "why": "two words"}
     assert json.loads(JsonFormatter().format(record)) | {"ts": 0} == {
-        "ts": 0, "level": "INFO", "logger": "dicom_node.scp", "event": "stored", "sop": "1.2.3", "bytes": 42,
-        "why": "two words"}
+        "ts": 0,
+        "level": "INFO",
+        "logger": "dicom_node.scp",
+        "event": "stored",
+        "sop": "1.2.3",
+        "bytes": 42,
+        "why": "two words",
+    }
     assert TextFormatter().format(record).endswith('stored sop=1.2.3 bytes=42 why="two words"')
     ref = patient_ref("PAT-0001", b"k" * 32)
     assert ref.startswith("p:") and "PAT" not in ref and ref == patient_ref("PAT-0001", b"k" * 32)

@@ -8,7 +8,6 @@ import subprocess
 
 import pydicom
 import pytest
-
 from conftest import require_tool
 from node_helpers import CLI, REPO
 
@@ -16,8 +15,14 @@ pytestmark = pytest.mark.network
 
 
 def _run_demo(tmp_path, env=None):
-    out = subprocess.run([*CLI, "demo", "--outdir", str(tmp_path / "demo")], capture_output=True, text=True,
-                         cwd=REPO, timeout=600, env=env)
+    out = subprocess.run(
+        [*CLI, "demo", "--outdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 

@@ -10,7 +10,6 @@ import time
 
 import pydicom
 import pytest
-
 from node_helpers import (
     NodeProcess,
     Orthanc,
@@ -61,11 +60,18 @@ def test_storescu_to_node_to_storescp(tps, start_node):
     facts = check_result(result, p)
     assert facts["roi"] == "GTV_AI"
     # the audit trail has the case's timings, in order
-    events = wait_for(lambda: [e for e in node.audit() if e.get("case") == 1 and e["event"] == "sent"] and node.audit(),
-                      30, what="the audit of the delivery")
+    events = wait_for(
+        lambda: [e for e in node.audit() if e.get("case") == 1 and e["event"] == "sent"] and node.audit(),
+        30,
+        what="the audit of the delivery",
+    )
     names = [e["event"] for e in events if e.get("case") == 1]
-    for a, b in [("case_created", "case_ready"), ("case_ready", "inference_start"),
-                 ("inference_start", "inference_end"), ("inference_end", "sent")]:
+    for a, b in [
+        ("case_created", "case_ready"),
+        ("case_ready", "inference_start"),
+        ("inference_start", "inference_end"),
+        ("inference_end", "sent"),
+    ]:
         assert names.index(a) < names.index(b)
     sent = next(e for e in events if e["event"] == "sent")
     assert sent["result"] == facts["sop"]
@@ -88,7 +94,9 @@ def test_orthanc_as_the_tps(tmp_path, start_node):
         tags = orthanc.instance_tags(oid)
         assert tags["Modality"] == "RTSTRUCT"
         sent_series = pydicom.dcmread(image_files(p)[0]).SeriesInstanceUID
-        refs = tags["ReferencedFrameOfReferenceSequence"][0]["RTReferencedStudySequence"][0]["RTReferencedSeriesSequence"]
+        refs = tags["ReferencedFrameOfReferenceSequence"][0]["RTReferencedStudySequence"][0][
+            "RTReferencedSeriesSequence"
+        ]
         assert refs[0]["SeriesInstanceUID"] == sent_series
         result = tmp_path / "from-orthanc.dcm"
         result.write_bytes(orthanc.file(oid))
@@ -120,8 +128,13 @@ def test_two_patients_interleaved(tps, start_node):
     results = delivered(node, tps, 2)
     by_series = {}
     for r in results:
-        by_series[pydicom.dcmread(r).ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-                   .RTReferencedSeriesSequence[0].SeriesInstanceUID] = r
+        by_series[
+            pydicom.dcmread(r)
+            .ReferencedFrameOfReferenceSequence[0]
+            .RTReferencedStudySequence[0]
+            .RTReferencedSeriesSequence[0]
+            .SeriesInstanceUID
+        ] = r
     for p in (a, b):
         series = pydicom.dcmread(image_files(p)[0]).SeriesInstanceUID
         check_result(by_series[series], p)
@@ -129,8 +142,9 @@ def test_two_patients_interleaved(tps, start_node):
 
 def test_missing_images_fail_after_the_timeout_and_nothing_is_sent(tps, start_node):
     p = phantom(1)
-    node = start_node(destinations={"tps": tps.destination()},
-                      cases={"incomplete_timeout_seconds": 3, "settle_seconds": 1})
+    node = start_node(
+        destinations={"tps": tps.destination()}, cases={"incomplete_timeout_seconds": 3, "settle_seconds": 1}
+    )
     files = image_files(p)
     assert storescu([*files[5:], p["prompt"]], node.port).returncode == 0
     case = wait_for(lambda: [c for c in node.cases() if c["state"] == "failed"], 60, 0.2, "the case to fail")[0]
@@ -174,16 +188,26 @@ def test_a_sam2_rule_runs_its_checkpoint_in_the_worker(tmp_path, tps, start_node
     from inference.engine import get_engine
     from inference.sam2_models import file_sha256
 
-    model = get_engine("sam2", model_cfg="sam2.1_hiera_t512", device="cpu", allow_random_weights=True,
-                       random_seed=2, batch_size=4).model
+    model = get_engine(
+        "sam2", model_cfg="sam2.1_hiera_t512", device="cpu", allow_random_weights=True, random_seed=2, batch_size=4
+    ).model
     checkpoint = tmp_path / "models" / "site_ft.pt"
     checkpoint.parent.mkdir()
     torch.save({"model": model.state_dict()}, checkpoint)
     p = phantom(0, shape=(12, 128, 128), spacing=(5.0, 3.0, 3.0))
-    sam2_rule = {"name": "sam2-ct", "match": {"modality": "CT"},
-                 "action": {"engine": "sam2", "checkpoint": str(checkpoint), "model_cfg": "sam2.1_hiera_t512",
-                            "mode": "box2d", "engine_options": {"batch_size": 4},
-                            "output_roi_name": "GTV_SAM2", "destinations": ["tps"]}}
+    sam2_rule = {
+        "name": "sam2-ct",
+        "match": {"modality": "CT"},
+        "action": {
+            "engine": "sam2",
+            "checkpoint": str(checkpoint),
+            "model_cfg": "sam2.1_hiera_t512",
+            "mode": "box2d",
+            "engine_options": {"batch_size": 4},
+            "output_roi_name": "GTV_SAM2",
+            "destinations": ["tps"],
+        },
+    }
     node = start_node(destinations={"tps": tps.destination()}, extra_rules=[sam2_rule])
     wait_for(lambda: "worker_ready" in node.log_text(), 300, 0.2, "the worker to load the SAM2 model")
     out = storescu([p["images"], p["prompt"]], node.port)

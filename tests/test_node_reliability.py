@@ -11,20 +11,20 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from conftest import require_tool
-from dicom_node.store import read_part10
 from node_helpers import (
     NodeProcess,
     StoreSCP,
     delivered,
     image_files,
     phantom,
-    storescu,
     stored_successes,
+    storescu,
     wait_for,
     write_config,
 )
+
+from dicom_node.store import read_part10
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -55,12 +55,24 @@ def test_kill9_during_a_300_slice_transfer(tmp_path, tps):
     log = open(tmp_path / "storescu.log", "w")
     try:
         sender = subprocess.Popen(
-            [require_tool("storescu"), "-v", "-aet", "STORESCU", "-aec", "STARDUST", "127.0.0.1", str(node.port),
-             *map(str, files), str(p["prompt"])],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                require_tool("storescu"),
+                "-v",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "STARDUST",
+                "127.0.0.1",
+                str(node.port),
+                *map(str, files),
+                str(p["prompt"]),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: node.query("SELECT count(*) AS n FROM instances")[0]["n"] >= 80, 120, 0.02,
-                 "80 stored instances")
+        wait_for(
+            lambda: node.query("SELECT count(*) AS n FROM instances")[0]["n"] >= 80, 120, 0.02, "80 stored instances"
+        )
         node.kill9()
         sender.wait(60)
         log.close()
@@ -147,8 +159,9 @@ def test_a_crashing_worker_does_not_stop_reception(tmp_path, tps):
     node = NodeProcess(config).start()
     try:
         assert storescu([p["images"], p["prompt"]], node.port).returncode == 0
-        start = wait_for(lambda: [e for e in node.audit() if e["event"] == "inference_start"], 120, 0.01,
-                         "inference to start")[0]
+        start = wait_for(
+            lambda: [e for e in node.audit() if e["event"] == "inference_start"], 120, 0.01, "inference to start"
+        )[0]
         worker_pid = int(start["worker"].rsplit(":", 1)[1])
         os.kill(worker_pid, signal.SIGKILL)  # e.g. a CUDA error or the OOM killer
         # reception goes on while the worker is dead and restarting

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import require_tool, shared_path
 from scipy import ndimage
 
-from conftest import require_tool, shared_path
 from dicom_node import cli
 from dicom_node.phantom import (
     CT_NOISE_HU,
@@ -92,8 +92,17 @@ def test_write_image_series_round_trips_real_oblique_mr(tmp_path):
 def test_write_image_series_quantises_real_values(tmp_path):
     base = make_phantom("CT", 0, shape=(24, 48, 48)).volume
     values = base.array.astype(np.float32) * 0.37 + 0.1
-    volume = Volume(values, base.geometry, base.sop_instance_uids, "CT", base.series_instance_uid,
-                    base.study_instance_uid, base.frame_of_reference_uid, base.sop_class_uid, base.attributes)
+    volume = Volume(
+        values,
+        base.geometry,
+        base.sop_instance_uids,
+        "CT",
+        base.series_instance_uid,
+        base.study_instance_uid,
+        base.frame_of_reference_uid,
+        base.sop_class_uid,
+        base.attributes,
+    )
     write_image_series(volume, tmp_path / "s")
     loaded = load_series(tmp_path / "s")
     step = (values.max() - values.min()) / 65535
@@ -138,8 +147,9 @@ def test_prompt_box_comes_back_where_it_was_put_and_contains_the_tumour(which, r
     (box,) = targets[0].boxes
     expected = phantom.box
     assert box.slice_index == expected.slice_index
-    np.testing.assert_allclose([box.i0, box.j0, box.i1, box.j1],
-                               [expected.i0, expected.j0, expected.i1, expected.j1], atol=1e-3)
+    np.testing.assert_allclose(
+        [box.i0, box.j0, box.i1, box.j1], [expected.i0, expected.j0, expected.i1, expected.j1], atol=1e-3
+    )
     # the box is on the largest tumour slice and holds all of it, with a margin of >= 4 mm
     k = box.slice_index
     areas = phantom.truth.sum(axis=(1, 2))
@@ -164,7 +174,9 @@ def test_tumour_is_one_lobulated_object_of_known_extent(seed):
     assert 20.0 <= extent <= 40.0
     first, last = phantom.info["tumour_slices"]
     assert 8 <= last - first + 1 <= 16
-    assert phantom.info["tumour_volume_ml"] == pytest.approx(truth.sum() * phantom.volume.geometry.voxel_volume_mm3 / 1000)
+    assert phantom.info["tumour_volume_ml"] == pytest.approx(
+        truth.sum() * phantom.volume.geometry.voxel_volume_mm3 / 1000
+    )
     # irregular: it differs from the ellipsoid with its own second moments (a voxelised
     # ellipsoid on this grid matches that ellipsoid with Dice > 0.99)
     assert dice(truth, moment_ellipsoid(truth, phantom.volume.spacing)) < 0.975
@@ -213,7 +225,7 @@ def test_ct_intensities_are_realistic():
     # the tumour is distinguishable from soft tissue (the mediastinum/heart at the centre):
     # the means differ by more than 2.5 noise sd
     c = v.shape[1] // 2
-    soft = v[:, c - 4:c + 4, c - 4:c + 4]
+    soft = v[:, c - 4 : c + 4, c - 4 : c + 4]
     assert 25 < soft.mean() < 55 and 0.5 * CT_NOISE_HU < soft.std() < 1.5 * CT_NOISE_HU
     assert v[core].mean() - soft.mean() > 2.5 * soft.std()
     assert v.max() > 500  # bone
@@ -251,8 +263,9 @@ def test_shape_and_spacing_are_configurable():
 # -- command line ---------------------------------------------------------------------------
 def test_phantom_command_writes_images_prompt_and_truth(tmp_path, capsys):
     out = tmp_path / "ph"
-    rc = cli.main(["phantom", str(out), "--modality", "MR", "--seed", "4", "--slices", "40",
-                   "--size", "128", "--oblique"])
+    rc = cli.main(
+        ["phantom", str(out), "--modality", "MR", "--seed", "4", "--slices", "40", "--size", "128", "--oblique"]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "MR phantom, seed 4: 40 slices of 128x128" in text and "(oblique)" in text

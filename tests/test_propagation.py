@@ -76,7 +76,8 @@ def ellipsoid(shape, center, radii) -> np.ndarray:
 def box_prompts(truth: np.ndarray, k: int, pad: int = 2) -> TargetPrompts:
     i0, j0, i1, j1 = bounding_box(truth[k])
     return TargetPrompts(
-        target="", output_name="GTV_AI",
+        target="",
+        output_name="GTV_AI",
         boxes=[BoxPrompt(k, i0 - pad, j0 - pad, i1 + pad, j1 + pad)],
     )
 
@@ -88,7 +89,9 @@ SPACING = (3.0, 1.0, 1.0)
 def test_stops_at_the_end_of_the_tumour():
     truth = ellipsoid(SHAPE, (20, 32, 32), (6.4, 12, 10))  # slices 14..26
     seg = FakeSegmenter(truth)
-    res = propagate_2d(seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0))
+    res = propagate_2d(
+        seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0)
+    )
     assert np.array_equal(res.mask, truth)
     assert res.slice_range == (14, 26)
     assert "vanished on slice 27" in res.stop_reasons["up"]
@@ -102,7 +105,13 @@ def test_next_box_is_previous_bbox_plus_margin_per_axis():
     truth = ellipsoid(SHAPE, (20, 32, 32), (6.4, 12, 10))
     seg = FakeSegmenter(truth)
     spacing = (3.0, 0.5, 2.0)  # anisotropic in-plane: margin 3 mm = 6 rows, 1.5 columns
-    propagate_2d(seg, SHAPE, spacing, box_prompts(truth, 20), PropagationParams(margin_mm=3.0, min_area_mm2=0, min_area_fraction=0))
+    propagate_2d(
+        seg,
+        SHAPE,
+        spacing,
+        box_prompts(truth, 20),
+        PropagationParams(margin_mm=3.0, min_area_mm2=0, min_area_fraction=0),
+    )
     call = next(c for c in seg.calls if c[0] == 21)
     i0, j0, i1, j1 = bounding_box(truth[20])
     assert call[1] == pytest.approx((i0 - 6, j0 - 1.5, i1 + 6, j1 + 1.5))
@@ -172,7 +181,9 @@ def _cone() -> np.ndarray:
 def test_min_area_stop():
     truth = _cone()  # areas (1 mm pixels): 441 at k=20, 361, 289, 225, 169, 121, 81, 49, 25, 9, 1
     seg = FakeSegmenter(truth)
-    res = propagate_2d(seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=30, min_area_fraction=0))
+    res = propagate_2d(
+        seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=30, min_area_fraction=0)
+    )
     assert res.slice_range == (13, 27)  # area 49 kept, 25 < 30 stops
     assert "below the minimum 30 mm2" in res.stop_reasons["up"]
     assert not res.mask[28].any() and not res.mask[12].any()
@@ -181,7 +192,9 @@ def test_min_area_stop():
 def test_min_area_fraction_stop():
     truth = _cone()
     seg = FakeSegmenter(truth)
-    res = propagate_2d(seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0.25))
+    res = propagate_2d(
+        seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0.25)
+    )
     # 0.25 * 441 = 110.25: 121 kept (k = 15, 25), 81 stops
     assert res.slice_range == (15, 25)
     assert "below 0.25 of the prompted slice's 441.0 mm2" in res.stop_reasons["down"]
@@ -207,7 +220,9 @@ def test_box_with_points_and_negative_click():
     truth |= ellipsoid(SHAPE, (20, 32, 47), (2.0, 3, 3))  # a nodule touching the box, not wanted
     seg = FakeSegmenter(truth)
     prompts = TargetPrompts(
-        "", "GTV_AI", boxes=[BoxPrompt(20, 18, 18, 46, 51)],
+        "",
+        "GTV_AI",
+        boxes=[BoxPrompt(20, 18, 18, 46, 51)],
         points=[PointPrompt(20, 32, 32, True), PointPrompt(20, 32, 48, False)],
     )
     res = propagate_2d(seg, SHAPE, SPACING, prompts, PropagationParams(min_area_mm2=0, min_area_fraction=0))
@@ -223,7 +238,9 @@ def test_post_processing_fills_holes_and_keeps_connected_component():
     blob[27:32, 25:27, 25:27] = True  # inside the box of slice 27, not touching the tumour
     assert not (ndimage.binary_dilation(tumour, np.ones((3, 3, 3))) & blob).any()
     seg = FakeSegmenter(hollow | blob)
-    res = propagate_2d(seg, SHAPE, SPACING, box_prompts(tumour, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0))
+    res = propagate_2d(
+        seg, SHAPE, SPACING, box_prompts(tumour, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0)
+    )
     assert 31 in seg.segmented  # the walk did follow the blob; post-processing removed it
     assert np.array_equal(res.mask, tumour), "holes not filled or blob kept"
     assert max(res.slice_scores) == 26
@@ -232,7 +249,9 @@ def test_post_processing_fills_holes_and_keeps_connected_component():
 def test_scores_are_exposed_per_slice():
     truth = ellipsoid(SHAPE, (20, 32, 32), (6.4, 12, 10))
     seg = FakeSegmenter(truth, scores={k: 1.0 - abs(k - 20) / 10 for k in range(40)})
-    res = propagate_2d(seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0))
+    res = propagate_2d(
+        seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0)
+    )
     assert res.slice_scores[20] == pytest.approx(1.0)
     assert res.slice_scores[26] == pytest.approx(0.4)
     assert set(res.slice_scores) == set(res.slice_areas_mm2) == set(range(14, 27))
@@ -264,7 +283,9 @@ def test_segmenter_can_stop_the_walk_and_guided_segmenter_gets_previous_mask():
             return self.segment_slice(k, box)
 
     seg = Guided(truth)
-    res = propagate_2d(seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0))
+    res = propagate_2d(
+        seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0)
+    )
     assert (21, 20, 20) in seg.guided and (19, 20, 20) in seg.guided
     assert res.slice_range == (12, 23)
     assert res.stop_reasons["up"] == "segmenter stopped at slice 24: intensity model no longer fits"

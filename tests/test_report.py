@@ -29,9 +29,20 @@ from dicom_node.research.study import FIELDS, write_rows
 
 def _row(dataset, model, dice, hd95="1.0", status="ok", case=None, **extra):
     row = {k: "" for k in FIELDS}
-    row.update(dataset=dataset, model=model, case=case or f"{dataset}-{dice}", roi="GTV", status=status,
-               dice=str(dice), surface_dice_2mm=str(dice), hd95_mm=str(hd95), volume_ratio="1.0",
-               slices_reached="1.0", extent_ratio="1.0", seconds="0.5")
+    row.update(
+        dataset=dataset,
+        model=model,
+        case=case or f"{dataset}-{dice}",
+        roi="GTV",
+        status=status,
+        dice=str(dice),
+        surface_dice_2mm=str(dice),
+        hd95_mm=str(hd95),
+        volume_ratio="1.0",
+        slices_reached="1.0",
+        extent_ratio="1.0",
+        seconds="0.5",
+    )
     row.update(extra)
     return row
 
@@ -63,8 +74,13 @@ def test_quantile_linear_with_inf():
 
 def test_summary_median_iqr_per_dataset_and_model():
     summary = {(s["dataset"], s["model"]): s for s in summarize(_rows())}
-    assert set(summary) == {("lung", "classic"), ("phantom", "classic"), ("phantom", "sam2:ckpt"),
-                            ("ALL", "classic"), ("ALL", "sam2:ckpt")}
+    assert set(summary) == {
+        ("lung", "classic"),
+        ("phantom", "classic"),
+        ("phantom", "sam2:ckpt"),
+        ("ALL", "classic"),
+        ("ALL", "sam2:ckpt"),
+    }
     lung = summary[("lung", "classic")]
     # scored: 0.5, 0.7, 0.8, 0.9 and the failure (0.0); the skipped row is counted apart
     assert lung["n"] == 5 and lung["skipped"] == 1
@@ -103,8 +119,14 @@ def test_figures_box_plots_and_heatmap(tmp_path):
 
 
 def test_heatmap_medians_by_dataset_and_model(tmp_path):
-    rows = [_row("a", "m1", 0.1), _row("a", "m1", 0.3), _row("a", "m2", 0.95), _row("b", "m1", 0.9),
-            _row("b", "m1", 0.0, status="failed"), _row("c", "m1", "", status="skipped")]
+    rows = [
+        _row("a", "m1", 0.1),
+        _row("a", "m1", 0.3),
+        _row("a", "m2", 0.95),
+        _row("b", "m1", 0.9),
+        _row("b", "m1", 0.0, status="failed"),
+        _row("c", "m1", "", status="skipped"),
+    ]
     datasets, models, grid, counts = heatmap_grid(rows)
     assert datasets == ["a", "b", "c"] and models == ["m1", "m2"]
     np.testing.assert_allclose(grid[0], [0.2, 0.95])
@@ -123,9 +145,12 @@ def test_overlay_figure_draws_truth_prediction_and_prompt(tmp_path):
     truth = (yy - 60) ** 2 + (xx - 50) ** 2 < 400
     pred = (yy - 64) ** 2 + (xx - 52) ** 2 < 300
     overlay = Overlay(
-        title="test case", spacing_yx=(0.8, 1.2), display_range=(-160.0, 240.0),
+        title="test case",
+        spacing_yx=(0.8, 1.2),
+        display_range=(-160.0, 240.0),
         slices=[OverlaySlice(3, "prompt", image, truth, pred), OverlaySlice(5, "largest error", image, truth, pred)],
-        boxes=[(3, 40.0, 30.0, 80.0, 70.0)], points=[(5, 60.0, 50.0, True), (5, 60.0, 80.0, False)],
+        boxes=[(3, 40.0, 30.0, 80.0, 70.0)],
+        points=[(5, 60.0, 50.0, True), (5, 60.0, 80.0, False)],
     )
     img = _png_ok(overlay_figure(overlay, tmp_path / "w" / "o.png"))[..., :3]
     green = (img[..., 1] > 0.7) & (img[..., 0] < 0.4) & (img[..., 2] < 0.4)

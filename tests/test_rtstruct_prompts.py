@@ -8,8 +8,8 @@ import highdicom
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import shared_path
+
 from inference.geometry import Geometry
 from inference.prompts import BoxPrompt
 from inference.volume import Volume, load_series
@@ -43,8 +43,9 @@ def make_volume(geometry: Geometry) -> Volume:
 
 @pytest.fixture
 def volume() -> Volume:
-    return make_volume(Geometry(shape=(20, 64, 64), spacing=(3.0, 0.8, 0.8), origin=[-25.0, -25.0, 100.0],
-                                direction=np.eye(3)[::-1]))
+    return make_volume(
+        Geometry(shape=(20, 64, 64), spacing=(3.0, 0.8, 0.8), origin=[-25.0, -25.0, 100.0], direction=np.eye(3)[::-1])
+    )
 
 
 def rect(volume: Volume, k: int, i0: int, j0: int, i1: int, j1: int) -> np.ndarray:
@@ -110,11 +111,13 @@ def test_several_contours_of_a_target_on_one_slice_give_their_joint_box(volume):
 def test_targets_clicks_and_output_names(volume):
     ds = prompt_dataset(
         volume,
-        [("box_Liver", rect(volume, 4, 10, 10, 20, 20)),
-         ("POS_liver", rect(volume, 4, 15, 15, 16, 16)),  # a tiny contour: its centroid
-         ("NEG_LIVER", rect(volume, 4, 11, 11, 11, 11)),
-         ("BOX_node", rect(volume, 9, 40, 40, 50, 50)),
-         ("POS_", rect(volume, 12, 30, 30, 31, 31))],
+        [
+            ("box_Liver", rect(volume, 4, 10, 10, 20, 20)),
+            ("POS_liver", rect(volume, 4, 15, 15, 16, 16)),  # a tiny contour: its centroid
+            ("NEG_LIVER", rect(volume, 4, 11, 11, 11, 11)),
+            ("BOX_node", rect(volume, 9, 40, 40, 50, 50)),
+            ("POS_", rect(volume, 12, 30, 30, 31, 31)),
+        ],
         extra=["GTV_AI", "node_AI"],  # clinician ROIs already called like our outputs
     )
     make_point(ds, "NEG_LIVER", volume.geometry.index_to_patient([4, 11.25, 11.75]))
@@ -144,10 +147,12 @@ def test_long_target_names_are_cut_to_16_characters(volume):
 
 
 def test_conventions_are_configurable(volume):
-    conventions = PromptConventions(box_pattern=r"KASTEN[-_ ]?(?P<target>.*)", output_suffix="_KI",
-                                    default_output_name="GTV_KI")
-    ss = read_rtstruct(prompt_dataset(volume, [("Kasten Lunge", rect(volume, 3, 5, 5, 9, 9)),
-                                               ("BOX_", rect(volume, 4, 5, 5, 9, 9))]))
+    conventions = PromptConventions(
+        box_pattern=r"KASTEN[-_ ]?(?P<target>.*)", output_suffix="_KI", default_output_name="GTV_KI"
+    )
+    ss = read_rtstruct(
+        prompt_dataset(volume, [("Kasten Lunge", rect(volume, 3, 5, 5, 9, 9)), ("BOX_", rect(volume, 4, 5, 5, 9, 9))])
+    )
     assert [r.name for r in find_prompt_rois(ss, conventions)] == ["Kasten Lunge"]
     [target] = extract_prompts(ss, volume, conventions, allow_frame_of_reference_only=True)
     assert (target.target, target.output_name) == ("Lunge", "Lunge_KI")
@@ -226,9 +231,14 @@ def test_off_plane_prompts_are_refused(volume):
 
 
 def test_prompts_outside_the_image_are_refused(volume):
-    ds = prompt_dataset(volume, [("BOX_a", rect(volume, 3, 5, 5, 9, 9)),
-                                 ("POS_b", rect(volume, 3, 6, 6, 6, 6)),
-                                 ("BOX_c", rect(volume, 19, 5, 5, 9, 9))])
+    ds = prompt_dataset(
+        volume,
+        [
+            ("BOX_a", rect(volume, 3, 5, 5, 9, 9)),
+            ("POS_b", rect(volume, 3, 6, 6, 6, 6)),
+            ("BOX_c", rect(volume, 19, 5, 5, 9, 9)),
+        ],
+    )
     # BOX_a moved 100 mm sideways: off the 51 mm wide image.
     for item in contour_items(ds, "BOX_a"):
         pts = np.array(item.ContourData, dtype=float).reshape(-1, 3)
@@ -243,11 +253,14 @@ def test_prompts_outside_the_image_are_refused(volume):
     with pytest.raises(PromptError) as info:
         extract_prompts(read_rtstruct(ds), volume)
     reasons = info.value.reasons
-    assert any(r.startswith("ROI 'BOX_a' is outside the image: its box lies entirely outside the 64x64 slice 3")
-               for r in reasons), reasons
+    assert any(
+        r.startswith("ROI 'BOX_a' is outside the image: its box lies entirely outside the 64x64 slice 3")
+        for r in reasons
+    ), reasons
     assert any(r.startswith("ROI 'POS_b' is outside the image: the click at row -4.0, column 10.0") for r in reasons)
-    assert any(r.startswith("ROI 'BOX_c' is outside the image: it lies about 6.0 mm beyond the last slice")
-               for r in reasons)
+    assert any(
+        r.startswith("ROI 'BOX_c' is outside the image: it lies about 6.0 mm beyond the last slice") for r in reasons
+    )
 
 
 def test_box_partly_outside_the_image_is_clipped(volume):

@@ -9,8 +9,8 @@ import highdicom
 import numpy as np
 import pydicom
 import pytest
-
 from conftest import SHARED_DATA, shared_path
+
 from inference.geometry import Geometry
 from inference.volume import Volume, load_series
 from rtstruct import (
@@ -280,8 +280,11 @@ def test_contours_off_the_slice_planes_are_refused():
     between = on.copy()
     between[:2] += 0.4 * 3.0 * g.normal
     between[2:] += 0.6 * 3.0 * g.normal
-    with pytest.raises(RTStructError, match=r"'R' contour 1 is not on an image plane: it lies between slices, "
-                                            r"up to 1\.80 mm from slice 2, more than half the slice spacing of 3 mm"):
+    with pytest.raises(
+        RTStructError,
+        match=r"'R' contour 1 is not on an image plane: it lies between slices, "
+        r"up to 1\.80 mm from slice 2, more than half the slice spacing of 3 mm",
+    ):
         rasterize_roi(roi_of(between), g)
     # Beyond the last slice.
     with pytest.raises(RTStructError, match="outside the image: it lies about 9.0 mm beyond the last slice"):
@@ -312,11 +315,17 @@ def test_check_references_missing_images_counts_them():
     ss = read_rtstruct(shared_path("lung1-001-ct", "RTSTRUCT", "1-1.dcm"))
     ct = load_series(shared_path("lung1-001-ct", "CT"))
     partial = Volume(
-        array=ct.array[:100], geometry=Geometry(shape=(100, 512, 512), spacing=ct.spacing, origin=ct.geometry.origin,
-                                               direction=ct.geometry.direction),
-        sop_instance_uids=ct.sop_instance_uids[:100], modality="CT", series_instance_uid=ct.series_instance_uid,
-        study_instance_uid=ct.study_instance_uid, frame_of_reference_uid=ct.frame_of_reference_uid,
-        sop_class_uid=ct.sop_class_uid)
+        array=ct.array[:100],
+        geometry=Geometry(
+            shape=(100, 512, 512), spacing=ct.spacing, origin=ct.geometry.origin, direction=ct.geometry.direction
+        ),
+        sop_instance_uids=ct.sop_instance_uids[:100],
+        modality="CT",
+        series_instance_uid=ct.series_instance_uid,
+        study_instance_uid=ct.study_instance_uid,
+        frame_of_reference_uid=ct.frame_of_reference_uid,
+        sop_class_uid=ct.sop_class_uid,
+    )
     with pytest.raises(RTStructError, match="34 of 134 referenced images are missing"):
         check_references(ss, partial)
     with_copy = copy.copy(ss)

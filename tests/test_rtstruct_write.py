@@ -11,9 +11,9 @@ import highdicom
 import numpy as np
 import pydicom
 import pytest
+from conftest import require_tool, shared_path
 from highdicom._standard_utils import check_required_attributes, get_iod_module_map, get_sop_class_iod_map
 
-from conftest import require_tool, shared_path
 from inference.geometry import Geometry
 from inference.metrics import dice
 from inference.volume import Volume, load_series
@@ -122,7 +122,9 @@ def reread(ds: pydicom.Dataset) -> pydicom.Dataset:
 
 
 def round_trip(volume: Volume, mask: np.ndarray, name: str = "GTV_AI") -> tuple[np.ndarray, pydicom.Dataset]:
-    ds = reread(write_rtstruct(volume, [RoiMask(name=name, mask=mask, algorithm_name="classic", algorithm_version="1.0")]))
+    ds = reread(
+        write_rtstruct(volume, [RoiMask(name=name, mask=mask, algorithm_name="classic", algorithm_version="1.0")])
+    )
     back = rasterize_roi(read_rtstruct(ds).roi(name), volume.geometry)
     return back, ds
 
@@ -178,7 +180,9 @@ def test_lung1_gtv_rasterised_written_rasterised_again(tmp_path):
     original = read_rtstruct(shared_path("lung1-001-ct", "RTSTRUCT", "1-1.dcm"))
     first = rasterize_roi(original.roi("GTV-1"), ct.geometry)
     assert first.sum() > 10000
-    ds = write_rtstruct(ct, [RoiMask("GTV-1", first, color=(0, 255, 120), algorithm_name="round-trip", algorithm_version="1")])
+    ds = write_rtstruct(
+        ct, [RoiMask("GTV-1", first, color=(0, 255, 120), algorithm_name="round-trip", algorithm_version="1")]
+    )
     path = tmp_path / "lung1_gtv.dcm"
     ds.save_as(path, enforce_file_format=True)
     second = rasterize_roi(read_rtstruct(path).roi("GTV-1"), ct.geometry)
@@ -271,9 +275,7 @@ def test_mask_to_polygons_simplifies_without_changing_the_rasterisation():
     from rtstruct.rasterize import SliceContour, fill_contours_even_odd
 
     for polygons in (full, simple):
-        filled = fill_contours_even_odd(
-            [SliceContour(0, p[:, 0], p[:, 1], 0.0) for p in polygons], (1, 60, 60)
-        )[0]
+        filled = fill_contours_even_odd([SliceContour(0, p[:, 0], p[:, 1], 0.0) for p in polygons], (1, 60, 60))[0]
         assert np.array_equal(filled, blob)
 
 
@@ -290,14 +292,31 @@ def test_pixel_to_patient_uses_the_slice_plane_and_agrees_with_geometry():
 def test_dataset_attributes_uids_and_references():
     geometry = axial_geometry()
     volume = make_volume(geometry)
-    ds = reread(write_rtstruct(
-        volume,
-        [RoiMask("GTV_AI", sphere(geometry), color=(255, 0, 0), algorithm_name="sam2.1_hiera_tiny", algorithm_version="1.0"),
-         RoiMask("NODE_AI", two_components(geometry), color=(0, 128, 255), interpreted_type="GTV",
-                 algorithm_name="classic", algorithm_version="0.3", description="fallback engine")],
-        label="STARDUST_AI",
-        series_number=77,
-    ))
+    ds = reread(
+        write_rtstruct(
+            volume,
+            [
+                RoiMask(
+                    "GTV_AI",
+                    sphere(geometry),
+                    color=(255, 0, 0),
+                    algorithm_name="sam2.1_hiera_tiny",
+                    algorithm_version="1.0",
+                ),
+                RoiMask(
+                    "NODE_AI",
+                    two_components(geometry),
+                    color=(0, 128, 255),
+                    interpreted_type="GTV",
+                    algorithm_name="classic",
+                    algorithm_version="0.3",
+                    description="fallback engine",
+                ),
+            ],
+            label="STARDUST_AI",
+            series_number=77,
+        )
+    )
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.3"
     assert ds.Modality == "RTSTRUCT"
     for uid in (ds.SOPInstanceUID, ds.SeriesInstanceUID):
@@ -308,7 +327,15 @@ def test_dataset_attributes_uids_and_references():
     assert ds.StudyInstanceUID == volume.study_instance_uid
     assert ds.SeriesNumber == 77
     # patient/study copied, equipment is the node's
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyID", "AccessionNumber"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyID",
+        "AccessionNumber",
+    ):
         assert str(ds[keyword].value) == ATTRIBUTES[keyword]
     assert ds.Manufacturer == "STARDUST"
     assert ds.FrameOfReferenceUID == volume.frame_of_reference_uid
@@ -340,8 +367,12 @@ def test_dataset_attributes_uids_and_references():
 
 
 def test_decimal_strings_are_at_most_16_characters():
-    geometry = Geometry(shape=(6, 40, 40), spacing=(1.0 / 3, 0.123456789, 0.987654321),
-                        origin=[-12345.678912345, 23456.789123456, -0.000001234], direction=oblique_geometry().direction)
+    geometry = Geometry(
+        shape=(6, 40, 40),
+        spacing=(1.0 / 3, 0.123456789, 0.987654321),
+        origin=[-12345.678912345, 23456.789123456, -0.000001234],
+        direction=oblique_geometry().direction,
+    )
     yy, xx = np.mgrid[:40, :40]
     mask = np.zeros(geometry.shape, dtype=bool)
     mask[1:5] = (yy - 20) ** 2 + (xx - 19) ** 2 <= 15**2
@@ -364,9 +395,23 @@ def test_type_1_and_2_attributes_present_even_without_image_attributes(tmp_path)
     for module in get_iod_module_map()[iod]:
         if module["usage"] == "M" or module["key"] == "frame-of-reference":
             check_required_attributes(ds, module["key"])  # raises AttributeError naming what is missing
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "ReferringPhysicianName", "StudyID", "AccessionNumber", "OperatorsName", "Manufacturer",
-                    "StructureSetDate", "StructureSetTime", "PositionReferenceIndicator", "SeriesNumber"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+        "OperatorsName",
+        "Manufacturer",
+        "StructureSetDate",
+        "StructureSetTime",
+        "PositionReferenceIndicator",
+        "SeriesNumber",
+    ):
         assert keyword in ds, keyword
     for obs in ds.RTROIObservationsSequence:
         assert "ROIInterpreter" in obs and "RTROIInterpretedType" in obs
@@ -379,8 +424,13 @@ def test_type_1_and_2_attributes_present_even_without_image_attributes(tmp_path)
 def test_dciodvfy_reports_no_errors_for_a_synthetic_rtstruct(tmp_path):
     geometry = oblique_geometry()
     volume = make_volume(geometry, modality="MR")
-    ds = write_rtstruct(volume, [RoiMask("GTV_AI", ellipsoid_with_hole(geometry)),
-                                 RoiMask("GTV2_AI", two_components(geometry), color=(0, 0, 255))])
+    ds = write_rtstruct(
+        volume,
+        [
+            RoiMask("GTV_AI", ellipsoid_with_hole(geometry)),
+            RoiMask("GTV2_AI", two_components(geometry), color=(0, 0, 255)),
+        ],
+    )
     path = tmp_path / "synthetic.dcm"
     ds.save_as(path, enforce_file_format=True)
     errors, warnings = dciodvfy(path)

@@ -86,8 +86,10 @@ def test_first_matching_rule_wins_and_later_rules_are_not_evaluated():
     assert "not evaluated" in d.explanation[3]
 
     # swapping the order changes the winner
-    rs2 = ruleset(rule("ct-two", {"modality": "CT"}, output_roi_name="SECOND"),
-                  rule("ct-one", {"modality": "CT"}, output_roi_name="FIRST"))
+    rs2 = ruleset(
+        rule("ct-two", {"modality": "CT"}, output_roi_name="SECOND"),
+        rule("ct-one", {"modality": "CT"}, output_roi_name="FIRST"),
+    )
     assert rs2.evaluate(context()).action.output_roi_name == "SECOND"
 
 
@@ -180,8 +182,11 @@ def test_multivalued_absent_and_private_tags():
     assert not d.matched and "image tag KVP (0018,0060) absent" in d.explanation[0]
     header = image_header()
     header.add_new(0x00091001, "LO", "STARDUST-TEST")  # a private element, by number
-    assert ruleset(rule("priv", {"image_tags": {"(0009,1001)": "STARDUST-.*"}})).evaluate(
-        context(image_header=header)).matched
+    assert (
+        ruleset(rule("priv", {"image_tags": {"(0009,1001)": "STARDUST-.*"}}))
+        .evaluate(context(image_header=header))
+        .matched
+    )
     d = ruleset(rule("nohdr", {"image_tags": {"Modality": "CT"}})).evaluate(context(image_header=None))
     assert "no header available" in d.explanation[0]
 
@@ -208,16 +213,38 @@ def test_identifying_values_never_appear_in_explanations():
 # actions
 # --------------------------------------------------------------------------------------
 def test_action_gives_segment_options_engine_config_and_names(tmp_path):
-    rs = ruleset(rule("sam", engine="sam2", mode="video3d", checkpoint=str(tmp_path / "m.pt"),
-                      model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml", window="-600,1600",
-                      margin_mm=5, min_area_mm2=2.5, min_area_fraction=0.1, max_extent_mm=80,
-                      output_roi_name="{target}_SAM", output_color="#00ff80", destinations="tps",
-                      engine_options={"image_size": 512}))
+    rs = ruleset(
+        rule(
+            "sam",
+            engine="sam2",
+            mode="video3d",
+            checkpoint=str(tmp_path / "m.pt"),
+            model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml",
+            window="-600,1600",
+            margin_mm=5,
+            min_area_mm2=2.5,
+            min_area_fraction=0.1,
+            max_extent_mm=80,
+            output_roi_name="{target}_SAM",
+            output_color="#00ff80",
+            destinations="tps",
+            engine_options={"image_size": 512},
+        )
+    )
     a = rs.rules[0].action
-    assert a.segment_options() == SegmentOptions(mode="video3d", window=(-600.0, 1600.0), margin_mm=5.0,
-                                                 min_area_mm2=2.5, min_area_fraction=0.1, max_extent_mm=80.0)
-    assert a.engine_config() == {"checkpoint": str(tmp_path / "m.pt"),
-                                 "model_cfg": "configs/sam2.1/sam2.1_hiera_t.yaml", "image_size": 512}
+    assert a.segment_options() == SegmentOptions(
+        mode="video3d",
+        window=(-600.0, 1600.0),
+        margin_mm=5.0,
+        min_area_mm2=2.5,
+        min_area_fraction=0.1,
+        max_extent_mm=80.0,
+    )
+    assert a.engine_config() == {
+        "checkpoint": str(tmp_path / "m.pt"),
+        "model_cfg": "configs/sam2.1/sam2.1_hiera_t.yaml",
+        "image_size": 512,
+    }
     assert a.output_color == (0, 255, 128) and a.destinations == ["tps"]
     assert a.roi_name_for("LIVER", "LIVER_AI") == "LIVER_SAM"
     assert a.roi_name_for("", "GTV_AI") == "GTV_AI"
@@ -231,17 +258,22 @@ def test_action_gives_segment_options_engine_config_and_names(tmp_path):
 
 
 def test_defaults_are_merged_and_rules_override_them():
-    rs = ruleset(rule("a"), rule("b", destinations=["archive"], engine="classic"),
-                 defaults={"destinations": ["tps"], "margin_mm": 6})
+    rs = ruleset(
+        rule("a"),
+        rule("b", destinations=["archive"], engine="classic"),
+        defaults={"destinations": ["tps"], "margin_mm": 6},
+    )
     a, b = (r.action for r in rs.rules)
     assert a.destinations == ["tps"] and a.margin_mm == 6
     assert b.destinations == ["archive"] and b.margin_mm == 6
     assert rs.check_destinations({"tps"}) == [
-        "rule 'b': destination 'archive' is not defined in the node configuration (defined: tps)"]
+        "rule 'b': destination 'archive' is not defined in the node configuration (defined: tps)"
+    ]
     assert rs.check_destinations({"tps", "archive"}) == []
     nowhere = ruleset(rule("nowhere"))
     assert nowhere.check_destinations(set()) == [
-        "rule 'nowhere': no destinations and no export_folder: results would go nowhere"]
+        "rule 'nowhere': no destinations and no export_folder: results would go nowhere"
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -250,30 +282,53 @@ def test_defaults_are_merged_and_rules_override_them():
 @pytest.mark.parametrize(
     "bad, expected",
     [
-        ({"rules": [rule("x", {"calling_aet": "ECL(IPSE"})]},
-         "rule #1 'x': match.calling_aet: bad regular expression 'ECL(IPSE': missing ), unterminated subpattern"),
-        ({"rules": [rule("ok"), rule("tags", {"image_tags": {"BodyPart": "CHEST"}})]},
-         "rule #2 'tags': match.image_tags: 'BodyPart' is neither a DICOM keyword"),
-        ({"rules": [rule("tagre", {"rtstruct_tags": {"Manufacturer": "[Varian"}})]},
-         "rule #1 'tagre': match.rtstruct_tags: Manufacturer: bad regular expression '[Varian'"),
-        ({"rules": [rule("seq", {"image_tags": {"ReferencedImageSequence": ".*"}})]},
-         "'ReferencedImageSequence' is a sequence"),
-        ({"rules": [rule("typo", {"modalty": "CT"})]}, "rule #1 'typo': match.modalty: unknown key (known: calling_aet"),
+        (
+            {"rules": [rule("x", {"calling_aet": "ECL(IPSE"})]},
+            "rule #1 'x': match.calling_aet: bad regular expression 'ECL(IPSE': missing ), unterminated subpattern",
+        ),
+        (
+            {"rules": [rule("ok"), rule("tags", {"image_tags": {"BodyPart": "CHEST"}})]},
+            "rule #2 'tags': match.image_tags: 'BodyPart' is neither a DICOM keyword",
+        ),
+        (
+            {"rules": [rule("tagre", {"rtstruct_tags": {"Manufacturer": "[Varian"}})]},
+            "rule #1 'tagre': match.rtstruct_tags: Manufacturer: bad regular expression '[Varian'",
+        ),
+        (
+            {"rules": [rule("seq", {"image_tags": {"ReferencedImageSequence": ".*"}})]},
+            "'ReferencedImageSequence' is a sequence",
+        ),
+        (
+            {"rules": [rule("typo", {"modalty": "CT"})]},
+            "rule #1 'typo': match.modalty: unknown key (known: calling_aet",
+        ),
         ({"rules": [rule("w", window=[40, 0])]}, "rule #1 'w': action.window: window width must be > 0"),
         ({"rules": [rule("w", window="40")]}, "action.window: window '40': write it as 'LEVEL,WIDTH'"),
         ({"rules": [rule("s", engine="sam2")]}, "rule #1 's': action: engine sam2 needs 'checkpoint'"),
         ({"rules": [rule("c", engine="classic", mode="video3d")]}, "engine classic supports only mode box2d"),
         ({"rules": [rule("e", engine="sam3")]}, "rule #1 'e': action.engine: Input should be 'classic' or 'sam2'"),
-        ({"rules": [rule("n", output_roi_name="THIS_NAME_IS_TOO_LONG")]},
-         "action.output_roi_name: 'THIS_NAME_IS_TOO_LONG' is longer than 16 characters"),
+        (
+            {"rules": [rule("n", output_roi_name="THIS_NAME_IS_TOO_LONG")]},
+            "action.output_roi_name: 'THIS_NAME_IS_TOO_LONG' is longer than 16 characters",
+        ),
         ({"rules": [rule("n", output_roi_name="{organ}_AI")]}, "the only placeholder allowed is {target}"),
-        ({"rules": [rule("col", output_color=[255, 0, 300])]}, "action.output_color: colour components must be integers 0-255"),
-        ({"rules": [rule("f", min_area_fraction=1.5)]}, "rule #1 'f': action.min_area_fraction: Input should be less than or equal to 1"),
+        (
+            {"rules": [rule("col", output_color=[255, 0, 300])]},
+            "action.output_color: colour components must be integers 0-255",
+        ),
+        (
+            {"rules": [rule("f", min_area_fraction=1.5)]},
+            "rule #1 'f': action.min_area_fraction: Input should be less than or equal to 1",
+        ),
         ({"rules": [rule("k", flavour="mild")]}, "rule #1 'k': action.flavour: unknown key"),
-        ({"rules": [rule("dev", engine="sam2", checkpoint="/m.pt", engine_options={"device": "cuda"})]},
-         "action.engine_options: 'device' is not an engine option here: the worker chooses the device"),
-        ({"rules": [rule("opt", engine="sam2", checkpoint="/m.pt", engine_options={"img_size": 512})]},
-         "rule #1 'opt': action: engine_options: unknown option(s) for sam2: img_size (known: batch_size"),
+        (
+            {"rules": [rule("dev", engine="sam2", checkpoint="/m.pt", engine_options={"device": "cuda"})]},
+            "action.engine_options: 'device' is not an engine option here: the worker chooses the device",
+        ),
+        (
+            {"rules": [rule("opt", engine="sam2", checkpoint="/m.pt", engine_options={"img_size": 512})]},
+            "rule #1 'opt': action: engine_options: unknown option(s) for sam2: img_size (known: batch_size",
+        ),
         ({"rules": [{"match": {"modality": "CT"}, "action": {}}]}, "rule #1: name: missing"),
         ({"rules": [{"name": "noaction"}]}, "rule #1 'noaction': action: missing"),
         ({"rules": [rule("d"), rule("d")]}, "rule names must be unique; repeated: d"),
@@ -281,7 +336,10 @@ def test_defaults_are_merged_and_rules_override_them():
         ({"rules": [rule("a")], "version": 2}, "version: this node reads rules version 1, not 2"),
         ({"rules": [rule("a")], "default": {}}, "unknown top-level key(s) default"),
         ({"rules": [rule("a")], "defaults": {"windw": [1, 2]}}, "defaults: unknown action field(s) windw"),
-        ({"rules": [rule("a")], "defaults": {"window": [1, -2]}}, "rule #1 'a': action.window: window width must be > 0"),
+        (
+            {"rules": [rule("a")], "defaults": {"window": [1, -2]}},
+            "rule #1 'a': action.window: window width must be > 0",
+        ),
     ],
 )
 def test_validation_errors_name_the_rule_and_the_key(bad, expected):
@@ -293,8 +351,9 @@ def test_validation_errors_name_the_rule_and_the_key(bad, expected):
 
 def test_load_from_file_resolves_relative_paths_and_reports_yaml_errors(tmp_path):
     path = tmp_path / "rules.yaml"
-    path.write_text(yaml.safe_dump({"rules": [rule("s", engine="sam2", checkpoint="models/t.pt",
-                                                   export_folder="out")]}))
+    path.write_text(
+        yaml.safe_dump({"rules": [rule("s", engine="sam2", checkpoint="models/t.pt", export_folder="out")]})
+    )
     rs = RuleSet.load(path)
     assert rs.rules[0].action.checkpoint == tmp_path / "models" / "t.pt"
     assert rs.rules[0].action.export_folder == tmp_path / "out"
@@ -332,8 +391,17 @@ def test_context_from_real_files_reads_headers():
     assert ctx.roi_names == ["GTV-1", "Spinal-Cord", "Lung-Left", "Lung-Right"]
     assert ctx.prompt_roi_names == []  # no BOX_/POS_/NEG_ ROIs in the clinical structure set
     assert "PixelData" not in ctx.image_header
-    rs = ruleset(rule("lung", {"roi_names": "GTV-.*", "image_tags": {"Modality": "CT"},
-                               "rtstruct_tags": {"Modality": "RTSTRUCT"}, "calling_aet": "ECLIPSE"}))
+    rs = ruleset(
+        rule(
+            "lung",
+            {
+                "roi_names": "GTV-.*",
+                "image_tags": {"Modality": "CT"},
+                "rtstruct_tags": {"Modality": "RTSTRUCT"},
+                "calling_aet": "ECLIPSE",
+            },
+        )
+    )
     assert rs.evaluate(ctx).matched
 
 
@@ -361,16 +429,22 @@ def test_engine_config_keys_are_parameters_of_the_sam2_engine():
     from inference.engines.sam2 import Sam2Engine
 
     params = set(inspect.signature(Sam2Engine.__init__).parameters)
-    action = Action(engine="sam2", checkpoint=Path("/m.pt"), model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml",
-                    engine_options={k: 1 for k in SAM2_ENGINE_OPTIONS})
+    action = Action(
+        engine="sam2",
+        checkpoint=Path("/m.pt"),
+        model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml",
+        engine_options={k: 1 for k in SAM2_ENGINE_OPTIONS},
+    )
     assert set(action.engine_config()) <= params
 
 
 def test_backslash_in_a_single_quoted_yaml_regex_matches_a_multivalued_element(tmp_path):
     # exactly as the comment in config/rules.yaml tells users to write it
     path = tmp_path / "rules.yaml"
-    path.write_text("rules:\n  - name: orig\n    match:\n      image_tags:\n"
-                    "        ImageType: 'ORIGINAL\\\\PRIMARY\\\\.*'\n    action: {engine: classic}\n")
+    path.write_text(
+        "rules:\n  - name: orig\n    match:\n      image_tags:\n"
+        "        ImageType: 'ORIGINAL\\\\PRIMARY\\\\.*'\n    action: {engine: classic}\n"
+    )
     rs = RuleSet.load(path)
     assert rs.evaluate(context()).matched
     assert not rs.evaluate(context(image_header=image_header(ImageType=["DERIVED", "SECONDARY"]))).matched
@@ -381,10 +455,22 @@ def test_action_survives_the_json_round_trip_the_job_queue_uses(tmp_path):
     # re-validates it with Action.model_validate
     import json
 
-    rs = ruleset(rule("full", engine="sam2", mode="video3d", checkpoint=str(tmp_path / "m.pt"),
-                      model_cfg="sam2.1_hiera_t512", engine_options={"image_size": 512, "precision": "fp32"},
-                      window=[-600, 1600], output_roi_name="{target}_AI", output_color=[0, 255, 0],
-                      destinations=["tps", "pacs"], export_folder=str(tmp_path / "out"), margin_mm=2.5))
+    rs = ruleset(
+        rule(
+            "full",
+            engine="sam2",
+            mode="video3d",
+            checkpoint=str(tmp_path / "m.pt"),
+            model_cfg="sam2.1_hiera_t512",
+            engine_options={"image_size": 512, "precision": "fp32"},
+            window=[-600, 1600],
+            output_roi_name="{target}_AI",
+            output_color=[0, 255, 0],
+            destinations=["tps", "pacs"],
+            export_folder=str(tmp_path / "out"),
+            margin_mm=2.5,
+        )
+    )
     for action in (rs.rules[0].action, Action()):
         again = Action.model_validate(json.loads(json.dumps(action.model_dump(mode="json"))))
         assert again == action

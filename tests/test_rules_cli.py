@@ -34,8 +34,9 @@ def write_rules(path: Path, rules: list[dict], **top) -> Path:
 
 
 def test_phantom_prompt_case_with_the_default_rules(capsys, phantom):
-    rc, out, err = run_cli(capsys, phantom["images"], phantom["prompt"], "--rules", DEFAULT_RULES,
-                           "--calling-aet", "ECLIPSE")
+    rc, out, err = run_cli(
+        capsys, phantom["images"], phantom["prompt"], "--rules", DEFAULT_RULES, "--calling-aet", "ECLIPSE"
+    )
     assert rc == 0, out + err
     n_images = len(list(phantom["images"].iterdir()))
     assert f"images: {n_images} in referenced series" in out
@@ -51,16 +52,27 @@ def test_phantom_prompt_case_with_the_default_rules(capsys, phantom):
 
 
 def test_phantom_folder_with_truth_and_rules_on_ae_titles_and_tags(capsys, phantom, tmp_path):
-    rules = write_rules(tmp_path / "rules.yaml", [
-        {"name": "from-aria", "match": {"calling_aet": "ARIA.*"}, "action": {"destinations": ["tps"]}},
-        {"name": "prompt-ct", "match": {"calling_aet": "ECLIPSE", "called_aet": "STARDUST",
-                                        "prompt_roi_names": "BOX_.*", "image_tags": {"(0008,0060)": "CT"},
-                                        "rtstruct_tags": {"Modality": "RTSTRUCT"}},
-         "action": {"destinations": ["tps"], "margin_mm": 4}},
-    ])
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        [
+            {"name": "from-aria", "match": {"calling_aet": "ARIA.*"}, "action": {"destinations": ["tps"]}},
+            {
+                "name": "prompt-ct",
+                "match": {
+                    "calling_aet": "ECLIPSE",
+                    "called_aet": "STARDUST",
+                    "prompt_roi_names": "BOX_.*",
+                    "image_tags": {"(0008,0060)": "CT"},
+                    "rtstruct_tags": {"Modality": "RTSTRUCT"},
+                },
+                "action": {"destinations": ["tps"], "margin_mm": 4},
+            },
+        ],
+    )
     # the whole folder: prompt.dcm is a case; truth.dcm (GTV only) matches no rule
-    rc, out, _ = run_cli(capsys, phantom["prompt"].parent, "--rules", rules,
-                         "--calling-aet", "ECLIPSE", "--called-aet", "STARDUST")
+    rc, out, _ = run_cli(
+        capsys, phantom["prompt"].parent, "--rules", rules, "--calling-aet", "ECLIPSE", "--called-aet", "STARDUST"
+    )
     assert rc == 1
     cases = out.split("\ncase ")[1:]
     assert len(cases) == 2
@@ -90,13 +102,24 @@ def test_without_options_the_default_node_configuration_is_used(capsys, phantom,
 
 
 def test_node_config_names_the_rules_file_and_destinations(capsys, phantom, tmp_path):
-    write_rules(tmp_path / "my-rules.yaml", [
-        {"name": "all", "action": {"destinations": ["tps", "archive"]}},
-    ])
+    write_rules(
+        tmp_path / "my-rules.yaml",
+        [
+            {"name": "all", "action": {"destinations": ["tps", "archive"]}},
+        ],
+    )
     config = tmp_path / "node.yaml"
-    config.write_text(yaml.safe_dump({"ae_title": "STARDUST_T", "rules": "my-rules.yaml", "data_dir": "data",
-                                      "access": {"calling_aets": ["ECLIPSE"]},
-                                      "destinations": {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": 104}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "ae_title": "STARDUST_T",
+                "rules": "my-rules.yaml",
+                "data_dir": "data",
+                "access": {"calling_aets": ["ECLIPSE"]},
+                "destinations": {"tps": {"ae_title": "TPS", "host": "127.0.0.1", "port": 104}},
+            }
+        )
+    )
     rc, out, _ = run_cli(capsys, phantom["images"], phantom["prompt"], "-c", config)
     assert rc == 0
     assert f"rules: {tmp_path / 'my-rules.yaml'} (1 rule(s))" in out
@@ -114,13 +137,25 @@ def test_lung1_with_a_prompt_copy_of_its_rtstruct(capsys, tmp_path):
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(tmp_path / "prompt.dcm")
 
-    rules = write_rules(tmp_path / "rules.yaml", [
-        {"name": "thorax-sam", "match": {"modality": "CT", "image_tags": {"BodyPartExamined": "(?i)abdomen"}},
-         "action": {"engine": "classic", "destinations": ["tps"]}},
-        {"name": "lung-gtv", "match": {"prompt_roi_names": "BOX_GTV.*", "roi_names": "Spinal-Cord",
-                                       "rtstruct_tags": {"Manufacturer": "(?i)varian.*"}},
-         "action": {"output_roi_name": "{target}_AI", "window": [-600, 1600], "destinations": ["tps"]}},
-    ])
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        [
+            {
+                "name": "thorax-sam",
+                "match": {"modality": "CT", "image_tags": {"BodyPartExamined": "(?i)abdomen"}},
+                "action": {"engine": "classic", "destinations": ["tps"]},
+            },
+            {
+                "name": "lung-gtv",
+                "match": {
+                    "prompt_roi_names": "BOX_GTV.*",
+                    "roi_names": "Spinal-Cord",
+                    "rtstruct_tags": {"Manufacturer": "(?i)varian.*"},
+                },
+                "action": {"output_roi_name": "{target}_AI", "window": [-600, 1600], "destinations": ["tps"]},
+            },
+        ],
+    )
     rc, out, _ = run_cli(capsys, root, tmp_path / "prompt.dcm", "--rules", rules, "--calling-aet", "ECLIPSE")
     # two RTSTRUCTs: the original (no prompts) and the prompt copy
     assert rc == 1
@@ -178,7 +213,6 @@ def test_unreadable_file_missing_path_and_bad_rules_are_clear_errors(capsys, tmp
     bad = write_rules(tmp_path / "bad.yaml", [{"name": "oops", "match": {"calling_aet": "(("}, "action": {}}])
     rc, _, err = run_cli(capsys, tmp_path, "--rules", bad)
     assert rc == 2 and "rule #1 'oops': match.calling_aet: bad regular expression '(('" in err
-
 
     config = tmp_path / "node.yaml"
     config.write_text("ae_title: X\naccess: {calling_aets: [ECLIPSE]}\n")

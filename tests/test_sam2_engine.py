@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import require_tool
+
 from inference.engine import SegmentationError, SegmentOptions, get_engine
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
 
@@ -36,9 +36,7 @@ def box_prompts(ph, name: str = "GTV_AI") -> TargetPrompts:
 
 
 def engine(size: str):
-    return get_engine(
-        "sam2", model_cfg=size, device="cpu", allow_random_weights=True, random_seed=SEED, batch_size=4
-    )
+    return get_engine("sam2", model_cfg=size, device="cpu", allow_random_weights=True, random_seed=SEED, batch_size=4)
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -73,8 +71,14 @@ def check_result_and_rtstruct(ph, prompts, result, mode, tmp_path):
 
     ds = write_rtstruct(
         vol,
-        [RoiMask(name=prompts.output_name, mask=result.mask,
-                 algorithm_name=result.algorithm_name, algorithm_version=result.engine_version)],
+        [
+            RoiMask(
+                name=prompts.output_name,
+                mask=result.mask,
+                algorithm_name=result.algorithm_name,
+                algorithm_version=result.engine_version,
+            )
+        ],
     )
     path = tmp_path / f"sam2_{mode}.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -272,10 +276,15 @@ def test_group_objects():
     from inference.sam2_video import group_objects
 
     prompts = TargetPrompts(
-        "", "GTV_AI",
+        "",
+        "GTV_AI",
         boxes=[BoxPrompt(5, 50, 50, 60, 60), BoxPrompt(5, 10, 10, 20, 20), BoxPrompt(8, 11, 11, 21, 21)],
-        points=[PointPrompt(5, 55, 55, True), PointPrompt(5, 90, 90, False), PointPrompt(9, 30, 40, True),
-                PointPrompt(3, 30, 30, False)],
+        points=[
+            PointPrompt(5, 55, 55, True),
+            PointPrompt(5, 90, 90, False),
+            PointPrompt(9, 30, 40, True),
+            PointPrompt(3, 30, 30, False),
+        ],
     )
     objects, warnings = group_objects(prompts, lo=2)
     # object 0: the upper-left box on each slice (+ the stray negative point on slice 5)

@@ -154,7 +154,9 @@ def test_image_predictor_at_512_matches_our_decoder(tiny512):
         cache = SliceFeatureCache(tiny512, gray, device="cpu")
         ours = decode_prompts(tiny512, cache.get(0)[1], (96, 128), box)
         pt_theirs, pt_ious, _ = predictor.predict(
-            point_coords=np.array([[90.0, 45.0]]), point_labels=np.array([1]), multimask_output=True,
+            point_coords=np.array([[90.0, 45.0]]),
+            point_labels=np.array([1]),
+            multimask_output=True,
             return_logits=True,
         )
         pt_ours = decode_prompts(tiny512, cache.get(0)[1], (96, 128), None, [(45.0, 90.0, True)])

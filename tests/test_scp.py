@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import free_port, require_tool
+from node_helpers import echoscu, storescu, wait_for
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import generate_uid
+from test_store import tiny_ct
 
-from conftest import free_port, require_tool
 from dicom_node.config import config_from_data, merge
 from dicom_node.db import Database
 from dicom_node.scp import StorageSCP
 from dicom_node.store import Store
-from node_helpers import echoscu, storescu, wait_for
-from test_store import tiny_ct
 
 pytestmark = pytest.mark.network
 
@@ -28,12 +28,15 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 
 @contextmanager
 def running_scp(tmp_path: Path, **overrides):
-    data = merge({
-        "data_dir": str(tmp_path / "data"),
-        "network": {"bind": "127.0.0.1", "port": free_port()},
-        "access": {"calling_aets": ["STORESCU", "ECHOSCU", "PYNETDICOM"], "networks": ["127.0.0.0/8"]},
-        "storage": {"min_free_mb": 1},
-    }, overrides)
+    data = merge(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "network": {"bind": "127.0.0.1", "port": free_port()},
+            "access": {"calling_aets": ["STORESCU", "ECHOSCU", "PYNETDICOM"], "networks": ["127.0.0.0/8"]},
+            "storage": {"min_free_mb": 1},
+        },
+        overrides,
+    )
     cfg = config_from_data(data)
     db = Database(cfg.db_path)
     store = Store(cfg.store_dir, db, fsync=True, min_free_bytes=cfg.storage.min_free_mb * 2**20)
@@ -153,7 +156,9 @@ def test_non_dicom_and_truncated_data_get_an_error_status(tmp_path):
     good = write_files(tmp_path / "good", [tiny_ct()])[0]
     body = dataset_bytes(good)
     with running_scp(tmp_path) as scp:
-        status, comment = _raw_store(scp.port, _with_payload(tmp_path, "garbage.dcm", b"MZ\x90\x00 this is not DICOM" * 50))
+        status, comment = _raw_store(
+            scp.port, _with_payload(tmp_path, "garbage.dcm", b"MZ\x90\x00 this is not DICOM" * 50)
+        )
         assert status == 0xC210 and "not a decodable DICOM dataset" in comment
         status, comment = _raw_store(scp.port, _with_payload(tmp_path, "cut.dcm", body[: len(body) - 50]))
         assert status == 0xC210, comment
@@ -212,27 +217,98 @@ def _openssl(*args, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=STARDUST test CA", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=STARDUST test CA",
+        cwd=d,
+    )
     (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     # server key encrypted: its password comes from the environment
     _openssl("genrsa", "-aes256", "-passout", "pass:node-key-pw", "-out", "server.key", "2048", cwd=d)
-    _openssl("req", "-new", "-key", "server.key", "-passin", "pass:node-key-pw", "-out", "server.csr",
-             "-subj", "/CN=localhost", cwd=d)
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr",
-             "-subj", "/CN=tps-client", cwd=d)
-    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "client.crt", "-days", "2", cwd=d)
+    _openssl(
+        "req",
+        "-new",
+        "-key",
+        "server.key",
+        "-passin",
+        "pass:node-key-pw",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=d,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        cwd=d,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=tps-client",
+        cwd=d,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.crt",
+        "-days",
+        "2",
+        cwd=d,
+    )
     return d
 
 
 def test_tls_with_dcmtk(tmp_path, pki, monkeypatch):
     monkeypatch.setenv("STARDUST_TEST_TLS_PW", "node-key-pw")
     files = write_files(tmp_path / "in", [tiny_ct(), tiny_ct()])
-    tls = {"enabled": True, "cert_file": str(pki / "server.crt"), "key_file": str(pki / "server.key"),
-           "key_password_env": "STARDUST_TEST_TLS_PW", "ca_file": str(pki / "ca.crt")}
+    tls = {
+        "enabled": True,
+        "cert_file": str(pki / "server.crt"),
+        "key_file": str(pki / "server.key"),
+        "key_password_env": "STARDUST_TEST_TLS_PW",
+        "ca_file": str(pki / "ca.crt"),
+    }
     with running_scp(tmp_path, tls=tls) as scp:
         out = storescu(files, scp.port, extra=["+tla", "+cf", str(pki / "ca.crt")])
         assert out.returncode == 0, out.stderr
@@ -244,8 +320,15 @@ def test_tls_with_dcmtk(tmp_path, pki, monkeypatch):
     with running_scp(tmp_path, tls={**tls, "require_client_cert": True}) as scp:
         anon = echoscu(scp.port, extra=["+tla", "+cf", str(pki / "ca.crt")])
         assert anon.returncode != 0  # no client certificate: refused in the handshake
-        out = storescu(files, scp.port,
-                       extra=["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")])
+        out = storescu(
+            files,
+            scp.port,
+            extra=["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")],
+        )
         assert out.returncode == 0, out.stderr
-        assert echoscu(scp.port, extra=["+tls", str(pki / "client.key"), str(pki / "client.crt"),
-                                        "+cf", str(pki / "ca.crt")]).returncode == 0
+        assert (
+            echoscu(
+                scp.port, extra=["+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt")]
+            ).returncode
+            == 0
+        )

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, shared_path
+
 from dicom_node.cli import main
 
 
@@ -35,7 +35,9 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return rc, captured.out, captured.err
 
 
-def write_box_prompt(volume, k: int, rows: tuple[int, int], cols: tuple[int, int], path: Path, name: str = "BOX_") -> Path:
+def write_box_prompt(
+    volume, k: int, rows: tuple[int, int], cols: tuple[int, int], path: Path, name: str = "BOX_"
+) -> Path:
     """A prompt RTSTRUCT with a rectangle of pixels on slice ``k`` (as a TPS user draws a box)."""
     from rtstruct.writer import RoiMask, write_rtstruct
 
@@ -68,19 +70,31 @@ def test_segment_then_evaluate_on_a_phantom(phantom, tmp_path, capsys):
     algo = obs.ROIDerivationAlgorithmIdentificationSequence[0]
     assert algo.AlgorithmName == "STARDUST classic region-growing (not SAM2)" and algo.AlgorithmVersion == "1.0"
 
-    rc, stdout, stderr = run_cli(capsys, "evaluate", "--images", phantom["images"], "--pred", out,
-                                 "--truth", phantom["truth"], "--json")
+    rc, stdout, stderr = run_cli(
+        capsys, "evaluate", "--images", phantom["images"], "--pred", out, "--truth", phantom["truth"], "--json"
+    )
     assert rc == 0, stderr
     scores = json.loads(stdout)
     assert scores["pred_roi"] == "GTV_AI" and scores["truth_roi"] == "GTV"
     assert scores["dice"] >= 0.9 and scores["surface_dice"] >= 0.9 and scores["hd95_mm"] <= 3.0
 
-    rc, stdout, _ = run_cli(capsys, "evaluate", "--images", phantom["images"], "--pred", out, "--truth", phantom["truth"])
+    rc, stdout, _ = run_cli(
+        capsys, "evaluate", "--images", phantom["images"], "--pred", out, "--truth", phantom["truth"]
+    )
     assert rc == 0
     assert "Dice" in stdout and "surface Dice 2 mm" in stdout and "HD95" in stdout
     # the truth against itself: perfect scores
-    rc, stdout, _ = run_cli(capsys, "evaluate", "--images", phantom["images"], "--pred", phantom["truth"],
-                            "--truth", phantom["truth"], "--json")
+    rc, stdout, _ = run_cli(
+        capsys,
+        "evaluate",
+        "--images",
+        phantom["images"],
+        "--pred",
+        phantom["truth"],
+        "--truth",
+        phantom["truth"],
+        "--json",
+    )
     perfect = json.loads(stdout)
     assert perfect["dice"] == 1.0 and perfect["hd95_mm"] == 0.0
 
@@ -90,11 +104,21 @@ def test_console_script_exit_codes(phantom, tmp_path):
     exe = Path(sys.executable).with_name("dicom-node")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "dicom_node.cli"]
     out = tmp_path / "r.dcm"
-    ok = subprocess.run([*cmd, "segment", str(phantom["images"]), str(phantom["prompt"]), "-o", str(out)],
-                        capture_output=True, text=True, cwd=REPO, timeout=300)
+    ok = subprocess.run(
+        [*cmd, "segment", str(phantom["images"]), str(phantom["prompt"]), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([*cmd, "segment", str(phantom["images"]), str(tmp_path / "nope.dcm"), "-o", str(tmp_path / "x.dcm")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    bad = subprocess.run(
+        [*cmd, "segment", str(phantom["images"]), str(tmp_path / "nope.dcm"), "-o", str(tmp_path / "x.dcm")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert bad.returncode != 0
     assert "error:" in bad.stderr and "nope.dcm" in bad.stderr and "does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -102,9 +126,9 @@ def test_console_script_exit_codes(phantom, tmp_path):
 
 def test_lung1_segment_and_evaluate(tmp_path, capsys):
     """LUNG1-001 through the commands: a box from GTV-1 on its largest slice."""
-    from rtstruct import rasterize_roi, read_rtstruct
     from inference.propagation import bounding_box
     from inference.volume import load_series
+    from rtstruct import rasterize_roi, read_rtstruct
 
     root = shared_path("lung1-001-ct")
     (truth_file,) = sorted((root / "RTSTRUCT").glob("*.dcm"))
@@ -117,8 +141,19 @@ def test_lung1_segment_and_evaluate(tmp_path, capsys):
     rc, stdout, stderr = run_cli(capsys, "segment", root / "CT", prompt, "-o", out)
     assert rc == 0, stderr
     assert "GTV_AI" in stdout
-    rc, stdout, stderr = run_cli(capsys, "evaluate", "--images", root / "CT", "--pred", out, "--truth", truth_file,
-                                 "--truth-roi", "GTV-1", "--json")
+    rc, stdout, stderr = run_cli(
+        capsys,
+        "evaluate",
+        "--images",
+        root / "CT",
+        "--pred",
+        out,
+        "--truth",
+        truth_file,
+        "--truth-roi",
+        "GTV-1",
+        "--json",
+    )
     assert rc == 0, stderr
     scores = json.loads(stdout)
     print(f"\nLUNG1-001 via the CLI: {scores}")
@@ -143,14 +178,26 @@ def test_one_roi_per_target(phantom, tmp_path, capsys):
         boxes[name] = m
     prompt = tmp_path / "two.dcm"
     write_rtstruct(vol, [RoiMask(n, m, interpreted_type="CONTROL") for n, m in boxes.items()]).save_as(
-        prompt, enforce_file_format=True)
+        prompt, enforce_file_format=True
+    )
     out = tmp_path / "two_result.dcm"
     rc, stdout, stderr = run_cli(capsys, "segment", phantom["images"], prompt, "-o", out)
     assert rc == 0, stderr
     assert sorted(read_rtstruct(out).roi_names) == ["A_AI", "B_AI"]
     for roi in ("A_AI", "B_AI"):
-        rc, stdout, _ = run_cli(capsys, "evaluate", "--images", phantom["images"], "--pred", out, "--pred-roi", roi,
-                                "--truth", phantom["truth"], "--json")
+        rc, stdout, _ = run_cli(
+            capsys,
+            "evaluate",
+            "--images",
+            phantom["images"],
+            "--pred",
+            out,
+            "--pred-roi",
+            roi,
+            "--truth",
+            phantom["truth"],
+            "--json",
+        )
         assert rc == 0 and json.loads(stdout)["dice"] >= 0.85
 
 
@@ -217,17 +264,34 @@ def test_evaluate_refuses_bad_input(phantom, other_phantom, tmp_path, capsys):
     two = np.zeros(vol.shape, bool)
     two[20:25, 100:110, 100:110] = True
     multi = tmp_path / "multi.dcm"
-    write_rtstruct(vol, [RoiMask("A", two), RoiMask("B", np.roll(two, 30, axis=2))]).save_as(multi, enforce_file_format=True)
+    write_rtstruct(vol, [RoiMask("A", two), RoiMask("B", np.roll(two, 30, axis=2))]).save_as(
+        multi, enforce_file_format=True
+    )
     cases = [
         (("--images", tmp_path / "nodir", "--pred", truth, "--truth", truth), ["image folder", "does not exist"]),
         (("--images", images, "--pred", tmp_path / "p.dcm", "--truth", truth), ["--pred", "p.dcm", "does not exist"]),
         (("--images", images, "--pred", not_dicom, "--truth", truth), ["--pred unusable", "not a DICOM file"]),
-        (("--images", images, "--pred", truth, "--truth", truth, "--truth-roi", "GTV-9"),
-         ["no ROI named 'GTV-9'", "'GTV'"]),
+        (
+            ("--images", images, "--pred", truth, "--truth", truth, "--truth-roi", "GTV-9"),
+            ["no ROI named 'GTV-9'", "'GTV'"],
+        ),
         (("--images", images, "--pred", multi, "--truth", truth), ["2 ROIs with contours", "'A'", "'B'"]),
         (("--images", images, "--pred", other_phantom["truth"], "--truth", truth), ["frame of reference"]),
-        (("--images", images, "--pred", phantom["prompt"], "--truth", truth, "--pred-roi", "BOX_", "--tolerance-mm", "-1"),
-         ["--tolerance-mm"]),
+        (
+            (
+                "--images",
+                images,
+                "--pred",
+                phantom["prompt"],
+                "--truth",
+                truth,
+                "--pred-roi",
+                "BOX_",
+                "--tolerance-mm",
+                "-1",
+            ),
+            ["--tolerance-mm"],
+        ),
     ]
     for argv, expected in cases:
         rc, stdout, stderr = run_cli(capsys, "evaluate", *argv)
@@ -236,5 +300,7 @@ def test_evaluate_refuses_bad_input(phantom, other_phantom, tmp_path, capsys):
         for text in expected:
             assert text in stderr, (argv, text, stderr)
     # a named ROI among several works
-    rc, stdout, _ = run_cli(capsys, "evaluate", "--images", images, "--pred", multi, "--pred-roi", "b", "--truth", truth, "--json")
+    rc, stdout, _ = run_cli(
+        capsys, "evaluate", "--images", images, "--pred", multi, "--pred-roi", "b", "--truth", truth, "--json"
+    )
     assert rc == 0 and json.loads(stdout)["pred_roi"] == "B"

@@ -193,19 +193,23 @@ def test_reconcile_after_a_crash(store):
 
 
 def test_retention_keeps_unfinished_cases(store, tmp_path):
-    cfg = config_from_data({"access": {"calling_aets": ["TPS"]}, "data_dir": str(tmp_path),
-                            "storage": {"retention_days": 1}})
+    cfg = config_from_data(
+        {"access": {"calling_aets": ["TPS"]}, "data_dir": str(tmp_path), "storage": {"retention_days": 1}}
+    )
     old_free, old_case, new = tiny_ct(), tiny_ct(), tiny_ct()
     for ds in (old_free, old_case, new):
         store.put(encode(ds), EXPLICIT, Origin())
     long_ago = time.time() - 3 * 86400
     with store.db.tx() as c:
-        c.execute("UPDATE instances SET received_at=? WHERE sop_instance_uid IN (?, ?)",
-                  (long_ago, old_free.SOPInstanceUID, old_case.SOPInstanceUID))
+        c.execute(
+            "UPDATE instances SET received_at=? WHERE sop_instance_uid IN (?, ?)",
+            (long_ago, old_free.SOPInstanceUID, old_case.SOPInstanceUID),
+        )
         cid = c.execute(
             """INSERT INTO cases (state, rtstruct_uid, rtstruct_sha256, prompt_path, ref_series_uids, n_refs,
                    created_at, last_progress_at) VALUES ('waiting', '1.2.3', 'x', '/nowhere', ?, 1, ?, ?)""",
-            (json.dumps([old_case.SeriesInstanceUID]), long_ago, long_ago)).lastrowid
+            (json.dumps([old_case.SeriesInstanceUID]), long_ago, long_ago),
+        ).lastrowid
         c.execute("INSERT INTO case_refs VALUES (?, ?)", (cid, old_case.SOPInstanceUID))
     counts = run_retention(cfg, store.db, store)
     assert counts["instances"] == 1

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import shared_path
+from test_convert import build_cohort, load_npz, read_csv  # the cohort with bad input
+
 from dicom_node.cli import main
 from dicom_node.research.study import score, z_extent
-from test_convert import build_cohort, load_npz, read_csv  # the cohort with bad input
 
 SPACING = (2.5, 0.8, 1.2)  # dz, dy, dx: all different, so a swapped axis shows
 
@@ -94,8 +94,13 @@ def _write_case(path: Path, imgs, labels: list[tuple[str, np.ndarray]], key="gts
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays, _ = pack_labels(labels, key)
     if imgs is not None:
-        arrays.update(imgs=imgs, spacing=np.array(spacing), origin=np.array([10.0, -20.0, 30.0]),
-                      direction=np.eye(3)[::-1].copy(), modality=np.array("CT"))
+        arrays.update(
+            imgs=imgs,
+            spacing=np.array(spacing),
+            origin=np.array([10.0, -20.0, 30.0]),
+            direction=np.eye(3)[::-1].copy(),
+            modality=np.array("CT"),
+        )
     np.savez_compressed(path, **arrays)
 
 
@@ -108,8 +113,12 @@ def test_study_numbers_match_hand_computed_values(tmp_path):
     src, preds = tmp_path / "src", tmp_path / "preds"
     _write_case(src / "synthetic" / "case_a.npz", imgs, [("GTV_z", truth), ("GTV_y", other), ("GTV_none", truth)])
     _write_case(src / "synthetic" / "case_b.npz", imgs, [("GTV", truth)])
-    _write_case(preds / "synthetic" / "case_a.npz", None,
-                [("GTV_z", _slab(z=(3, 7))), ("GTV_y", _slab(y=(2, 14), x=(7, 8)))], key="segs")
+    _write_case(
+        preds / "synthetic" / "case_a.npz",
+        None,
+        [("GTV_z", _slab(z=(3, 7))), ("GTV_y", _slab(y=(2, 14), x=(7, 8)))],
+        key="segs",
+    )
     out = tmp_path / "out"
     assert main(["study", str(src), str(out), "--predictions", str(preds), "--no-progress"]) == 0
     rows = {(r["case"], r["roi"]): r for r in read_csv(out / "cases.csv")}
@@ -164,8 +173,14 @@ def test_study_phantoms_with_bad_input_reproducible(cohort, tmp_path, capsys):
         assert r["prompt_detail"].startswith(f"box k={r['prompt_slice']} ")
     # every kind of bad input is a skipped row with its reason, and the run completed
     reasons = " | ".join(r["reason"] for r in rows if r["status"] == "skipped")
-    for expected in ("no image series for this RTSTRUCT", "but its referenced series", "has no RTSTRUCT on it",
-                     "not a readable DICOM file", paths["truncated_file"].name, "no DICOM files found"):
+    for expected in (
+        "no image series for this RTSTRUCT",
+        "but its referenced series",
+        "has no RTSTRUCT on it",
+        "not a readable DICOM file",
+        paths["truncated_file"].name,
+        "no DICOM files found",
+    ):
         assert expected in reasons
     # figures
     figures = out1 / "figures"
@@ -209,16 +224,44 @@ def test_study_dicom_and_npz_give_the_same_numbers(cohort, tmp_path):
     for case, r in npz_rows.items():
         d = dicom_rows[case]
         assert r["status"] == d["status"] == "ok"
-        for key in ("dice", "surface_dice_2mm", "hd95_mm", "volume_ratio", "gt_volume_ml", "pred_volume_ml",
-                    "prompt_detail", "gt_slices", "pred_slices"):
+        for key in (
+            "dice",
+            "surface_dice_2mm",
+            "hd95_mm",
+            "volume_ratio",
+            "gt_volume_ml",
+            "pred_volume_ml",
+            "prompt_detail",
+            "gt_slices",
+            "pred_slices",
+        ):
             assert r[key] == d[key], key
 
 
 def test_study_point_prompts_and_middle_slice(cohort, tmp_path):
     root, _ = cohort
     out = tmp_path / "points"
-    assert main(["study", str(root / "phantoms"), str(out), "--prompt", "points", "--slice", "middle",
-                 "--positives", "2", "--negatives", "2", "--no-progress", "--worst", "1"]) == 0
+    assert (
+        main(
+            [
+                "study",
+                str(root / "phantoms"),
+                str(out),
+                "--prompt",
+                "points",
+                "--slice",
+                "middle",
+                "--positives",
+                "2",
+                "--negatives",
+                "2",
+                "--no-progress",
+                "--worst",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = [r for r in read_csv(out / "cases.csv") if r["status"] == "ok"]
     assert len(rows) == 2
     for r in rows:
@@ -242,8 +285,23 @@ def test_study_command_errors(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     (tmp_path / "cases").mkdir()
-    assert main(["study", str(tmp_path / "cases"), str(tmp_path / "o2"), "--engine", "sam2",
-                 "--checkpoint", str(bad), "--device", "cpu", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "study",
+                str(tmp_path / "cases"),
+                str(tmp_path / "o2"),
+                "--engine",
+                "sam2",
+                "--checkpoint",
+                str(bad),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "engine 'sam2' cannot be used" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
     # a folder with nothing to score: the run completes, says so and exits 1
@@ -254,9 +312,8 @@ def test_study_command_errors(tmp_path, capsys):
 
 
 def test_study_lung1_classic(tmp_path):
-    from rtstruct import rasterize_roi, read_rtstruct
-
     from inference.volume import load_series
+    from rtstruct import rasterize_roi, read_rtstruct
 
     src = shared_path("lung1-001-ct")
     out = tmp_path / "lung"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from node_helpers import wait_for
 
 from dicom_node.config import config_from_data
 from dicom_node.db import Database
 from dicom_node.store import Store
 from dicom_node.watch import WatchFolder
-from node_helpers import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,13 @@ def phantom(tmp_path_factory):
 
 @pytest.fixture
 def watched(tmp_path):
-    cfg = config_from_data({
-        "access": {"calling_aets": ["X"]}, "data_dir": str(tmp_path / "data"),
-        "watch": {"enabled": True, "import_dir": str(tmp_path / "import"), "stable_seconds": 0.5},
-    })
+    cfg = config_from_data(
+        {
+            "access": {"calling_aets": ["X"]},
+            "data_dir": str(tmp_path / "data"),
+            "watch": {"enabled": True, "import_dir": str(tmp_path / "import"), "stable_seconds": 0.5},
+        }
+    )
     store = Store(cfg.store_dir, Database(cfg.db_path), fsync=True)
     watch = WatchFolder(cfg, store)
     watch.start()
@@ -65,8 +68,13 @@ def test_non_dicom_is_ignored_with_a_log_line(watched, phantom, caplog):
     good = cfg.watch.import_dir / "one.dcm"
     shutil.copy(sorted(Path(phantom["images"]).glob("*.dcm"))[0], good)
     wait_for(lambda: count(store) == 1, 30, what="the DICOM file")
-    wait_for(lambda: any("watch_ignored" in r.getMessage() and "README.txt" in str(getattr(r, "fields", ""))
-                         for r in caplog.records), 30, what="the log line for README.txt")
+    wait_for(
+        lambda: any(
+            "watch_ignored" in r.getMessage() and "README.txt" in str(getattr(r, "fields", "")) for r in caplog.records
+        ),
+        30,
+        what="the log line for README.txt",
+    )
     assert (cfg.watch.import_dir / "README.txt").exists()  # left alone
     n = sum("watch_ignored" in r.getMessage() for r in caplog.records)
     time.sleep(1.5)
@@ -81,7 +89,7 @@ def test_a_file_still_being_written_waits_until_stable(watched, phantom, caplog)
     chunk = len(src) // 15 + 1
     with open(path, "wb") as f:
         for start in range(0, len(src), chunk):  # a slow copy: a piece every 0.1 s for 1.5 s
-            f.write(src[start:start + chunk])
+            f.write(src[start : start + chunk])
             f.flush()
             time.sleep(0.1)
             assert count(store) == 0
@@ -91,10 +99,13 @@ def test_a_file_still_being_written_waits_until_stable(watched, phantom, caplog)
 
 
 def test_files_present_at_start_are_imported(tmp_path, phantom):
-    cfg = config_from_data({
-        "access": {"calling_aets": ["X"]}, "data_dir": str(tmp_path / "data"),
-        "watch": {"enabled": True, "import_dir": str(tmp_path / "import"), "stable_seconds": 0.2},
-    })
+    cfg = config_from_data(
+        {
+            "access": {"calling_aets": ["X"]},
+            "data_dir": str(tmp_path / "data"),
+            "watch": {"enabled": True, "import_dir": str(tmp_path / "import"), "stable_seconds": 0.2},
+        }
+    )
     shutil.copytree(phantom["images"], cfg.watch.import_dir / "before")
     store = Store(cfg.store_dir, Database(cfg.db_path), fsync=False)
     watch = WatchFolder(cfg, store)
@@ -112,11 +123,18 @@ def test_a_case_copied_into_the_import_folder_produces_the_result(tmp_path):
     p = phantom(1)
     tps = StoreSCP(tmp_path / "tps").start()
     export = tmp_path / "export"
-    node = NodeProcess(write_config(
-        tmp_path / "node", destinations={"tps": tps.destination()},
-        watch={"enabled": True, "import_dir": str(tmp_path / "import"), "export_dir": str(export),
-               "stable_seconds": 0.5},
-    )).start()
+    node = NodeProcess(
+        write_config(
+            tmp_path / "node",
+            destinations={"tps": tps.destination()},
+            watch={
+                "enabled": True,
+                "import_dir": str(tmp_path / "import"),
+                "export_dir": str(export),
+                "stable_seconds": 0.5,
+            },
+        )
+    ).start()
     try:
         shutil.copytree(p["images"], tmp_path / "import" / "case1" / "images")
         shutil.copy(p["prompt"], tmp_path / "import" / "case1" / "prompt.dcm")

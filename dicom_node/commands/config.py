@@ -33,6 +33,8 @@ def run_check(args) -> int:
             print(f"problem: {p}", file=sys.stderr)
         raise CommandError(f"{args.config}: {len(problems)} problem(s)")
     dests = ", ".join(f"{n}={d.ae_title}@{d.host}:{d.port}" for n, d in cfg.destinations.items()) or "none"
-    print(f"{args.config}: OK (AE {cfg.ae_title} on {cfg.network.bind}:{cfg.network.port}, "
-          f"data in {cfg.data_dir}, rules {cfg.rules or 'none'}, destinations {dests})")
+    print(
+        f"{args.config}: OK (AE {cfg.ae_title} on {cfg.network.bind}:{cfg.network.port}, "
+        f"data in {cfg.data_dir}, rules {cfg.rules or 'none'}, destinations {dests})"
+    )
     return 0

@@ -19,21 +19,28 @@ def register(sub) -> None:
     )
     p.add_argument("src", help="folder of DICOM files (searched recursively)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--roi", metavar="REGEX",
-                   help="keep only ROIs whose name matches (Python regex, searched; default: every ROI "
-                        "except prompt ROIs BOX_/POS_/NEG_)")
-    p.add_argument("--pseudonymize", action="store_true",
-                   help="name cases case_0001... with no identifier in the NPZ; write OUT/pseudonym_map.csv")
+    p.add_argument(
+        "--roi",
+        metavar="REGEX",
+        help="keep only ROIs whose name matches (Python regex, searched; default: every ROI "
+        "except prompt ROIs BOX_/POS_/NEG_)",
+    )
+    p.add_argument(
+        "--pseudonymize",
+        action="store_true",
+        help="name cases case_0001... with no identifier in the NPZ; write OUT/pseudonym_map.csv",
+    )
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="parallel worker processes (default 1)")
-    p.add_argument("--dataset-name", metavar="NAME",
-                   help="dataset name for every case (default: the first folder below SRC)")
+    p.add_argument(
+        "--dataset-name", metavar="NAME", help="dataset name for every case (default: the first folder below SRC)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from dicom_node.cli import CommandError
-    from dicom_node.research.convert import REPORT_NAME, MAP_NAME, convert
+    from dicom_node.research.convert import MAP_NAME, REPORT_NAME, convert
 
     src = Path(args.src)
     if not src.is_dir():
@@ -46,8 +53,13 @@ def run(args) -> int:
         except re.error as exc:
             raise CommandError(f"--roi is not a valid regular expression: {exc}") from exc
     summary = convert(
-        src, args.out, roi_pattern=args.roi, pseudonymize=args.pseudonymize, jobs=args.jobs,
-        dataset_name=args.dataset_name, progress=not args.no_progress,
+        src,
+        args.out,
+        roi_pattern=args.roi,
+        pseudonymize=args.pseudonymize,
+        jobs=args.jobs,
+        dataset_name=args.dataset_name,
+        progress=not args.no_progress,
     )
     done, skipped = summary.converted, summary.skipped
     print(f"converted {len(done)} case(s) into {summary.out}")
@@ -57,7 +69,10 @@ def run(args) -> int:
         print(f"skipped {len(skipped)}:")
         for r in skipped:
             print(f"  {r.case or r.source}: {r.reason}")
-    print(f"report: {summary.out / REPORT_NAME}" + (f", pseudonym map: {summary.out / MAP_NAME}" if args.pseudonymize else ""))
+    print(
+        f"report: {summary.out / REPORT_NAME}"
+        + (f", pseudonym map: {summary.out / MAP_NAME}" if args.pseudonymize else "")
+    )
     if not done:
         print("error: no case could be converted", file=sys.stderr)
         return 1

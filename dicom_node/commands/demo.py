@@ -79,9 +79,12 @@ class _Receiver:
         exe = shutil.which("storescp")
         if exe:
             self.kind = "dcmtk storescp"
-            self.proc = subprocess.Popen([exe, "-aet", DEMO_AET, "-od", str(self.folder), "-uf", str(self.port)],
-                                         env={**os.environ, "TCP_NODELAY": "1"},
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [exe, "-aet", DEMO_AET, "-od", str(self.folder), "-uf", str(self.port)],
+                env={**os.environ, "TCP_NODELAY": "1"},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             _wait_port(self.port, self.proc, 20, "storescp")
             return
         from pynetdicom import AE, evt
@@ -123,10 +126,12 @@ class _Receiver:
 
 def _choose_engine(args, base_cfg, phantom_paths: dict, work: Path) -> tuple[Path | None, str]:
     """The rules file for the demo node and a sentence saying which engine runs and why."""
-    from dicom_node.rules import RulesError, RuleContext, RuleSet
+    from dicom_node.rules import RuleContext, RulesError, RuleSet
 
-    classic_rules = {"version": 1, "rules": [{"name": "demo-classic", "action": {
-        "engine": "classic", "mode": "box2d", "destinations": ["tps"]}}]}
+    classic_rules = {
+        "version": 1,
+        "rules": [{"name": "demo-classic", "action": {"engine": "classic", "mode": "box2d", "destinations": ["tps"]}}],
+    }
     if args.checkpoint:
         ckpt = Path(args.checkpoint).resolve()
         if not ckpt.is_file():
@@ -141,25 +146,37 @@ def _choose_engine(args, base_cfg, phantom_paths: dict, work: Path) -> tuple[Pat
         if base_cfg.rules is not None and Path(base_cfg.rules).is_file():
             try:
                 ruleset = RuleSet.load(base_cfg.rules)
-                ctx = RuleContext.from_files(phantom_paths["images"], phantom_paths["prompt"],
-                                             calling_aet=DEMO_AET, called_aet=base_cfg.ae_title)
+                ctx = RuleContext.from_files(
+                    phantom_paths["images"], phantom_paths["prompt"], calling_aet=DEMO_AET, called_aet=base_cfg.ae_title
+                )
                 decision = ruleset.evaluate(ctx)
             except RulesError as exc:
                 raise CommandError(f"rules: {exc}") from None
             action = decision.action
-            if action is not None and action.engine == "sam2" and action.checkpoint and Path(action.checkpoint).is_file():
+            if (
+                action is not None
+                and action.engine == "sam2"
+                and action.checkpoint
+                and Path(action.checkpoint).is_file()
+            ):
                 data = action.model_dump(mode="json")
                 data["destinations"] = ["tps"]
                 data["export_folder"] = None
-                rules = {"version": 1, "rules": [{"name": f"{decision.rule.name} (from {base_cfg.rules.name})",
-                                                  "action": data}]}
+                rules = {
+                    "version": 1,
+                    "rules": [{"name": f"{decision.rule.name} (from {base_cfg.rules.name})", "action": data}],
+                }
                 why = f"engine: sam2, checkpoint {action.checkpoint} (rule {decision.rule.name!r} of {base_cfg.rules})"
             elif action is not None and action.engine == "sam2":
-                why = (f"engine: classic - rule {decision.rule.name!r} asks for SAM2 but its checkpoint "
-                       f"{action.checkpoint} is missing")
+                why = (
+                    f"engine: classic - rule {decision.rule.name!r} asks for SAM2 but its checkpoint "
+                    f"{action.checkpoint} is missing"
+                )
         if why is None:
-            why = ("engine: classic (no SAM2 checkpoint configured; intensity-based, labelled as such in the "
-                   "result; use --checkpoint or a sam2 rule in rules.yaml for SAM2)")
+            why = (
+                "engine: classic (no SAM2 checkpoint configured; intensity-based, labelled as such in the "
+                "result; use --checkpoint or a sam2 rule in rules.yaml for SAM2)"
+            )
     import yaml
 
     path = work / "rules.yaml"
@@ -208,10 +225,12 @@ def run(args) -> int:
         print(why)
         port = _free_port()
         raw = yaml.safe_load(config_path.read_text()) or {}
-        raw.update({
-            "data_dir": str(out / "node-data"),
-            "rules": str(rules_path),
-        })
+        raw.update(
+            {
+                "data_dir": str(out / "node-data"),
+                "rules": str(rules_path),
+            }
+        )
         raw.setdefault("network", {}).update({"bind": "127.0.0.1", "port": port})
         access = raw.setdefault("access", {})
         access["calling_aets"] = sorted(set(access.get("calling_aets") or []) | {DEMO_AET})
@@ -223,9 +242,17 @@ def run(args) -> int:
         node_yaml = out / "node.yaml"
         node_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
         node = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from dicom_node.cli import main; sys.exit(main())",
-             "serve", "-c", str(node_yaml)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                sys.executable,
+                "-c",
+                "import sys; from dicom_node.cli import main; sys.exit(main())",
+                "serve",
+                "-c",
+                str(node_yaml),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         started.append(node)
         _wait_port(port, node, 60, "the node")
@@ -238,8 +265,10 @@ def run(args) -> int:
                 raise CommandError(f"the node's worker did not start (see {out / 'node.log'})")
             time.sleep(0.05)
         ready = next(e for e in _events(audit) if e["event"] == "worker_ready")
-        print(f"node: dicom-node serve -c {node_yaml} (AE {raw.get('ae_title', 'STARDUST')} on 127.0.0.1:{port}, "
-              f"worker on {ready.get('device')} ready in {ready.get('seconds', 0):.1f} s, log {out / 'node.log'})")
+        print(
+            f"node: dicom-node serve -c {node_yaml} (AE {raw.get('ae_title', 'STARDUST')} on 127.0.0.1:{port}, "
+            f"worker on {ready.get('device')} ready in {ready.get('seconds', 0):.1f} s, log {out / 'node.log'})"
+        )
 
         # 4. send the phantom and its prompt, as the TPS would
         files = sorted(Path(paths["images"]).glob("*.dcm")) + [Path(paths["prompt"])]
@@ -247,8 +276,20 @@ def run(args) -> int:
         storescu = shutil.which("storescu")
         if storescu:
             how = "dcmtk storescu"
-            done = subprocess.run([storescu, "-aet", DEMO_AET, "-aec", raw.get("ae_title", "STARDUST"),
-                                   "127.0.0.1", str(port), *map(str, files)], capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    storescu,
+                    "-aet",
+                    DEMO_AET,
+                    "-aec",
+                    raw.get("ae_title", "STARDUST"),
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, files),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 raise CommandError(f"storescu failed: {done.stderr.strip()[-500:]}")
         else:
@@ -263,7 +304,9 @@ def run(args) -> int:
             if bad:
                 raise CommandError(f"{len(bad)} file(s) not stored, e.g. {bad[0][0].name}: {bad[0][2]}")
         t_release = time.time()  # the association that completed the case is released
-        print(f"sent {len(files) - 1} images + prompt with {how} in {t_release - t_send:.2f} s; waiting for the result ...")
+        print(
+            f"sent {len(files) - 1} images + prompt with {how} in {t_release - t_send:.2f} s; waiting for the result ..."
+        )
 
         # 5. the result
         deadline = time.monotonic() + args.timeout
@@ -272,8 +315,9 @@ def run(args) -> int:
             events = _events(audit)
             failed = [e for e in events if e["event"] in ("case_failed", "job_failed")]
             if failed:
-                raise CommandError(f"the node could not process the case: {failed[-1].get('reason')} "
-                                   f"(see {out / 'node.log'})")
+                raise CommandError(
+                    f"the node could not process the case: {failed[-1].get('reason')} (see {out / 'node.log'})"
+                )
             sent = next((e for e in events if e["event"] == "sent"), None)
             if sent is not None and receiver.results():
                 break
@@ -285,14 +329,19 @@ def run(args) -> int:
         result, t_result = receiver.results()[0]
         events = _events(audit)
         ev = {e["event"]: e for e in events if e.get("case") == 1}
-        print(f"result arrived at {time.strftime('%H:%M:%S', time.localtime(t_result))}"
-              f".{int((t_result % 1) * 1000):03d}: {result}")
-        print(f"latency from the release of the association to the result stored at the TPS: "
-              f"{t_result - t_release:.2f} s")
+        print(
+            f"result arrived at {time.strftime('%H:%M:%S', time.localtime(t_result))}"
+            f".{int((t_result % 1) * 1000):03d}: {result}"
+        )
+        print(
+            f"latency from the release of the association to the result stored at the TPS: {t_result - t_release:.2f} s"
+        )
         if {"case_ready", "inference_start", "inference_end"} <= ev.keys():
-            print(f"  case ready {max(0.0, ev['case_ready']['ts'] - t_release):.2f} s after the release "
-                  f"(no settle delay), inference {ev['inference_end']['ts'] - ev['inference_start']['ts']:.2f} s "
-                  f"({ev['inference_end'].get('engine')}), delivery {sent['ts'] - ev['inference_end']['ts']:.2f} s")
+            print(
+                f"  case ready {max(0.0, ev['case_ready']['ts'] - t_release):.2f} s after the release "
+                f"(no settle delay), inference {ev['inference_end']['ts'] - ev['inference_start']['ts']:.2f} s "
+                f"({ev['inference_end'].get('engine')}), delivery {sent['ts'] - ev['inference_end']['ts']:.2f} s"
+            )
 
         from inference.metrics import dice
         from inference.volume import load_series
@@ -304,8 +353,10 @@ def run(args) -> int:
         roi = ss.rois[0]
         mask = rasterize_roi(roi, volume.geometry)
         score = dice(mask, ph.truth)
-        print(f"  {roi.name}: {int(mask.any(axis=(1, 2)).sum())} slices, {roi.generation_algorithm or ''} "
-              f"- Dice against the phantom's truth {score:.3f}")
+        print(
+            f"  {roi.name}: {int(mask.any(axis=(1, 2)).sum())} slices, {roi.generation_algorithm or ''} "
+            f"- Dice against the phantom's truth {score:.3f}"
+        )
         print(f"demo finished in {time.perf_counter() - t_start:.1f} s; files in {out}/")
         return 0
     finally:

@@ -70,8 +70,10 @@ def run_list(args) -> int:
         tail = r["deliveries"] or ""
         if r["error"]:
             tail = (tail + " | " if tail else "") + r["error"][:80]
-        print(f"{r['id']:>5} {r['case_id']:>5} {r['state']:8} {r['attempts']:>5} {_t(r['created_at']):19} "
-              f"{secs:>6} {str(r['rule'] or '-')[:18]:18} {tail}")
+        print(
+            f"{r['id']:>5} {r['case_id']:>5} {r['state']:8} {r['attempts']:>5} {_t(r['created_at']):19} "
+            f"{secs:>6} {str(r['rule'] or '-')[:18]:18} {tail}"
+        )
     return 0
 
 
@@ -85,25 +87,35 @@ def run_show(args) -> int:
         raise CommandError(str(exc)) from None
     case = d["case"]
     print(f"job {d['id']}: {d['state']} (attempts {d['attempts']})")
-    print(f"  case {case['id']}: {case['state']}, patient {case['patient_ref']}, {case['n_images'] or 0} images "
-          f"({case['mode'] or '-'}), prompt RTSTRUCT {case['rtstruct_uid']}")
-    print(f"  from {case['calling_aet'] or '-'} via {case['source']}; created {_t(case['created_at'])}, "
-          f"ready {_t(case['ready_at'])}")
+    print(
+        f"  case {case['id']}: {case['state']}, patient {case['patient_ref']}, {case['n_images'] or 0} images "
+        f"({case['mode'] or '-'}), prompt RTSTRUCT {case['rtstruct_uid']}"
+    )
+    print(
+        f"  from {case['calling_aet'] or '-'} via {case['source']}; created {_t(case['created_at'])}, "
+        f"ready {_t(case['ready_at'])}"
+    )
     print(f"  rule: {d['rule'] or '-'}")
     for line in d.get("explanation") or []:
         print(f"    {line}")
     action = d.get("action") or {}
-    print(f"  action: engine {action.get('engine')}, mode {action.get('mode')}, "
-          f"destinations {', '.join(action.get('destinations') or []) or 'none'}")
+    print(
+        f"  action: engine {action.get('engine')}, mode {action.get('mode')}, "
+        f"destinations {', '.join(action.get('destinations') or []) or 'none'}"
+    )
     if d.get("error"):
         print(f"  error: {d['error']}")
     if d.get("result_path"):
-        print(f"  result: {d['result_path']} (SOP {d['result_sop_uid']}), engine {d['engine']}, "
-              f"{d['inference_seconds']:.2f} s")
+        print(
+            f"  result: {d['result_path']} (SOP {d['result_sop_uid']}), engine {d['engine']}, "
+            f"{d['inference_seconds']:.2f} s"
+        )
     for s in d["sends"]:
         extra = f", last error: {s['last_error']}" if s["last_error"] else ""
-        print(f"  delivery {s['destination']}: {s['state']} after {s['attempts']} attempt(s)"
-              f"{', at ' + _t(s['sent_at']) if s['sent_at'] else ''}{extra}")
+        print(
+            f"  delivery {s['destination']}: {s['state']} after {s['attempts']} attempt(s)"
+            f"{', at ' + _t(s['sent_at']) if s['sent_at'] else ''}{extra}"
+        )
     return 0
 
 

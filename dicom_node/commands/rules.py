@@ -40,9 +40,10 @@ def register(sub) -> None:
     )
     t.add_argument("paths", nargs="+", metavar="PATH", help="folders (searched recursively) or DICOM files")
     t.add_argument(
-        "-c", "--config",
+        "-c",
+        "--config",
         help="node configuration (node.yaml) whose 'rules' file, AE title and destinations are used "
-             "(default: $STARDUST_CONFIG, /etc/stardust/node.yaml, or the repository's config/node.yaml)",
+        "(default: $STARDUST_CONFIG, /etc/stardust/node.yaml, or the repository's config/node.yaml)",
     )
     t.add_argument("--rules", help="rules file to test (overrides the one named in the node configuration)")
     t.add_argument("--calling-aet", help="calling AE title to assume (the TPS's AE title)")
@@ -172,8 +173,10 @@ def run_test(args) -> int:
     n = len(scan.rtstructs)
     fired = n - unmatched - failed - no_prompts
     print()
-    print(f"{n} RTSTRUCT(s): {fired} processed by a rule, {unmatched} matching no rule, "
-          f"{no_prompts} without prompt ROIs, {failed} unreadable")
+    print(
+        f"{n} RTSTRUCT(s): {fired} processed by a rule, {unmatched} matching no rule, "
+        f"{no_prompts} without prompt ROIs, {failed} unreadable"
+    )
     return 0 if fired == n else 1
 
 
@@ -207,8 +210,10 @@ def _case_context(rt_path: Path, by_series, calling_aet, called_aet, called_note
     except Exception as exc:
         raise RulesError(f"{type(exc).__name__}: {exc}") from exc
     ss = read_rtstruct(ds)  # RTStructError (a ValueError) says what is wrong
-    lines = [f"structure set {ss.label or '(no label)'!r}, frame of reference "
-             f"{', '.join(ss.frame_of_reference_uids) or 'none'}"]
+    lines = [
+        f"structure set {ss.label or '(no label)'!r}, frame of reference "
+        f"{', '.join(ss.frame_of_reference_uids) or 'none'}"
+    ]
 
     images: list[tuple[Path, object]] = []
     series = [s for s in ss.referenced_series_uids if s in by_series]
@@ -219,23 +224,32 @@ def _case_context(rt_path: Path, by_series, calling_aet, called_aet, called_note
         present = len(wanted & have) if wanted else len(images)
         detail = f"{present} of {len(wanted)} referenced images present" if wanted else "no per-image references"
         if wanted and present < len(wanted):
-            detail += (f"; {len(wanted) - present} missing: the node would wait for them and fail the case "
-                       "if they do not arrive")
+            detail += (
+                f"; {len(wanted) - present} missing: the node would wait for them and fail the case "
+                "if they do not arrive"
+            )
         lines.append(f"images: {len(images)} in referenced series {series[0]} ({detail})")
     else:
-        same_for = [uid for uid, files in by_series.items()
-                    if str(files[0][1].get("FrameOfReferenceUID", "")) in ss.frame_of_reference_uids]
+        same_for = [
+            uid
+            for uid, files in by_series.items()
+            if str(files[0][1].get("FrameOfReferenceUID", "")) in ss.frame_of_reference_uids
+        ]
         if same_for:
             best = max(same_for, key=lambda uid: len(by_series[uid]))
             images = by_series[best]
-            what = (f"referenced series {', '.join(ss.referenced_series_uids)} not found"
-                    if ss.referenced_series_uids else "the RTSTRUCT references no series")
+            what = (
+                f"referenced series {', '.join(ss.referenced_series_uids)} not found"
+                if ss.referenced_series_uids
+                else "the RTSTRUCT references no series"
+            )
             lines.append(f"images: {len(images)} in series {best}, found by frame of reference ({what})")
             if len(same_for) > 1:
                 lines.append(f"note: {len(same_for)} series share this frame of reference; the largest is used")
         else:
-            lines.append("images: none of the referenced images are under PATH (modality unknown; "
-                         "the node would wait for them)")
+            lines.append(
+                "images: none of the referenced images are under PATH (modality unknown; the node would wait for them)"
+            )
 
     image_header = images[0][1] if images else None
     modality = str(image_header.get("Modality", "")).strip() or None if image_header is not None else None
@@ -255,6 +269,8 @@ def _case_context(rt_path: Path, by_series, calling_aet, called_aet, called_note
         lines.append("prompt ROIs: " + ", ".join(prompt_names))
     else:
         lines.append("prompt ROIs: none: the node does not treat this RTSTRUCT as a case (rules shown anyway)")
-    lines.append(f"calling AE title: {calling_aet or '(not given: --calling-aet)'}; "
-                 f"called AE title: {called_aet or '(not given: --called-aet)'}{called_note if called_aet else ''}")
+    lines.append(
+        f"calling AE title: {calling_aet or '(not given: --calling-aet)'}; "
+        f"called AE title: {called_aet or '(not given: --called-aet)'}{called_note if called_aet else ''}"
+    )
     return ctx, lines

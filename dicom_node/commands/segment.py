@@ -22,10 +22,18 @@ def register(sub) -> None:
     p.add_argument("images", metavar="IMAGES_DIR", help="folder with the CT or MR series (searched recursively)")
     p.add_argument("prompt", metavar="PROMPT_RTSTRUCT", help="RTSTRUCT with the prompt ROIs")
     p.add_argument("-o", "--output", required=True, metavar="OUT.dcm", help="result RTSTRUCT file to write")
-    p.add_argument("--engine", choices=["classic", "sam2"], default="classic",
-                   help="classic: intensity-based, no weights (not SAM2); sam2: SAM2 checkpoint (default classic)")
-    p.add_argument("--mode", choices=["box2d", "video3d"], default="box2d",
-                   help="box2d: slice-by-slice box propagation; video3d: SAM2 video predictor (sam2 only)")
+    p.add_argument(
+        "--engine",
+        choices=["classic", "sam2"],
+        default="classic",
+        help="classic: intensity-based, no weights (not SAM2); sam2: SAM2 checkpoint (default classic)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["box2d", "video3d"],
+        default="box2d",
+        help="box2d: slice-by-slice box propagation; video3d: SAM2 video predictor (sam2 only)",
+    )
     p.add_argument("--checkpoint", metavar="PATH", help="SAM2 checkpoint (.pt)")
     p.add_argument("--model-cfg", metavar="NAME", help="SAM2 model config name or YAML path")
     p.add_argument("--window", metavar="L,W", help="CT window level,width in HU for the model (default 40,400)")
@@ -82,7 +90,11 @@ def run_segment(args) -> int:
     if not out.parent.exists():
         raise CommandError(f"the folder of -o {out} does not exist")
     if args.engine == "classic":
-        for flag, value in (("--checkpoint", args.checkpoint), ("--model-cfg", args.model_cfg), ("--device", args.device)):
+        for flag, value in (
+            ("--checkpoint", args.checkpoint),
+            ("--model-cfg", args.model_cfg),
+            ("--device", args.device),
+        ):
             if value is not None:
                 raise CommandError(f"{flag} is a sam2 option; the classic engine uses no model")
         if args.mode != "box2d":
@@ -98,8 +110,7 @@ def run_segment(args) -> int:
     if args.engine == "sam2":
         config = {"checkpoint": args.checkpoint, "model_cfg": args.model_cfg, "device": args.device}
     try:
-        case = run_case(args.images, args.prompt, args.engine, config, options,
-                        series_instance_uid=args.series_uid)
+        case = run_case(args.images, args.prompt, args.engine, config, options, series_instance_uid=args.series_uid)
     except CaseError as exc:
         raise CommandError(str(exc)) from None
 
@@ -111,9 +122,11 @@ def run_segment(args) -> int:
         r = t.result
         ks = sorted(k for k in r.slice_scores)
         vol_ml = float(r.mask.sum()) * case.volume.geometry.voxel_volume_mm3 / 1000.0
-        print(f"{t.roi_name}: {vol_ml:.1f} ml on {len(ks)} slices "
-              f"({ks[0]}..{ks[-1]}, {len(ks) * dz:.0f} mm), {r.algorithm_name} {r.engine_version}, "
-              f"mode {r.mode}, {r.seconds:.1f} s")
+        print(
+            f"{t.roi_name}: {vol_ml:.1f} ml on {len(ks)} slices "
+            f"({ks[0]}..{ks[-1]}, {len(ks) * dz:.0f} mm), {r.algorithm_name} {r.engine_version}, "
+            f"mode {r.mode}, {r.seconds:.1f} s"
+        )
         low = [f"{k}:{s:.2f}" for k, s in sorted(r.slice_scores.items()) if s is not None]
         if low:
             print(f"  per-slice scores: {' '.join(low)}")
@@ -150,8 +163,10 @@ def run_evaluate(args) -> int:
     def fmt(v: float) -> str:
         return "inf" if math.isinf(v) else f"{v:.2f}"
 
-    print(f"pred {pred_roi.name!r} vs truth {truth_roi.name!r} "
-          f"(spacing {' x '.join(f'{s:g}' for s in volume.spacing)} mm, z y x)")
+    print(
+        f"pred {pred_roi.name!r} vs truth {truth_roi.name!r} "
+        f"(spacing {' x '.join(f'{s:g}' for s in volume.spacing)} mm, z y x)"
+    )
     rows = [
         ("Dice", f"{scores.dice:.4f}"),
         (f"surface Dice {args.tolerance_mm:g} mm", f"{scores.surface_dice:.4f}"),

@@ -7,8 +7,11 @@ from dicom_node.cli import CommandError
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run the DICOM node until stopped (SIGTERM/Ctrl-C)")
-    p.add_argument("-c", "--config", help="node.yaml (default: $STARDUST_CONFIG, /etc/stardust/node.yaml, "
-                                          "or the repository's config/node.yaml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        help="node.yaml (default: $STARDUST_CONFIG, /etc/stardust/node.yaml, or the repository's config/node.yaml)",
+    )
     p.add_argument("--port", type=int, help="override network.port")
     p.add_argument("--data-dir", help="override data_dir")
     p.set_defaults(func=run)

@@ -33,24 +33,45 @@ def register(sub) -> None:
     g.add_argument("--device", choices=["cpu", "cuda"], help="SAM2 device (default: cuda when present)")
     g.add_argument("--mode", choices=["box2d", "video3d"], default="box2d")
     g.add_argument("--window", metavar="L,W", help="CT window level,width in HU (default 40,400)")
-    g.add_argument("--model-name", metavar="LABEL",
-                   help="the model's name in tables and figures (default: engine[:checkpoint name])")
-    g.add_argument("--predictions", metavar="DIR",
-                   help="run no engine: score the predictions saved in DIR (OUT/predictions of an earlier study, "
-                        "or <dataset>/<case>.npz files with a 'segs' label map and 'label_names')")
+    g.add_argument(
+        "--model-name",
+        metavar="LABEL",
+        help="the model's name in tables and figures (default: engine[:checkpoint name])",
+    )
+    g.add_argument(
+        "--predictions",
+        metavar="DIR",
+        help="run no engine: score the predictions saved in DIR (OUT/predictions of an earlier study, "
+        "or <dataset>/<case>.npz files with a 'segs' label map and 'label_names')",
+    )
     g = p.add_argument_group("prompt simulation")
     g.add_argument("--prompt", choices=["box", "points"], default="box")
-    g.add_argument("--slice", choices=["largest", "middle"], default="largest",
-                   help="slice of the prompt: largest GT area, or the middle of the GT's z-extent")
-    g.add_argument("--jitter", type=float, default=0.0, metavar="MM",
-                   help="move each box edge by a random amount in [-MM, +MM] mm (default 0)")
+    g.add_argument(
+        "--slice",
+        choices=["largest", "middle"],
+        default="largest",
+        help="slice of the prompt: largest GT area, or the middle of the GT's z-extent",
+    )
+    g.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        metavar="MM",
+        help="move each box edge by a random amount in [-MM, +MM] mm (default 0)",
+    )
     g.add_argument("--positives", type=int, default=3, metavar="N", help="positive clicks (--prompt points)")
     g.add_argument("--negatives", type=int, default=3, metavar="N", help="negative clicks (--prompt points)")
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     g = p.add_argument_group("cases")
-    g.add_argument("--roi", metavar="REGEX", default=None,
-                   help="ground-truth ROIs to score (Python regex, searched; default '(?i)gtv')")
-    g.add_argument("--dataset-name", metavar="NAME", help="dataset name for every case (default: first folder below SRC)")
+    g.add_argument(
+        "--roi",
+        metavar="REGEX",
+        default=None,
+        help="ground-truth ROIs to score (Python regex, searched; default '(?i)gtv')",
+    )
+    g.add_argument(
+        "--dataset-name", metavar="NAME", help="dataset name for every case (default: first folder below SRC)"
+    )
     g.add_argument("--worst", type=int, default=3, metavar="N", help="overlay figures for the N lowest-Dice ROIs")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -94,14 +115,29 @@ def run(args) -> int:
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise CommandError(f"checkpoint not found: {args.checkpoint}")
     try:
-        spec = PromptSpec(kind=args.prompt, slice=args.slice, jitter_mm=args.jitter,
-                          positives=args.positives, negatives=args.negatives)
+        spec = PromptSpec(
+            kind=args.prompt,
+            slice=args.slice,
+            jitter_mm=args.jitter,
+            positives=args.positives,
+            negatives=args.negatives,
+        )
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
     config = StudyConfig(
-        engine=args.engine, checkpoint=args.checkpoint, model_cfg=args.model_cfg, device=args.device,
-        mode=args.mode, window=window, model_label=args.model_name, prompt=spec, seed=args.seed,
-        roi_pattern=roi, dataset_name=args.dataset_name, worst=args.worst, predictions=args.predictions,
+        engine=args.engine,
+        checkpoint=args.checkpoint,
+        model_cfg=args.model_cfg,
+        device=args.device,
+        mode=args.mode,
+        window=window,
+        model_label=args.model_name,
+        prompt=spec,
+        seed=args.seed,
+        roi_pattern=roi,
+        dataset_name=args.dataset_name,
+        worst=args.worst,
+        predictions=args.predictions,
     )
     try:
         result = run_study(src, out, config, progress=not args.no_progress)

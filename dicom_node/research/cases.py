@@ -47,8 +47,29 @@ log = logging.getLogger(__name__)
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 #: Files with these suffixes are not DICOM and are passed over silently.
 NOT_DICOM_SUFFIXES = {
-    ".txt", ".md", ".rst", ".csv", ".tsv", ".json", ".yaml", ".yml", ".xml", ".html", ".pdf",
-    ".npz", ".npy", ".png", ".jpg", ".jpeg", ".gif", ".py", ".log", ".zip", ".gz", ".tar", ".nii",
+    ".txt",
+    ".md",
+    ".rst",
+    ".csv",
+    ".tsv",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".xml",
+    ".html",
+    ".pdf",
+    ".npz",
+    ".npy",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".py",
+    ".log",
+    ".zip",
+    ".gz",
+    ".tar",
+    ".nii",
 }
 
 
@@ -210,7 +231,8 @@ def _file_info(path: Path) -> _FileInfo:
         except RTStructError as exc:
             return _FileInfo(path, "error", error=f"unusable RTSTRUCT: {exc}")
         return _FileInfo(
-            path, "rtstruct",
+            path,
+            "rtstruct",
             structure=StructureRef(
                 path=path,
                 sop_instance_uid=ss.sop_instance_uid,
@@ -226,7 +248,8 @@ def _file_info(path: Path) -> _FileInfo:
         if not uid:
             return _FileInfo(path, "error", error="image without SeriesInstanceUID")
         return _FileInfo(
-            path, "image",
+            path,
+            "image",
             series_uid=uid,
             study_uid=str(ds.get("StudyInstanceUID", "") or ""),
             frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
@@ -267,9 +290,7 @@ def _file_infos(files: list[Path], jobs: int, progress: bool) -> list[_FileInfo]
             bar.close()
 
 
-def scan(
-    root: str | os.PathLike, dataset_name: str | None = None, progress: bool = False, jobs: int = 1
-) -> Scan:
+def scan(root: str | os.PathLike, dataset_name: str | None = None, progress: bool = False, jobs: int = 1) -> Scan:
     """Group the DICOM files (and NPZ cases) under ``root`` into cases; see the module doc.
     Headers are read by ``jobs`` worker processes."""
     root = Path(root)
@@ -330,8 +351,11 @@ def scan(
                 dataset = root.resolve().name or "dataset"
         if uid not in attached:
             result.skipped.append(
-                Skip(dataset, _rel(root, s.folder),
-                     f"{s.modality} series {uid} ({len(s.files)} files) has no RTSTRUCT on it")
+                Skip(
+                    dataset,
+                    _rel(root, s.folder),
+                    f"{s.modality} series {uid} ({len(s.files)} files) has no RTSTRUCT on it",
+                )
             )
             continue
         case = DicomCase(
@@ -358,24 +382,34 @@ def _attach(st: StructureRef, series: dict[str, ImageSeries]) -> tuple[str | Non
         if s is None:
             continue
         if st.frame_of_reference_uids and s.frame_of_reference_uid not in st.frame_of_reference_uids:
-            return None, "", (
-                f"RTSTRUCT is on frame of reference {', '.join(st.frame_of_reference_uids)}, "
-                f"but its referenced series {uid} is on {s.frame_of_reference_uid}"
+            return (
+                None,
+                "",
+                (
+                    f"RTSTRUCT is on frame of reference {', '.join(st.frame_of_reference_uids)}, "
+                    f"but its referenced series {uid} is on {s.frame_of_reference_uid}"
+                ),
             )
         if st.patient_id != s.patient_id:
             return None, "", f"RTSTRUCT and its referenced series {uid} have different Patient IDs"
         return uid, "series", ""
     candidates = [
-        s for s in series.values()
-        if s.frame_of_reference_uid and s.frame_of_reference_uid in st.frame_of_reference_uids
+        s
+        for s in series.values()
+        if s.frame_of_reference_uid
+        and s.frame_of_reference_uid in st.frame_of_reference_uids
         and s.patient_id == st.patient_id
     ]
     if not candidates:
         refs = ", ".join(st.referenced_series_uids) or "none"
         frames = ", ".join(st.frame_of_reference_uids) or "none"
-        return None, "", (
-            f"no image series for this RTSTRUCT: neither its referenced series ({refs}) nor a series "
-            f"on its frame of reference ({frames}) was found"
+        return (
+            None,
+            "",
+            (
+                f"no image series for this RTSTRUCT: neither its referenced series ({refs}) nor a series "
+                f"on its frame of reference ({frames}) was found"
+            ),
         )
 
     def closeness(s: ImageSeries) -> tuple[int, str]:
@@ -562,8 +596,13 @@ def load_npz_case(case: NpzCase, roi_regex: re.Pattern | None = None) -> LoadedC
     modality = str(data["modality"]) if "modality" in data else "CT"
     try:
         volume = volume_from_arrays(
-            imgs, data["spacing"], origin, direction, modality,
-            str(data.get("series_instance_uid", "")), str(data.get("frame_of_reference_uid", "")),
+            imgs,
+            data["spacing"],
+            origin,
+            direction,
+            modality,
+            str(data.get("series_instance_uid", "")),
+            str(data.get("frame_of_reference_uid", "")),
         )
     except ValueError as exc:
         raise CaseError(f"NPZ geometry: {exc}") from exc

@@ -53,8 +53,20 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "convert_report.csv"
 MAP_NAME = "pseudonym_map.csv"
-REPORT_FIELDS = ["case", "dataset", "status", "reason", "file", "labels", "label_voxels", "shape",
-                 "spacing", "modality", "source", "warnings"]
+REPORT_FIELDS = [
+    "case",
+    "dataset",
+    "status",
+    "reason",
+    "file",
+    "labels",
+    "label_voxels",
+    "shape",
+    "spacing",
+    "modality",
+    "source",
+    "warnings",
+]
 MAP_FIELDS = ["case", "dataset", "source", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
 
 
@@ -118,7 +130,10 @@ def convert_case(task: ConvertTask) -> ConvertRow:
     """Convert one case; never raises (a failure becomes a skipped row with the reason)."""
     case = task.case
     row = ConvertRow(
-        case=task.case_name, dataset=case.dataset, status="skipped", modality=case.series.modality,
+        case=task.case_name,
+        dataset=case.dataset,
+        status="skipped",
+        modality=case.series.modality,
         source=case.source,
     )
     try:
@@ -204,8 +219,11 @@ def run_tasks(tasks: list[ConvertTask], jobs: int, progress: bool) -> list[Conve
                         rows[t.index] = fut.result()
                     except Exception as exc:  # noqa: BLE001 - a worker died (e.g. out of memory)
                         rows[t.index] = ConvertRow(
-                            t.case_name, t.case.dataset, "skipped",
-                            reason=f"worker failed: {type(exc).__name__}: {exc}", source=t.case.source,
+                            t.case_name,
+                            t.case.dataset,
+                            "skipped",
+                            reason=f"worker failed: {type(exc).__name__}: {exc}",
+                            source=t.case.source,
                         )
                     if bar:
                         bar.update(1)
@@ -243,11 +261,17 @@ def convert(
     log.info("convert: %d cases, %d other items skipped while scanning", len(tasks), len(found.skipped))
     rows = run_tasks(tasks, jobs, progress)
     for skip in found.skipped:
-        rows.append(ConvertRow(case="", dataset=skip.dataset, status="skipped", reason=skip.reason,
-                               source=skip.source))
+        rows.append(ConvertRow(case="", dataset=skip.dataset, status="skipped", reason=skip.reason, source=skip.source))
     for npz in found.npz:
-        rows.append(ConvertRow(case=npz.name, dataset=npz.dataset, status="skipped",
-                               reason="already an NPZ file: not converted", source=str(npz.path)))
+        rows.append(
+            ConvertRow(
+                case=npz.name,
+                dataset=npz.dataset,
+                status="skipped",
+                reason="already an NPZ file: not converted",
+                source=str(npz.path),
+            )
+        )
     summary = ConvertSummary(out=out, rows=rows)
     _write_csv(out / REPORT_NAME, REPORT_FIELDS, [vars(r) for r in rows])
     if pseudonymize:
@@ -256,8 +280,11 @@ def convert(
             MAP_FIELDS,
             [
                 {
-                    "case": t.case_name, "dataset": t.case.dataset, "source": t.case.source,
-                    "PatientID": t.case.series.patient_id, "StudyInstanceUID": t.case.series.study_uid,
+                    "case": t.case_name,
+                    "dataset": t.case.dataset,
+                    "source": t.case.source,
+                    "PatientID": t.case.series.patient_id,
+                    "StudyInstanceUID": t.case.series.study_uid,
                     "SeriesInstanceUID": t.case.series.series_uid,
                 }
                 for t in tasks

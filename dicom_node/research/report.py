@@ -120,7 +120,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         if len(datasets) > 1:
             groups[(ALL, r.get("model", ""))].append(r)
     out = []
-    for (dataset, model) in sorted(groups, key=lambda k: (k[0] == ALL, k[0], k[1])):
+    for dataset, model in sorted(groups, key=lambda k: (k[0] == ALL, k[0], k[1])):
         members = groups[(dataset, model)]
         good = ok_rows(members)
         entry = {
@@ -157,8 +157,13 @@ def write_summary_csv(summary: list[dict], path: Path) -> None:
 def format_table(summary: list[dict]) -> str:
     """The summary as a fixed-width text table: median [Q1, Q3] per metric."""
     short = {
-        "dice": "Dice", "surface_dice_2mm": "sDice@2mm", "hd95_mm": "HD95 mm", "volume_ratio": "vol ratio",
-        "slices_reached": "GT slices reached", "extent_ratio": "z-extent ratio", "seconds": "s/ROI",
+        "dice": "Dice",
+        "surface_dice_2mm": "sDice@2mm",
+        "hd95_mm": "HD95 mm",
+        "volume_ratio": "vol ratio",
+        "slices_reached": "GT slices reached",
+        "extent_ratio": "z-extent ratio",
+        "seconds": "s/ROI",
     }
     header = ["dataset", "model", "n", "skip"] + [short[c] for c, _, _ in METRICS]
     lines = [header]
@@ -218,14 +223,34 @@ def boxplot_metric(rows: list[dict], metric: str, label: str, path: Path) -> Pat
             x = di + (mi - (len(models) - 1) / 2) * width
             if finite:
                 finite_max = max(finite_max, max(finite))
-                ax.boxplot([finite], positions=[x], widths=width * 0.8, showfliers=False,
-                           patch_artist=True, boxprops={"facecolor": colors(mi), "alpha": 0.35},
-                           medianprops={"color": "black"})
-                ax.scatter(x + rng.uniform(-width * 0.2, width * 0.2, len(finite)), finite, s=14,
-                           color=colors(mi), edgecolor="black", linewidth=0.4, zorder=3)
+                ax.boxplot(
+                    [finite],
+                    positions=[x],
+                    widths=width * 0.8,
+                    showfliers=False,
+                    patch_artist=True,
+                    boxprops={"facecolor": colors(mi), "alpha": 0.35},
+                    medianprops={"color": "black"},
+                )
+                ax.scatter(
+                    x + rng.uniform(-width * 0.2, width * 0.2, len(finite)),
+                    finite,
+                    s=14,
+                    color=colors(mi),
+                    edgecolor="black",
+                    linewidth=0.4,
+                    zorder=3,
+                )
             if n_inf:
-                ax.annotate(f"+{n_inf} inf", (x, 1.0), xycoords=("data", "axes fraction"), ha="center",
-                            va="bottom", fontsize=8, color="darkred")
+                ax.annotate(
+                    f"+{n_inf} inf",
+                    (x, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    color="darkred",
+                )
     ax.set_xticks(range(len(datasets)))
     ax.set_xticklabels(datasets, rotation=20 if len(datasets) > 3 else 0, ha="right" if len(datasets) > 3 else "center")
     ax.set_ylabel(label)
@@ -377,15 +402,32 @@ def overlay_figure(overlay: Overlay, path: Path) -> Path:
                 ax.contour(part.astype(float), levels=[0.5], colors=[color], linewidths=width)
         for k, i0, j0, i1, j1 in overlay.boxes:
             if k == s.k:
-                ax.add_patch(Rectangle((j0 - cs.start - 0.5, i0 - rs.start - 0.5), j1 - j0 + 1, i1 - i0 + 1,
-                                       fill=False, edgecolor="yellow", linewidth=1.2, linestyle="--"))
+                ax.add_patch(
+                    Rectangle(
+                        (j0 - cs.start - 0.5, i0 - rs.start - 0.5),
+                        j1 - j0 + 1,
+                        i1 - i0 + 1,
+                        fill=False,
+                        edgecolor="yellow",
+                        linewidth=1.2,
+                        linestyle="--",
+                    )
+                )
         for k, i, j, positive in overlay.points:
             if k == s.k:
-                ax.plot(j - cs.start, i - rs.start, marker="+" if positive else "x", markersize=9,
-                        markeredgewidth=2, color="cyan" if positive else "magenta")
+                ax.plot(
+                    j - cs.start,
+                    i - rs.start,
+                    marker="+" if positive else "x",
+                    markersize=9,
+                    markeredgewidth=2,
+                    color="cyan" if positive else "magenta",
+                )
         gt_px, pr_px = int(s.truth.sum()), int(s.pred.sum())
-        ax.set_title(f"slice {s.k} ({s.why})\nGT {gt_px * dy * dx / 100:.1f} cm², pred {pr_px * dy * dx / 100:.1f} cm²",
-                     fontsize=8)
+        ax.set_title(
+            f"slice {s.k} ({s.why})\nGT {gt_px * dy * dx / 100:.1f} cm², pred {pr_px * dy * dx / 100:.1f} cm²",
+            fontsize=8,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [Line2D([], [], color="lime", label="ground truth"), Line2D([], [], color="red", label="prediction")]

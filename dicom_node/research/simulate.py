@@ -174,19 +174,13 @@ def simulate_prompts(
         i0, j0, i1, j1 = simulate_box(mask[k], spacing_yx, spec.jitter_mm, rng)
         prompts.boxes.append(BoxPrompt(slice_index=k, i0=i0, j0=j0, i1=i1, j1=j1))
     else:
-        for i, j, positive in simulate_points(
-            mask[k], spacing_yx, spec.positives, spec.negatives, spec.ring_mm, rng
-        ):
+        for i, j, positive in simulate_points(mask[k], spacing_yx, spec.positives, spec.negatives, spec.ring_mm, rng):
             prompts.points.append(PointPrompt(slice_index=k, i=float(i), j=float(j), positive=positive))
     return prompts
 
 
 def describe(prompts: TargetPrompts) -> str:
     """A compact, CSV-friendly text of the prompt (voxel units)."""
-    parts = [
-        f"box k={b.slice_index} i={b.i0:.1f}-{b.i1:.1f} j={b.j0:.1f}-{b.j1:.1f}" for b in prompts.boxes
-    ]
-    parts += [
-        f"{'+' if p.positive else '-'}({p.slice_index},{p.i:.0f},{p.j:.0f})" for p in prompts.points
-    ]
+    parts = [f"box k={b.slice_index} i={b.i0:.1f}-{b.i1:.1f} j={b.j0:.1f}-{b.j1:.1f}" for b in prompts.boxes]
+    parts += [f"{'+' if p.positive else '-'}({p.slice_index},{p.i:.0f},{p.j:.0f})" for p in prompts.points]
     return " ".join(parts)

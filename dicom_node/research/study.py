@@ -33,6 +33,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -70,12 +71,40 @@ DEFAULT_ROI_PATTERN = r"(?i)gtv"
 #: Columns of cases.csv, in order. Timing columns are the only ones that differ between
 #: two runs with the same seed.
 FIELDS = [
-    "dataset", "case", "roi", "model", "engine", "mode", "prompt", "slice", "jitter_mm", "seed",
-    "status", "reason",
-    "dice", "surface_dice_2mm", "hd95_mm", "volume_ratio", "gt_volume_ml", "pred_volume_ml",
-    "gt_z_first", "gt_z_last", "pred_z_first", "pred_z_last", "gt_slices", "pred_slices",
-    "slices_reached", "slices_missed", "slices_extra", "extent_ratio",
-    "prompt_slice", "prompt_detail", "spacing", "seconds", "seconds_load", "warnings",
+    "dataset",
+    "case",
+    "roi",
+    "model",
+    "engine",
+    "mode",
+    "prompt",
+    "slice",
+    "jitter_mm",
+    "seed",
+    "status",
+    "reason",
+    "dice",
+    "surface_dice_2mm",
+    "hd95_mm",
+    "volume_ratio",
+    "gt_volume_ml",
+    "pred_volume_ml",
+    "gt_z_first",
+    "gt_z_last",
+    "pred_z_first",
+    "pred_z_last",
+    "gt_slices",
+    "pred_slices",
+    "slices_reached",
+    "slices_missed",
+    "slices_extra",
+    "extent_ratio",
+    "prompt_slice",
+    "prompt_detail",
+    "spacing",
+    "seconds",
+    "seconds_load",
+    "warnings",
 ]
 TIMING_FIELDS = ("seconds", "seconds_load")
 SCORED = ("ok", "failed")
@@ -154,7 +183,8 @@ def build_engine(config: StudyConfig):
     """The process-wide engine, built the way the node's pipeline builds it
     (:func:`dicom_node.pipeline.build_engine`). A bad engine setting or checkpoint is a
     :class:`StudyError` before any case runs."""
-    from dicom_node.pipeline import CaseError, build_engine as pipeline_engine
+    from dicom_node.pipeline import CaseError
+    from dicom_node.pipeline import build_engine as pipeline_engine
 
     try:
         return pipeline_engine(config.engine, config.engine_config())
@@ -238,7 +268,11 @@ def display_range(volume: Volume, window: tuple[float, float] | None) -> tuple[f
 
 
 def build_overlay(
-    title: str, volume: Volume, truth: np.ndarray, pred: np.ndarray, prompts: TargetPrompts,
+    title: str,
+    volume: Volume,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    prompts: TargetPrompts,
     window: tuple[float, float] | None,
 ) -> Overlay:
     """Three slices: the prompted one, the one with the largest error, and the end of the
@@ -280,8 +314,13 @@ def _base_row(config: StudyConfig, dataset: str, case: str, roi: str) -> dict:
     if config.predictions:
         row["engine"] = "predictions"
     else:
-        row.update(engine=config.engine, mode=config.mode, prompt=config.prompt.kind, slice=config.prompt.slice,
-                   jitter_mm=fmt(config.prompt.jitter_mm))
+        row.update(
+            engine=config.engine,
+            mode=config.mode,
+            prompt=config.prompt.kind,
+            slice=config.prompt.slice,
+            jitter_mm=fmt(config.prompt.jitter_mm),
+        )
     return row
 
 
@@ -331,7 +370,10 @@ def _load(item: DicomCase | NpzCase, roi_regex) -> LoadedCase:
 
 
 def study_case(
-    loaded: LoadedCase, config: StudyConfig, seconds_load: float, keep_overlay,
+    loaded: LoadedCase,
+    config: StudyConfig,
+    seconds_load: float,
+    keep_overlay,
     save_to: Path | None = None,
 ) -> list[dict]:
     """Rows for every ground-truth ROI of one loaded case; with ``save_to``, the
@@ -359,15 +401,23 @@ def study_case(
         t0 = time.perf_counter()
         if saved is not None:
             if roi not in saved:
-                row.update(status="skipped", reason=f"no prediction for ROI {roi!r} (has: {', '.join(saved) or 'none'})")
+                row.update(
+                    status="skipped", reason=f"no prediction for ROI {roi!r} (has: {', '.join(saved) or 'none'})"
+                )
                 rows.append(row)
                 continue
             pred = saved[roi]
             row["status"] = "ok"
         else:
             try:
-                prompts = simulate_prompts(truth, spacing, config.prompt, case_rng(config.seed, loaded.name, roi),
-                                           target="", output_name="GTV_AI")
+                prompts = simulate_prompts(
+                    truth,
+                    spacing,
+                    config.prompt,
+                    case_rng(config.seed, loaded.name, roi),
+                    target="",
+                    output_name="GTV_AI",
+                )
             except SimulationError as exc:
                 row.update(status="skipped", reason=f"no prompt: {exc}")
                 rows.append(row)
@@ -390,12 +440,12 @@ def study_case(
             preds.append((roi, pred))
         for key, value in score(pred, truth, spacing, config.tolerance_mm).items():
             row[key] = fmt(value) if isinstance(value, float) else value
-        keep_overlay(row, lambda: build_overlay(
+        title = (
             f"{loaded.dataset} / {loaded.name} / {roi}: Dice {float(row['dice']):.3f}, "
             f"HD95 {float(row['hd95_mm']):.1f} mm, model {config.model}"
-            + (f" ({row['reason']})" if row["status"] != "ok" else ""),
-            volume, truth, pred, prompts, config.window,
-        ))
+            + (f" ({row['reason']})" if row["status"] != "ok" else "")
+        )
+        keep_overlay(row, partial(build_overlay, title, volume, truth, pred, prompts, config.window))
         rows.append(row)
     if save_to is not None and preds:
         save_predictions(prediction_path(save_to, loaded.dataset, loaded.name), preds, spacing)
@@ -419,7 +469,7 @@ class _Worst:
             return
         self.items.append((d, self.counter, row, make()))
         self.items.sort(key=lambda t: (t[0], t[1]))
-        del self.items[self.n:]
+        del self.items[self.n :]
 
 
 def run_study(
@@ -433,8 +483,7 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     found = scan(src, dataset_name=config.dataset_name, progress=progress)
     items: list[DicomCase | NpzCase] = [*found.cases, *found.npz]
-    log.info("study: %d cases (%d DICOM, %d NPZ), model %s", len(items), len(found.cases), len(found.npz),
-             config.model)
+    log.info("study: %d cases (%d DICOM, %d NPZ), model %s", len(items), len(found.cases), len(found.npz), config.model)
     rows: list[dict] = []
     worst = _Worst(config.worst)
     bar = None

@@ -206,7 +206,12 @@ class ClassicSliceSegmenter:
         if model.contrast >= self.p.min_contrast:
             chosen = self._choose_component(cand, inbox, pos_px)
         else:  # one intensity class only (noise): nothing stands out in the box
-            log.info("slice %d: no object in the box (contrast %.1f < %.1f grey levels)", k, model.contrast, self.p.min_contrast)
+            log.info(
+                "slice %d: no object in the box (contrast %.1f < %.1f grey levels)",
+                k,
+                model.contrast,
+                self.p.min_contrast,
+            )
             chosen = np.zeros_like(cand)
         if not chosen.any():
             self._remember(k, k, crop, tissue, np.zeros_like(tissue))
@@ -233,7 +238,9 @@ class ClassicSliceSegmenter:
         allowed = self._box_mask(box, crop) & ndimage.binary_dilation(prev, self._se_mm(self.p.step_mm))
         core = self._core(prev) & tissue
         if not core.any():
-            raise StopPropagation("intensity model no longer fits: no tissue of the tumour's intensity under the previous mask")
+            raise StopPropagation(
+                "intensity model no longer fits: no tissue of the tumour's intensity under the previous mask"
+            )
         bg = ~allowed
         lost = self._recall(anchor_k, previous_k, crop)
         if lost is not None:
@@ -245,7 +252,9 @@ class ClassicSliceSegmenter:
             won &= ndimage.binary_dilation(prev, self._se_mm(self.p.step_mm / 2.5))
         finished = self._finish(won, allowed)
         level = self._level(finished, im, model)
-        log.debug("slice %d: tumour-class median %.1f (prompted slice %.1f +- %.1f)", k, level, model.median, model.spread)
+        log.debug(
+            "slice %d: tumour-class median %.1f (prompted slice %.1f +- %.1f)", k, level, model.median, model.spread
+        )
         if finished.any() and abs(level - model.median) > self.p.k_fit * model.spread:
             raise StopPropagation(
                 f"intensity model no longer fits: median grey level {level:.0f} on slice {k} vs "
@@ -269,8 +278,10 @@ class ClassicSliceSegmenter:
         mi = self.p.context_mm / self.spacing_yx[0] + 2
         mj = self.p.context_mm / self.spacing_yx[1] + 2
         return _Crop(
-            max(int(np.floor(box[0] - mi)), 0), max(int(np.floor(box[1] - mj)), 0),
-            min(int(np.ceil(box[2] + mi)) + 1, ny), min(int(np.ceil(box[3] + mj)) + 1, nx),
+            max(int(np.floor(box[0] - mi)), 0),
+            max(int(np.floor(box[1] - mj)), 0),
+            min(int(np.ceil(box[2] + mi)) + 1, ny),
+            min(int(np.ceil(box[3] + mj)) + 1, nx),
         )
 
     def _smooth(self, k: int, crop: _Crop) -> np.ndarray:
@@ -512,7 +523,10 @@ class ClassicEngine(Engine):
                 warnings.append(f"propagation {direction} stopped early, the tumour may continue: {reason}")
         log.info(
             "classic: %d slices (%s), stopped up: %s; down: %s",
-            len(result.slice_scores), result.slice_range, result.stop_reasons["up"], result.stop_reasons["down"],
+            len(result.slice_scores),
+            result.slice_range,
+            result.stop_reasons["up"],
+            result.stop_reasons["down"],
         )
         return SegmentationResult(
             mask=result.mask,

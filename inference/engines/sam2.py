@@ -135,9 +135,7 @@ class Sam2Engine(Engine):
             self.warnings.append(msg)
 
         t0 = time.perf_counter()
-        self.model = build_model(
-            self.spec, device="cpu", seed=random_seed if checkpoint is None else None
-        )
+        self.model = build_model(self.spec, device="cpu", seed=random_seed if checkpoint is None else None)
         if checkpoint is not None:
             self.checkpoint_info = load_checkpoint(self.model, checkpoint, model_name=self.spec.name)
         else:
@@ -152,7 +150,10 @@ class Sam2Engine(Engine):
         self._lock = threading.Lock()
         log.info(
             "SAM2 model %s ready on %s in %.1f s (%s)",
-            self.spec.name, self.device, time.perf_counter() - t0, self.algorithm_name,
+            self.spec.name,
+            self.device,
+            time.perf_counter() - t0,
+            self.algorithm_name,
         )
 
     # -- identity ----------------------------------------------------------------------
@@ -216,14 +217,17 @@ class Sam2Engine(Engine):
         seconds = time.perf_counter() - t0
         log.info(
             "SAM2 %s target %r: %d slices in %.1f s; stopped up: %s; down: %s",
-            options.mode, prompts.target, int(mask.any(axis=(1, 2)).sum()), seconds,
-            stops.get("up"), stops.get("down"),
+            options.mode,
+            prompts.target,
+            int(mask.any(axis=(1, 2)).sum()),
+            seconds,
+            stops.get("up"),
+            stops.get("down"),
         )
         if not mask.any():
             raise SegmentationError(
                 f"SAM2 ({self.spec.name}) produced an empty mask for target {prompts.target!r} "
-                f"on prompted slice(s) {prompts.anchor_slices}"
-                + (f": {'; '.join(extra)}" if extra else "")
+                f"on prompted slice(s) {prompts.anchor_slices}" + (f": {'; '.join(extra)}" if extra else "")
             )
         return SegmentationResult(
             mask=mask,
@@ -241,14 +245,14 @@ class Sam2Engine(Engine):
         from inference.sam2_features import Sam2SliceSegmenter, SliceFeatureCache
 
         cache = SliceFeatureCache(self.model, gray, device=self.device, batch_size=self.batch_size)
-        segmenter = Sam2SliceSegmenter(
-            cache, prompts.anchor_slices, object_score_stop=self.object_score_stop
-        )
+        segmenter = Sam2SliceSegmenter(cache, prompts.anchor_slices, object_score_stop=self.object_score_stop)
         params = PropagationParams.from_options(options, prefetch_batch=self.batch_size)
         result = propagate_2d(segmenter, volume.shape, volume.spacing, prompts, params)
         log.debug(
             "SAM2 2D: %d slices encoded in %d batches, peak %d cached",
-            cache.stats.encoded, cache.stats.batches, cache.stats.peak_cached,
+            cache.stats.encoded,
+            cache.stats.batches,
+            cache.stats.peak_cached,
         )
         return result.mask, result.slice_scores, result.stop_reasons, list(result.warnings)
 
@@ -264,6 +268,8 @@ class Sam2Engine(Engine):
         result = propagate_3d(self.model, gray, volume.spacing, prompts, params)
         log.debug(
             "SAM2 3D: frames %s, %d decoded, %d slices encoded",
-            result.frame_range, result.frames_decoded, result.slices_encoded,
+            result.frame_range,
+            result.frames_decoded,
+            result.slices_encoded,
         )
         return result.mask, result.slice_scores, result.stop_reasons, list(result.warnings)
