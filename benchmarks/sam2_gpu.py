@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydicom.uid import CTImageStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -152,7 +153,7 @@ def synthetic_ct(n_slices: int, size: int, tumour_slices: int, slice_mm: float =
         series_instance_uid="2.25.100",
         study_instance_uid="2.25.200",
         frame_of_reference_uid="2.25.300",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_class_uid=CTImageStorage,
     )
     k = int(np.argmax(truth.sum(axis=(1, 2))))
     rows = np.flatnonzero(truth[k].any(axis=1))

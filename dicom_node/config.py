@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydicom import uid
 
 from dicom_node.yamlfile import read_yaml
 
@@ -36,15 +37,15 @@ REPO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "node.yaml"
 
 #: short names accepted in ``network.sop_classes`` (UIDs are accepted too)
 SOP_CLASS_NAMES: dict[str, str] = {
-    "CT": "1.2.840.10008.5.1.4.1.1.2",
-    "ENHANCED_CT": "1.2.840.10008.5.1.4.1.1.2.1",
-    "MR": "1.2.840.10008.5.1.4.1.1.4",
-    "ENHANCED_MR": "1.2.840.10008.5.1.4.1.1.4.1",
-    "RTSTRUCT": "1.2.840.10008.5.1.4.1.1.481.3",
-    "PT": "1.2.840.10008.5.1.4.1.1.128",
-    "RTPLAN": "1.2.840.10008.5.1.4.1.1.481.5",
-    "RTDOSE": "1.2.840.10008.5.1.4.1.1.481.2",
-    "REG": "1.2.840.10008.5.1.4.1.1.66.1",
+    "CT": uid.CTImageStorage,
+    "ENHANCED_CT": uid.EnhancedCTImageStorage,
+    "MR": uid.MRImageStorage,
+    "ENHANCED_MR": uid.EnhancedMRImageStorage,
+    "RTSTRUCT": uid.RTStructureSetStorage,
+    "PT": uid.PositronEmissionTomographyImageStorage,
+    "RTPLAN": uid.RTPlanStorage,
+    "RTDOSE": uid.RTDoseStorage,
+    "REG": uid.SpatialRegistrationStorage,
 }
 
 _AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash

@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import DS
 from scipy import ndimage
 
 from dicom_node import __version__
 from inference.geometry import Geometry
 from inference.prompts import BoxPrompt
-from inference.volume import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, Volume
+from inference.volume import Volume
 
 #: Default grid: 56 slices of 2.5 mm, 256 x 256 pixels of 1.5 mm (a 384 mm field of view).
 DEFAULT_SHAPE = (56, 256, 256)
@@ -445,7 +445,7 @@ def make_phantom(
         series_instance_uid=series_uid,
         study_instance_uid=study_uid,
         frame_of_reference_uid=for_uid,
-        sop_class_uid=CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE,
+        sop_class_uid=CTImageStorage if modality == "CT" else MRImageStorage,
         attributes=phantom_attributes(modality, seed, study_uid, series_uid, for_uid),
     )
     box = box_around(truth, geometry, BOX_MARGIN_MM)

@@ -1,12 +1,19 @@
-"""The one-shot segmentation chain: images + prompt RTSTRUCT in, result RTSTRUCT out.
+"""The segmentation chain, typed: images + prompt RTSTRUCT in, result RTSTRUCT out.
 
-``load_series -> read_rtstruct -> extract_prompts -> get_engine(...).segment per target ->
-write_rtstruct`` (one ROI per target, algorithm name and version from the engine's result).
-``dicom-node segment`` calls :func:`segment_case`, the node's worker :func:`run_case`,
-and the research ``study`` command :func:`segment_targets` (the engine step all of them
-share) on prompts it simulates. Every problem of the *input* raises
-:class:`CaseError` whose message says which input and what is wrong; anything else
-(a bug, out of memory) propagates unchanged.
+Every caller (the node's worker, ``dicom-node segment``, the research ``study``) goes
+through the same steps:
+
+1. :func:`prepare` loads the volume (:func:`rtstruct.series.load_series`), reads the
+   prompt RTSTRUCT once and extracts its targets (:func:`rtstruct.prompts.extract_prompts`):
+   a :class:`SegmentRequest` (volume, targets, :class:`~inference.engine.EngineSpec`,
+   :class:`~inference.engine.SegmentOptions`, :class:`RoiNaming`).
+2. :func:`run` segments every target with the engine (:func:`segment_targets`, the step
+   ``study`` calls on prompts it simulates), names the result ROIs with the one naming
+   rule (:func:`rtstruct.prompts.result_roi_names`: the rule's name, made unique against
+   the planner's ROIs) and writes the result RTSTRUCT (:func:`rtstruct.writer.write_rtstruct`).
+
+Every problem of the *input* raises :class:`CaseError` whose message says which input and
+what is wrong; anything else (a bug, out of memory) propagates unchanged.
 
 Also :func:`load_roi_mask` for ``dicom-node evaluate``: an ROI of an RTSTRUCT rasterised
 on a volume, with clear refusals (unknown ROI name with the list of names, other frame
@@ -17,15 +24,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inference.engine import DEFAULT_ENGINE, EngineSpec, SegmentOptions
+
 if TYPE_CHECKING:  # pragma: no cover
-    from inference.engine import SegmentationResult, SegmentOptions
+    from inference.engine import SegmentationResult
     from inference.prompts import TargetPrompts
     from inference.volume import Volume
     from rtstruct.reader import StructureSet
@@ -40,6 +49,42 @@ class CaseError(ValueError):
     def __init__(self, stage: str, message: str):
         super().__init__(message)
         self.stage = stage
+
+
+@dataclass(frozen=True)
+class RoiNaming:
+    """How the result ROIs are named and coloured.
+
+    ``template``: a rule's ``output_roi_name`` (``None``: ``GTV_AI`` / ``<target>_AI``);
+    ``existing``: the ROI names of the planner's structure set, which a result never takes.
+    """
+
+    template: str | None = None
+    color: tuple[int, int, int] = (255, 0, 0)
+    existing: tuple[str, ...] = ()
+
+
+@dataclass
+class SegmentRequest:
+    """One case to segment: what :func:`run` takes."""
+
+    volume: Volume
+    targets: list[TargetPrompts]
+    engine: EngineSpec = field(default_factory=lambda: EngineSpec(DEFAULT_ENGINE))
+    options: SegmentOptions = field(default_factory=SegmentOptions)
+    naming: RoiNaming = field(default_factory=RoiNaming)
+    conventions: Any = None  # rtstruct.prompts.PromptConventions; None: the defaults
+
+    def roi_names(self) -> list[str]:
+        """The result ROI name of each target (see :func:`rtstruct.prompts.result_roi_names`)."""
+        from rtstruct.prompts import DEFAULT_CONVENTIONS, result_roi_names
+
+        return result_roi_names(
+            [t.target for t in self.targets],
+            self.naming.existing,
+            self.naming.template,
+            self.conventions or DEFAULT_CONVENTIONS,
+        )
 
 
 @dataclass
@@ -60,8 +105,8 @@ class CaseResult:
 
 
 def load_volume(images: str | Path | Iterable[str | Path], *, series_instance_uid: str | None = None) -> Volume:
-    """:func:`inference.volume.load_series` with its refusals as :class:`CaseError`."""
-    from inference.volume import VolumeError, load_series
+    """:func:`rtstruct.series.load_series` with its refusals as :class:`CaseError`."""
+    from rtstruct.series import VolumeError, load_series
 
     if isinstance(images, (str, Path)) and not Path(images).exists():
         raise CaseError("images", f"image folder {str(images)!r} does not exist")
@@ -86,17 +131,12 @@ def read_structure_set(path: str | Path, what: str = "RTSTRUCT") -> StructureSet
         raise CaseError("prompts", f"{what} unusable: {exc}") from None
 
 
-def load_prompts(
-    volume: Volume,
-    prompt_rtstruct: str | Path,
-    *,
-    conventions=None,
-    allow_frame_of_reference_only: bool = False,
+def extract_targets(
+    volume: Volume, structure_set: StructureSet, *, conventions=None, allow_frame_of_reference_only: bool = False
 ) -> list[TargetPrompts]:
-    """The prompt targets of ``prompt_rtstruct`` in ``volume``'s voxel space."""
+    """The prompt targets of ``structure_set`` in ``volume``'s voxel space."""
     from rtstruct.prompts import DEFAULT_CONVENTIONS, PromptError, extract_prompts
 
-    structure_set = read_structure_set(prompt_rtstruct, "prompt RTSTRUCT")
     try:
         return extract_prompts(
             structure_set,
@@ -108,86 +148,77 @@ def load_prompts(
         raise CaseError("prompts", f"prompts refused: {exc}") from None
 
 
-def segment_case(
-    images: str | Path | Iterable[str | Path],
+def prepare(
+    images: str | Path | Iterable[str | Path] | None,
     prompt_rtstruct: str | Path,
-    engine_name: str = "classic",
-    engine_config: Mapping[str, Any] | None = None,
-    options: SegmentOptions | None = None,
     *,
-    color: tuple[int, int, int] = (255, 0, 0),
-    roi_names: Mapping[str, str] | None = None,
+    engine: EngineSpec | None = None,
+    options: SegmentOptions | None = None,
+    naming: RoiNaming | None = None,
     conventions=None,
     allow_frame_of_reference_only: bool = False,
     series_instance_uid: str | None = None,
     volume: Volume | None = None,
-) -> tuple[Any, list[TargetResult]]:
-    """Segment every target of a prompt RTSTRUCT and write the result RTSTRUCT.
+) -> SegmentRequest:
+    """Load the images (unless ``volume`` is given) and the prompts: a :class:`SegmentRequest`.
 
-    ``engine_config`` goes to :func:`inference.engine.get_engine` (hashable values;
-    ``None`` values are dropped so that engine defaults apply). ``roi_names`` maps a
-    target (``<target>`` of ``BOX_<target>``) to its output ROI name (default: the
-    target's ``output_name``, ``GTV_AI`` or ``<target>_AI``). Pass ``volume`` when it is
-    already loaded (``images`` is then ignored).
-
-    Returns ``(dataset, results)``: the RTSTRUCT (save with
-    ``dataset.save_as(path, enforce_file_format=True)``) and one :class:`TargetResult`
-    per target. :func:`run_case` returns the same with timings.
+    The planner's ROI names are taken from the prompt RTSTRUCT into the request's naming,
+    so that no result ROI takes one of them.
     """
-    case = run_case(
-        images,
-        prompt_rtstruct,
-        engine_name,
-        engine_config,
-        options,
-        color=color,
-        roi_names=roi_names,
-        conventions=conventions,
-        allow_frame_of_reference_only=allow_frame_of_reference_only,
-        series_instance_uid=series_instance_uid,
-        volume=volume,
+    if volume is None:
+        volume = load_volume(images, series_instance_uid=series_instance_uid)  # type: ignore[arg-type]
+    structure_set = read_structure_set(prompt_rtstruct, "prompt RTSTRUCT")
+    targets = extract_targets(
+        volume, structure_set, conventions=conventions, allow_frame_of_reference_only=allow_frame_of_reference_only
     )
-    return case.dataset, case.targets
+    naming = naming or RoiNaming()
+    naming = RoiNaming(naming.template, naming.color, tuple(structure_set.roi_names) + naming.existing)
+    return SegmentRequest(
+        volume=volume,
+        targets=targets,
+        engine=engine or EngineSpec(DEFAULT_ENGINE),
+        options=options or SegmentOptions(),
+        naming=naming,
+        conventions=conventions,
+    )
 
 
-def build_engine(engine_name: str, engine_config: Mapping[str, Any] | None = None):
-    """The process-wide engine (:func:`inference.engine.get_engine`): ``None`` values of
-    ``engine_config`` are dropped so that engine defaults apply. An unknown engine, a bad
-    setting or an unusable checkpoint is a :class:`CaseError`."""
-    from inference.engine import SegmentationError, get_engine
+def build_engine(spec: EngineSpec):
+    """The process-wide engine of ``spec`` (:func:`inference.engine.build`). An unknown
+    engine, a bad setting or an unusable checkpoint is a :class:`CaseError`."""
+    from inference.engine import SegmentationError, build
 
-    config = {k: v for k, v in (engine_config or {}).items() if v is not None}
     try:
-        return get_engine(engine_name, **config)
+        return build(spec)
     except (ValueError, SegmentationError) as exc:
-        raise CaseError("segmentation", f"engine {engine_name!r} cannot be used: {exc}") from None
+        raise CaseError("segmentation", f"engine {spec.name!r} cannot be used: {exc}") from None
 
 
 def segment_targets(
     volume: Volume,
-    targets: Iterable[TargetPrompts],
-    engine_name: str = "classic",
-    engine_config: Mapping[str, Any] | None = None,
+    targets: Sequence[TargetPrompts],
+    engine: EngineSpec,
     options: SegmentOptions | None = None,
     *,
-    roi_names: Mapping[str, str] | None = None,
+    roi_names: Sequence[str] | None = None,
 ) -> tuple[list[TargetResult], list[str]]:
     """Segment in-memory prompt targets on ``volume``: the engine step shared by the node's
-    worker, ``dicom-node segment`` and the research ``study``. Returns one
-    :class:`TargetResult` per target and the engines' warnings (prefixed with the ROI name)."""
-    from inference.engine import SegmentationError, SegmentOptions
+    worker, ``dicom-node segment`` and the research ``study``. ``roi_names`` holds one name
+    per target (default: each target's ``output_name``). Returns one :class:`TargetResult`
+    per target and the engines' warnings (prefixed with the ROI name)."""
+    from inference.engine import SegmentationError
 
     options = options or SegmentOptions()
-    engine = build_engine(engine_name, engine_config)
+    built = build_engine(engine)
+    names = list(roi_names) if roi_names is not None else [t.output_name for t in targets]
     results: list[TargetResult] = []
     warnings: list[str] = []
-    for target in targets:
+    for target, name in zip(targets, names, strict=True):
         label = target.output_name if not target.target else f"{target.target!r} ({target.output_name})"
         try:
-            result = engine.segment(volume, target, options)
+            result = built.segment(volume, target, options)
         except SegmentationError as exc:
             raise CaseError("segmentation", f"segmentation of target {label} failed: {exc}") from None
-        name = (roi_names or {}).get(target.target, target.output_name)
         results.append(TargetResult(target=target, roi_name=name, result=result))
         warnings += [f"{name}: {w}" for w in result.warnings]
         log.info(
@@ -200,43 +231,20 @@ def segment_targets(
     return results, warnings
 
 
-def run_case(
-    images,
-    prompt_rtstruct,
-    engine_name: str = "classic",
-    engine_config: Mapping[str, Any] | None = None,
-    options: SegmentOptions | None = None,
-    *,
-    color: tuple[int, int, int] = (255, 0, 0),
-    roi_names: Mapping[str, str] | None = None,
-    conventions=None,
-    allow_frame_of_reference_only: bool = False,
-    series_instance_uid: str | None = None,
-    volume: Volume | None = None,
-    targets: list[TargetPrompts] | None = None,
-) -> CaseResult:
-    """:func:`segment_case`, returning a :class:`CaseResult` (volume, timings, warnings).
-    Pass ``targets`` when the prompts are already extracted from ``prompt_rtstruct``."""
+def run(request: SegmentRequest, *, load_seconds: float = 0.0) -> CaseResult:
+    """Segment every target of ``request`` and write the result RTSTRUCT."""
     from rtstruct.reader import RTStructError
     from rtstruct.writer import RoiMask, write_rtstruct
 
     t0 = time.perf_counter()
-    if volume is None:
-        volume = load_volume(images, series_instance_uid=series_instance_uid)
-    if targets is None:
-        targets = load_prompts(
-            volume,
-            prompt_rtstruct,
-            conventions=conventions,
-            allow_frame_of_reference_only=allow_frame_of_reference_only,
-        )
-    load_seconds = time.perf_counter() - t0
-    results, warnings = segment_targets(volume, targets, engine_name, engine_config, options, roi_names=roi_names)
+    results, warnings = segment_targets(
+        request.volume, request.targets, request.engine, request.options, roi_names=request.roi_names()
+    )
     rois = [
         RoiMask(
             name=r.roi_name,
             mask=r.result.mask,
-            color=tuple(color),
+            color=tuple(request.naming.color),
             interpreted_type="GTV",
             algorithm_name=r.result.algorithm_name,
             algorithm_version=str(r.result.engine_version),
@@ -245,17 +253,24 @@ def run_case(
         for r in results
     ]
     try:
-        dataset = write_rtstruct(volume, rois)
+        dataset = write_rtstruct(request.volume, rois)
     except RTStructError as exc:
         raise CaseError("write", f"result RTSTRUCT cannot be written: {exc}") from None
     return CaseResult(
-        volume=volume,
+        volume=request.volume,
         dataset=dataset,
         targets=results,
         load_seconds=load_seconds,
-        seconds=time.perf_counter() - t0,
+        seconds=load_seconds + time.perf_counter() - t0,
         warnings=warnings,
     )
+
+
+def segment_case(images, prompt_rtstruct, **prepare_args) -> CaseResult:
+    """:func:`prepare` then :func:`run`: the one-shot chain of ``dicom-node segment`` and the worker."""
+    t0 = time.perf_counter()
+    request = prepare(images, prompt_rtstruct, **prepare_args)
+    return run(request, load_seconds=time.perf_counter() - t0)
 
 
 # -- evaluation -----------------------------------------------------------------------

@@ -31,6 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
 from dicom_node.db import Database
 from dicom_node.durable import fsync_dir
 from dicom_node.logs import event, get_logger, patient_ref
@@ -55,10 +62,10 @@ log = get_logger(__name__)
 IMAGE_MODALITIES = ("CT", "MR")
 
 # transfer syntaxes
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
+IMPLICIT_LE = ImplicitVRLittleEndian
+EXPLICIT_LE = ExplicitVRLittleEndian
+DEFLATED_LE = DeflatedExplicitVRLittleEndian
+EXPLICIT_BE = ExplicitVRBigEndian
 
 
 class StoreError(Exception):

@@ -71,7 +71,7 @@ def _atomic_write_dataset(ds, path: Path) -> None:
     publish(tmp, path)
 
 
-def segment_case(
+def segment_for_job(
     prompt_path: Path,
     image_paths: list[Path],
     series_uid: str | None,
@@ -79,33 +79,25 @@ def segment_case(
     device: str,
     allow_frame_of_reference_only: bool,
 ):
-    """Run the segmentation chain for one case; returns (RTSTRUCT dataset, info dict).
+    """Run the segmentation chain for one job's case; returns (RTSTRUCT dataset, info dict).
 
-    The chain is :func:`dicom_node.pipeline.run_case` (shared with ``dicom-node segment``),
-    with the rule's engine, options, output names and colour. Problems of the input
-    (:class:`dicom_node.pipeline.CaseError`) raise :class:`PermanentJobError` with the
-    reason; anything else propagates (the job is retried in a fresh worker).
+    The chain is :func:`dicom_node.pipeline.segment_case` (shared with ``dicom-node segment``),
+    with the rule's engine (on this worker's device), options, output name and colour.
+    Problems of the input (:class:`dicom_node.pipeline.CaseError`) raise
+    :class:`PermanentJobError` with the reason; anything else propagates (the job is
+    retried in a fresh worker).
     """
-    from dicom_node.pipeline import CaseError, load_prompts, load_volume, run_case
+    from dicom_node.pipeline import CaseError, RoiNaming, segment_case
 
-    config = dict(action.engine_config())
-    if action.engine == "sam2" and "device" not in config and device != "auto":
-        config["device"] = device
     try:
-        volume = load_volume(image_paths, series_instance_uid=series_uid)
-        targets = load_prompts(volume, prompt_path, allow_frame_of_reference_only=allow_frame_of_reference_only)
-        roi_names = {t.target: action.roi_name_for(t.target, t.output_name) for t in targets}
-        case = run_case(
-            None,
+        case = segment_case(
+            image_paths,
             prompt_path,
-            action.engine,
-            config,
-            action.segment_options(),
-            color=tuple(action.output_color or (255, 0, 0)),
-            roi_names=roi_names,
+            engine=action.engine_spec().on_device(device),
+            options=action.segment_options(),
+            naming=RoiNaming(template=action.output_roi_name, color=tuple(action.output_color or (255, 0, 0))),
             allow_frame_of_reference_only=allow_frame_of_reference_only,
-            volume=volume,
-            targets=targets,
+            series_instance_uid=series_uid,
         )
     except CaseError as exc:
         raise PermanentJobError(str(exc)) from None
@@ -125,7 +117,7 @@ def segment_case(
         ],
         "warnings": list(case.warnings),
         "load_seconds": round(case.load_seconds, 3),
-        "slices": volume.shape[0],
+        "slices": case.volume.shape[0],
     }
     return case.dataset, info
 
@@ -182,7 +174,7 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
             )
         from dicom_node.rules import Action
 
-        ds, info = segment_case(
+        ds, info = segment_for_job(
             Path(case["prompt_path"]),
             image_paths,
             case["image_series_uid"],
@@ -259,10 +251,10 @@ def warm_up(cfg: NodeConfig, device: str) -> float:
     """
     t0 = time.perf_counter()
     import dicom_node.pipeline  # noqa: F401
-    import inference.volume  # noqa: F401
     import rtstruct.prompts  # noqa: F401
+    import rtstruct.series  # noqa: F401
     import rtstruct.writer  # noqa: F401
-    from inference.engine import get_engine
+    from inference.engine import DEFAULT_ENGINE, EngineSpec, build
 
     actions = []
     if cfg.rules is not None:
@@ -272,28 +264,25 @@ def warm_up(cfg: NodeConfig, device: str) -> float:
             actions = [r.action for r in RuleSet.load(cfg.rules) if r.enabled]
         except Exception as exc:
             event(log, "warm_up_rules_unreadable", level=logging.WARNING, why=str(exc))
-    built = []
+    built: list = []
     for action in actions:
-        config = dict(action.engine_config())
-        if action.engine == "sam2" and "device" not in config and device != "auto":
-            config["device"] = device
-        key = (action.engine, tuple(sorted(config.items())))
-        if key in built:
+        spec = action.engine_spec().on_device(device)
+        if spec in built:
             continue
-        built.append(key)
+        built.append(spec)
         try:
-            get_engine(action.engine, **config)
+            build(spec)
         except Exception as exc:
             event(
                 log,
                 "engine_unavailable",
                 level=logging.WARNING,
-                engine=action.engine,
-                checkpoint=config.get("checkpoint"),
+                engine=spec.name,
+                checkpoint=spec.checkpoint,
                 why=f"{type(exc).__name__}: {exc}",
             )
     if not built:
-        get_engine("classic")
+        build(EngineSpec(DEFAULT_ENGINE))
     seconds = time.perf_counter() - t0
     event(log, "worker_ready", engines=len(built) or 1, seconds=f"{seconds:.2f}")
     return seconds

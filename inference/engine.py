@@ -8,16 +8,20 @@ mask on the volume's grid. Engines are built once per process and reused
 from __future__ import annotations
 
 import abc
+import importlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 
+from inference.limits import WalkLimits
 from inference.prompts import TargetPrompts
 from inference.volume import Volume
 
 Mode = Literal["box2d", "video3d"]
+#: The engine a rule, ``dicom-node segment`` and ``study`` use when none is named.
+DEFAULT_ENGINE = "classic"
 
 
 class SegmentationError(RuntimeError):
@@ -25,20 +29,16 @@ class SegmentationError(RuntimeError):
 
 
 @dataclass
-class SegmentOptions:
-    """Per-call settings (a rule's action fills these).
+class SegmentOptions(WalkLimits):
+    """Per-call settings (a rule's action fills these): the walk's limits, mode and window.
 
     ``window``: CT (level, width) in HU; ``None`` means 40/400 for CT and the 0.5-99.5
-    percentile of nonzero voxels for MR. Propagation limits are in mm so that they mean
-    the same on 1 mm and 5 mm slices.
+    percentile of nonzero voxels for MR. The limits and their defaults are
+    :class:`inference.limits.WalkLimits`.
     """
 
     mode: Mode = "box2d"
     window: tuple[float, float] | None = None
-    margin_mm: float = 3.0
-    min_area_mm2: float = 4.0
-    min_area_fraction: float = 0.05
-    max_extent_mm: float = 120.0
 
 
 @dataclass
@@ -66,29 +66,123 @@ class Engine(abc.ABC):
         """Segment one target; raise :class:`SegmentationError` with a reason on failure."""
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the rest of the node may know of an engine without building (importing) it.
+
+    ``rule_options``: the engine options a rule may set under ``engine_options`` (and the
+    CLI passes); ``needs_checkpoint``: a rule must name the weights; ``takes_checkpoint``:
+    a checkpoint may be given at all; ``modes``: the segmentation modes it runs.
+    """
+
+    name: str
+    factory: str  # "module:Class"
+    modes: tuple[str, ...] = ("box2d",)
+    needs_checkpoint: bool = False
+    takes_checkpoint: bool = False
+    takes_model_cfg: bool = False
+    takes_device: bool = False
+    rule_options: frozenset[str] = frozenset()
+    label: str = ""  # one line for messages
+
+
+#: Every engine the node knows, by name (see README "Engines").
+ENGINES: dict[str, EngineInfo] = {
+    "classic": EngineInfo(
+        name="classic",
+        factory="inference.engines.classic:ClassicEngine",
+        label="intensity-based, no weights (the fallback)",
+    ),
+    "sam2": EngineInfo(
+        name="sam2",
+        factory="inference.engines.sam2:Sam2Engine",
+        modes=("box2d", "video3d"),
+        needs_checkpoint=True,
+        takes_checkpoint=True,
+        takes_model_cfg=True,
+        takes_device=True,
+        rule_options=frozenset({"image_size", "batch_size", "precision", "object_score_stop"}),
+        label="SAM2 / SAM2.1 / MedSAM2 with the user's checkpoint",
+    ),
+}
+
+
+def engine_info(name: str) -> EngineInfo:
+    """The :class:`EngineInfo` of ``name``; ValueError listing the known engines otherwise."""
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r} (known: {', '.join(ENGINES)})") from None
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Which engine, with which weights and options: everything :func:`get_engine` is built from.
+
+    A rule's action, ``dicom-node segment`` and ``study`` each make one; :meth:`config`
+    gives the (hashable) keyword arguments of the engine's constructor.
+    """
+
+    name: str
+    checkpoint: str | None = None
+    model_cfg: str | None = None
+    device: str | None = None
+    options: tuple[tuple[str, str | int | float | bool], ...] = ()
+
+    def __post_init__(self) -> None:
+        info = engine_info(self.name)
+        if self.checkpoint is not None and not info.takes_checkpoint:
+            raise ValueError(f"engine {self.name} uses no model weights: remove the checkpoint")
+        if self.model_cfg is not None and not info.takes_model_cfg:
+            raise ValueError(f"engine {self.name} takes no model_cfg")
+        if self.device is not None and not info.takes_device:
+            raise ValueError(f"engine {self.name} runs on the CPU only: remove the device")
+        unknown = sorted({k for k, _ in self.options} - info.rule_options)
+        if unknown:
+            known = ", ".join(sorted(info.rule_options)) or "none"
+            raise ValueError(f"unknown option(s) for engine {self.name}: {', '.join(unknown)} (known: {known})")
+
+    @property
+    def info(self) -> EngineInfo:
+        return engine_info(self.name)
+
+    def config(self) -> dict[str, str | int | float | bool]:
+        """Keyword arguments for the engine (``None`` values left out, so defaults apply)."""
+        config: dict[str, str | int | float | bool] = dict(self.options)
+        for key in ("checkpoint", "model_cfg", "device"):
+            value = getattr(self, key)
+            if value is not None:
+                config[key] = str(value)
+        return config
+
+    def on_device(self, device: str | None) -> EngineSpec:
+        """This spec on the worker's ``device`` (unless it names one itself, or the engine
+        takes no device: ``classic`` runs on the CPU only)."""
+        if device in (None, "auto") or self.device is not None or not self.info.takes_device:
+            return self
+        return replace(self, device=device)
+
+
 _engines: dict[tuple, Engine] = {}
 _engines_lock = threading.Lock()
 
 
 def get_engine(name: str, **config) -> Engine:
-    """The process-wide engine for ``name`` and ``config`` (built on first use).
+    """The process-wide engine for ``name`` and ``config`` (built on first use, then reused).
 
-    ``config`` must be hashable values (paths as strings). Known names: ``classic``,
-    ``sam2``.
+    ``config`` must be hashable values (paths as strings); see :class:`EngineSpec`.
     """
+    info = engine_info(name)
     key = (name, tuple(sorted(config.items())))
     with _engines_lock:
         engine = _engines.get(key)
         if engine is None:
-            if name == "classic":
-                from inference.engines.classic import ClassicEngine
-
-                engine = ClassicEngine(**config)
-            elif name == "sam2":
-                from inference.engines.sam2 import Sam2Engine
-
-                engine = Sam2Engine(**config)
-            else:
-                raise ValueError(f"unknown engine {name!r} (known: classic, sam2)")
+            module, cls = info.factory.split(":")
+            engine = getattr(importlib.import_module(module), cls)(**config)
             _engines[key] = engine
         return engine
+
+
+def build(spec: EngineSpec) -> Engine:
+    """:func:`get_engine` for a spec."""
+    return get_engine(spec.name, **spec.config())

@@ -13,6 +13,7 @@ so a 300-slice 512x512 volume is not tripled in memory up front.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,17 +73,29 @@ def to_uint8(array: np.ndarray, modality: str, window: tuple[float, float] | Non
     return percentile_to_uint8(array)
 
 
-def parse_window(text: str) -> tuple[float, float]:
-    """``"40,400"`` -> (40.0, 400.0); ValueError with the reason otherwise."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) != 2:
-        raise ValueError(f"window must be LEVEL,WIDTH (for example 40,400), got {text!r}")
+def parse_window(value) -> tuple[float, float]:
+    """A CT window (level, width) in HU from what a user writes; ValueError with the reason.
+
+    Accepted: ``"40,400"`` (also ``"40/400"`` or ``"40 400"``), ``[40, 400]`` and
+    ``{"level": 40, "width": 400}``. The width must be a positive number.
+    """
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[,/\s]+", value.strip()) if p]
+        if len(parts) != 2:
+            raise ValueError(f"window {value!r}: write it as LEVEL,WIDTH, for example 40,400")
+        value = parts
+    elif isinstance(value, dict):
+        if set(value) != {"level", "width"}:
+            raise ValueError("window as a mapping needs exactly 'level' and 'width'")
+        value = [value["level"], value["width"]]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"window must be [level, width] in HU, for example [40, 400], not {value!r}")
     try:
-        level, width = float(parts[0]), float(parts[1])
-    except ValueError:
-        raise ValueError(f"window must be two numbers LEVEL,WIDTH, got {text!r}") from None
+        level, width = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
+        raise ValueError(f"window values must be two numbers LEVEL,WIDTH, not {value!r}") from None
     if not (np.isfinite(level) and np.isfinite(width)) or width <= 0:
-        raise ValueError(f"window width must be a positive number, got {text!r}")
+        raise ValueError(f"window width must be a positive number (got {value!r})")
     return level, width
 
 

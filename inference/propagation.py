@@ -40,15 +40,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from scipy import ndimage
 
+from inference.limits import WalkLimits
 from inference.prompts import TargetPrompts
-
-if TYPE_CHECKING:  # pragma: no cover
-    from inference.engine import SegmentOptions
 
 log = logging.getLogger(__name__)
 
@@ -98,35 +96,23 @@ class GuidedSliceSegmenter(SliceSegmenter, Protocol):
 
 
 @dataclass
-class PropagationParams:
-    """Limits of the walk. Lengths in mm, so they mean the same on 1 mm and 5 mm slices."""
+class PropagationParams(WalkLimits):
+    """The 2D walk's settings: the limits of :class:`~inference.limits.WalkLimits` and how
+    the result is finished."""
 
-    margin_mm: float = 3.0
-    min_area_mm2: float = 4.0
-    min_area_fraction: float = 0.05
-    max_extent_mm: float = 120.0
     fill_holes: bool = True
     keep_connected: bool = True
     prefetch_batch: int = 8  # how many slices ahead of the front to announce via prefetch()
 
     def __post_init__(self) -> None:
-        if self.margin_mm < 0 or self.min_area_mm2 < 0 or self.max_extent_mm < 0:
-            raise ValueError(f"propagation limits must not be negative: {self}")
-        if not 0 <= self.min_area_fraction <= 1:
-            raise ValueError(f"min_area_fraction must be within [0, 1], got {self.min_area_fraction}")
+        super().__post_init__()
         if self.prefetch_batch < 1:
             raise ValueError("prefetch_batch must be >= 1")
 
     @classmethod
-    def from_options(cls, options: SegmentOptions, **overrides) -> PropagationParams:
-        values = dict(
-            margin_mm=options.margin_mm,
-            min_area_mm2=options.min_area_mm2,
-            min_area_fraction=options.min_area_fraction,
-            max_extent_mm=options.max_extent_mm,
-        )
-        values.update(overrides)
-        return cls(**values)
+    def from_options(cls, options: WalkLimits, **overrides) -> PropagationParams:
+        """The walk's parameters for a call's options (their limits), with ``overrides``."""
+        return cls(**{**options.limit_values(), **overrides})
 
 
 @dataclass

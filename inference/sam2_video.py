@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inference.limits import WalkLimits
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
 from inference.propagation import postprocess
 from inference.sam2_features import SliceFeatureCache, slices_to_model_input
@@ -44,13 +45,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class VideoParams:
-    max_extent_mm: float = 120.0
-    min_area_mm2: float = 4.0
-    min_area_fraction: float = 0.05
+class VideoParams(WalkLimits):
+    """SAM2 3D propagation's settings: the limits of :class:`~inference.limits.WalkLimits`
+    (``margin_mm`` is not used: the video predictor needs no box after the prompted slice)."""
+
     batch_size: int = 8
     fill_holes: bool = True
     keep_connected: bool = True
+
+    @classmethod
+    def from_options(cls, options: WalkLimits, **overrides) -> VideoParams:
+        return cls(**{**options.limit_values(), **overrides})
 
 
 @dataclass

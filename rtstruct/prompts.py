@@ -25,6 +25,7 @@ ROI is refused too.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,8 @@ from inference.volume import Volume
 from rtstruct.rasterize import map_contour
 from rtstruct.reader import ROI, RTStructError, StructureSet, check_references
 
-MAX_NAME_LENGTH = 16
+#: The longest result ROI name the node writes (TPSs show and keep at most 16 characters).
+MAX_ROI_NAME_LENGTH = 16
 
 
 class PromptError(ValueError):
@@ -59,7 +61,7 @@ class PromptConventions:
     ignore_case: bool = True
     default_output_name: str = "GTV_AI"
     output_suffix: str = "_AI"
-    max_name_length: int = MAX_NAME_LENGTH
+    max_name_length: int = MAX_ROI_NAME_LENGTH
     # A POS_/NEG_ contour larger than this (largest in-plane extent, mm) is not a click.
     max_click_extent_mm: float = 15.0
 
@@ -106,7 +108,7 @@ def find_prompt_rois(structure_set: StructureSet, conventions: PromptConventions
     return [roi for roi in structure_set.rois if conventions.classify(roi.name) is not None]
 
 
-def unique_name(base: str, taken: set[str], max_length: int = MAX_NAME_LENGTH) -> str:
+def unique_name(base: str, taken: set[str], max_length: int = MAX_ROI_NAME_LENGTH) -> str:
     """``base``, or ``base_2``, ``base_3``, ... (cut to ``max_length``) not in ``taken``
     (``taken`` holds casefolded names)."""
     if base.casefold() not in taken:
@@ -118,6 +120,34 @@ def unique_name(base: str, taken: set[str], max_length: int = MAX_NAME_LENGTH) -
         if candidate.casefold() not in taken:
             return candidate
         n += 1
+
+
+def result_roi_names(
+    targets: Sequence[str],
+    existing: Iterable[str],
+    template: str | None = None,
+    conventions: PromptConventions = DEFAULT_CONVENTIONS,
+) -> list[str]:
+    """The result ROI name of each prompt target, in order: the one naming rule of the node.
+
+    ``template`` is a rule's ``output_roi_name``: a fixed name (``GTV-AI``) or one with a
+    ``{target}`` placeholder (``{target}_AI``; for the empty target the convention's name
+    is used instead). Without a template, the convention's name (``GTV_AI`` or
+    ``<target>_AI``). Every name is cut to the conventions' maximum length (16) and is
+    never, compared case-insensitively as TPSs do, the name of an ROI in ``existing`` (the
+    planner's structure set) or of an earlier target: a clash gets ``_2``, ``_3``, ...
+    """
+    taken = {name.casefold() for name in existing}
+    names = []
+    for target in targets:
+        if template is None or ("{target}" in template and not target):
+            base = conventions.output_name(target)
+        else:
+            base = template.format(target=target) if "{target}" in template else template
+        name = unique_name(base[: conventions.max_name_length], taken, conventions.max_name_length)
+        taken.add(name.casefold())
+        names.append(name)
+    return names
 
 
 @dataclass
@@ -260,11 +290,10 @@ def extract_prompts(
     if reasons:
         raise PromptError(reasons)
 
-    taken = {name.casefold() for name in structure_set.roi_names}
+    entries = list(targets.values())
+    names = result_roi_names([e.target for e in entries], structure_set.roi_names, None, conventions)
     results = []
-    for entry in targets.values():
-        name = unique_name(conventions.output_name(entry.target), taken, conventions.max_name_length)
-        taken.add(name.casefold())
+    for entry, name in zip(entries, names):
         results.append(
             TargetPrompts(
                 target=entry.target,

@@ -16,22 +16,20 @@ Nothing here needs the images; mapping onto a volume is :mod:`rtstruct.rasterize
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+
+from rtstruct.headers import DicomFileError, FileKind, kind_of, read_header
 
 if TYPE_CHECKING:  # pragma: no cover
     from inference.volume import Volume
 
 log = logging.getLogger(__name__)
-
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 
 
 class RTStructError(ValueError):
@@ -161,21 +159,9 @@ def _read_dataset(source) -> pydicom.Dataset:
     if not path.is_file():
         raise RTStructError(f"{path}: no such file")
     try:
-        return pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        # A bare dataset without preamble and file meta (some tools write those): accept
-        # it when it parses and carries a SOP Class UID.
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, force=True)
-                if ds.get("SOPClassUID"):
-                    return ds
-        except Exception:
-            pass
-        raise RTStructError(f"{path}: not a DICOM file ({exc})") from exc
-    except Exception as exc:  # truncated or corrupt files raise many kinds of errors
-        raise RTStructError(f"{path}: cannot be parsed as DICOM ({type(exc).__name__}: {exc})") from exc
+        return read_header(path, stop_before_pixels=False)
+    except DicomFileError as exc:
+        raise RTStructError(str(exc)) from None
 
 
 def _contour(item, roi_label: str, index: int) -> Contour:
@@ -235,7 +221,7 @@ def read_rtstruct(source: str | Path | pydicom.Dataset) -> StructureSet:
 def _parse(ds: pydicom.Dataset) -> StructureSet:
     sop_class = str(ds.get("SOPClassUID", "") or "")
     modality = _text(ds, "Modality")
-    if sop_class != RT_STRUCTURE_SET_STORAGE and modality != "RTSTRUCT":
+    if kind_of(sop_class, modality) is not FileKind.RTSTRUCT:
         what = ds.get("SOPClassUID")
         name = getattr(what, "name", None) or sop_class or "no SOP Class UID"
         raise RTStructError(f"not an RT Structure Set: SOP class {name}, modality {modality or 'none'}")

@@ -63,16 +63,17 @@ from highdicom.spatial import PixelToReferenceTransformer
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
+from pydicom.uid import RTStructureSetStorage
 from pydicom.valuerep import DA, TM, format_number_as_ds
 from skimage.measure import approximate_polygon, find_contours
 
 from inference.geometry import Geometry
 from inference.volume import Volume
-from rtstruct.reader import RT_STRUCTURE_SET_STORAGE, RTStructError
+from rtstruct.prompts import MAX_ROI_NAME_LENGTH
+from rtstruct.reader import RTStructError
 
 log = logging.getLogger(__name__)
 
-MAX_NAME_LENGTH = 16
 DEFAULT_TOLERANCE_PX = 0.25
 # RTReferencedStudySequence > ReferencedSOPClassUID: the (retired) Detached Study
 # Management SOP Class, which the standard's RT modules have always used there.
@@ -233,10 +234,10 @@ def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise RTStructError(f"{what} must not be empty")
     name = name.strip()
-    if len(name) > MAX_NAME_LENGTH:
+    if len(name) > MAX_ROI_NAME_LENGTH:
         raise RTStructError(
             f"{what} {name!r} has {len(name)} characters; treatment planning systems accept at most "
-            f"{MAX_NAME_LENGTH}: choose a shorter one"
+            f"{MAX_ROI_NAME_LENGTH}: choose a shorter one"
         )
     if "\\" in name:
         raise RTStructError(f"{what} {name!r} contains a backslash, which DICOM does not allow")
@@ -277,7 +278,7 @@ class RTStructureSet(highdicom.base.SOPClass):
             series_instance_uid=series_instance_uid,
             series_number=series_number,
             sop_instance_uid=sop_instance_uid,
-            sop_class_uid=RT_STRUCTURE_SET_STORAGE,
+            sop_class_uid=RTStructureSetStorage,
             instance_number=instance_number,
             modality="RTSTRUCT",
             manufacturer=manufacturer,

@@ -427,9 +427,9 @@ def check_result(result: Path, p: dict[str, Path], min_dice: float = 0.90) -> di
     import pydicom
 
     from inference.metrics import dice
-    from inference.volume import load_series
     from rtstruct.rasterize import rasterize_roi
     from rtstruct.reader import read_rtstruct
+    from rtstruct.series import load_series
 
     errors = dciodvfy_errors(result)
     assert errors == [], "dciodvfy errors:\n" + "\n".join(errors)

@@ -175,8 +175,8 @@ def test_classic_on_phantoms(modality, seed):
 def test_classic_on_written_phantom_against_truth_dcm(tmp_path, modality, seed):
     """Through the files: images + prompt.dcm in, scored against truth.dcm rasterised."""
     from dicom_node.phantom import write_phantom
-    from inference.volume import load_series
     from rtstruct import extract_prompts, rasterize_roi, read_rtstruct
+    from rtstruct.series import load_series
 
     paths = write_phantom(tmp_path, modality, seed)
     vol = load_series(paths["images"])
@@ -192,8 +192,8 @@ def test_classic_on_written_phantom_against_truth_dcm(tmp_path, modality, seed):
 
 @pytest.fixture(scope="module")
 def lung1():
-    from inference.volume import load_series
     from rtstruct import rasterize_roi, read_rtstruct
+    from rtstruct.series import load_series
 
     root = shared_path("lung1-001-ct")
     vol = load_series(root / "CT")

@@ -23,7 +23,8 @@ from dicom_node.phantom import (
     write_phantom,
 )
 from inference.metrics import dice
-from inference.volume import Volume, load_series
+from inference.volume import Volume
+from rtstruct.series import load_series
 
 
 @pytest.fixture(scope="module")

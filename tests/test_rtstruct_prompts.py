@@ -12,7 +12,7 @@ from conftest import shared_path
 
 from inference.geometry import Geometry
 from inference.prompts import BoxPrompt
-from inference.volume import Volume, load_series
+from inference.volume import Volume
 from rtstruct import (
     PromptConventions,
     PromptError,
@@ -23,6 +23,7 @@ from rtstruct import (
     write_rtstruct,
 )
 from rtstruct.prompts import unique_name
+from rtstruct.series import load_series
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import SHARED_DATA, shared_path
 
 from inference.geometry import Geometry
-from inference.volume import Volume, load_series
+from inference.volume import Volume
 from rtstruct import (
     ROI,
     Contour,
@@ -22,6 +22,7 @@ from rtstruct import (
     rasterize_roi,
     read_rtstruct,
 )
+from rtstruct.series import load_series
 
 
 def _all_rtstructs() -> list[Path]:

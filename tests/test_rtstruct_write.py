@@ -16,7 +16,7 @@ from highdicom._standard_utils import check_required_attributes, get_iod_module_
 
 from inference.geometry import Geometry
 from inference.metrics import dice
-from inference.volume import Volume, load_series
+from inference.volume import Volume
 from rtstruct import (
     RoiMask,
     RTStructError,
@@ -25,6 +25,7 @@ from rtstruct import (
     read_rtstruct,
     write_rtstruct,
 )
+from rtstruct.series import load_series
 from rtstruct.writer import slice_polygons_to_patient
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

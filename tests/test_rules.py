@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.rules import Action, RuleContext, RulesError, RuleSet
 from inference.engine import SegmentOptions
+from rtstruct.prompts import result_roi_names
 from tests.conftest import REPO, shared_path
 
 
@@ -240,15 +241,14 @@ def test_action_gives_segment_options_engine_config_and_names(tmp_path):
         min_area_fraction=0.1,
         max_extent_mm=80.0,
     )
-    assert a.engine_config() == {
+    assert a.engine_spec().config() == {
         "checkpoint": str(tmp_path / "m.pt"),
         "model_cfg": "configs/sam2.1/sam2.1_hiera_t.yaml",
         "image_size": 512,
     }
     assert a.output_color == (0, 255, 128) and a.destinations == ["tps"]
-    assert a.roi_name_for("LIVER", "LIVER_AI") == "LIVER_SAM"
-    assert a.roi_name_for("", "GTV_AI") == "GTV_AI"
-    assert a.roi_name_for("AVERYLONGTARGETNAME", "X") == "AVERYLONGTARGETN"  # 16 characters
+    names = result_roi_names(["LIVER", "", "AVERYLONGTARGETNAME"], existing=[], template=a.output_roi_name)
+    assert names == ["LIVER_SAM", "GTV_AI", "AVERYLONGTARGETN"]  # at most 16 characters
     assert rs.check_files() == [f"rule 'sam': checkpoint {tmp_path / 'm.pt'} is not a file"]
     (tmp_path / "m.pt").write_bytes(b"weights")
     assert rs.check_files() == []
@@ -302,11 +302,11 @@ def test_defaults_are_merged_and_rules_override_them():
             {"rules": [rule("typo", {"modalty": "CT"})]},
             "rule #1 'typo': match.modalty: unknown key (known: calling_aet",
         ),
-        ({"rules": [rule("w", window=[40, 0])]}, "rule #1 'w': action.window: window width must be > 0"),
-        ({"rules": [rule("w", window="40")]}, "action.window: window '40': write it as 'LEVEL,WIDTH'"),
+        ({"rules": [rule("w", window=[40, 0])]}, "rule #1 'w': action.window: window width must be a positive number"),
+        ({"rules": [rule("w", window="40")]}, "action.window: window '40': write it as LEVEL,WIDTH"),
         ({"rules": [rule("s", engine="sam2")]}, "rule #1 's': action: engine sam2 needs 'checkpoint'"),
         ({"rules": [rule("c", engine="classic", mode="video3d")]}, "engine classic supports only mode box2d"),
-        ({"rules": [rule("e", engine="sam3")]}, "rule #1 'e': action.engine: Input should be 'classic' or 'sam2'"),
+        ({"rules": [rule("e", engine="sam3")]}, "rule #1 'e': action.engine: unknown engine 'sam3' (known: classic, sam2"),
         (
             {"rules": [rule("n", output_roi_name="THIS_NAME_IS_TOO_LONG")]},
             "action.output_roi_name: 'THIS_NAME_IS_TOO_LONG' is longer than 16 characters",
@@ -327,7 +327,7 @@ def test_defaults_are_merged_and_rules_override_them():
         ),
         (
             {"rules": [rule("opt", engine="sam2", checkpoint="/m.pt", engine_options={"img_size": 512})]},
-            "rule #1 'opt': action: engine_options: unknown option(s) for sam2: img_size (known: batch_size",
+            "rule #1 'opt': action: engine_options: unknown option(s) for engine sam2: img_size (known: batch_size",
         ),
         ({"rules": [{"match": {"modality": "CT"}, "action": {}}]}, "rule #1: name: missing"),
         ({"rules": [{"name": "noaction"}]}, "rule #1 'noaction': action: missing"),
@@ -338,7 +338,7 @@ def test_defaults_are_merged_and_rules_override_them():
         ({"rules": [rule("a")], "defaults": {"windw": [1, 2]}}, "defaults: unknown action field(s) windw"),
         (
             {"rules": [rule("a")], "defaults": {"window": [1, -2]}},
-            "rule #1 'a': action.window: window width must be > 0",
+            "rule #1 'a': action.window: window width must be a positive number",
         ),
     ],
 )
@@ -425,7 +425,7 @@ def test_context_from_files_with_prompt_rois_and_a_bad_rtstruct(tmp_path):
 def test_engine_config_keys_are_parameters_of_the_sam2_engine():
     import inspect
 
-    from dicom_node.rules import SAM2_ENGINE_OPTIONS
+    from inference.engine import ENGINES
     from inference.engines.sam2 import Sam2Engine
 
     params = set(inspect.signature(Sam2Engine.__init__).parameters)
@@ -433,9 +433,9 @@ def test_engine_config_keys_are_parameters_of_the_sam2_engine():
         engine="sam2",
         checkpoint=Path("/m.pt"),
         model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml",
-        engine_options={k: 1 for k in SAM2_ENGINE_OPTIONS},
+        engine_options={k: 1 for k in ENGINES["sam2"].rule_options},
     )
-    assert set(action.engine_config()) <= params
+    assert set(action.engine_spec().on_device("cuda:0").config()) <= params
 
 
 def test_backslash_in_a_single_quoted_yaml_regex_matches_a_multivalued_element(tmp_path):
@@ -475,4 +475,4 @@ def test_action_survives_the_json_round_trip_the_job_queue_uses(tmp_path):
         again = Action.model_validate(json.loads(json.dumps(action.model_dump(mode="json"))))
         assert again == action
         assert again.segment_options() == action.segment_options()
-        assert again.engine_config() == action.engine_config()
+        assert again.engine_spec() == action.engine_spec()

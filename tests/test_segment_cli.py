@@ -127,8 +127,8 @@ def test_console_script_exit_codes(phantom, tmp_path):
 def test_lung1_segment_and_evaluate(tmp_path, capsys):
     """LUNG1-001 through the commands: a box from GTV-1 on its largest slice."""
     from inference.propagation import bounding_box
-    from inference.volume import load_series
     from rtstruct import rasterize_roi, read_rtstruct
+    from rtstruct.series import load_series
 
     root = shared_path("lung1-001-ct")
     (truth_file,) = sorted((root / "RTSTRUCT").glob("*.dcm"))
@@ -162,8 +162,8 @@ def test_lung1_segment_and_evaluate(tmp_path, capsys):
 
 def test_one_roi_per_target(phantom, tmp_path, capsys):
     """Two prompt targets (BOX_A, BOX_B) give two output ROIs, A_AI and B_AI."""
-    from inference.volume import load_series
     from rtstruct import rasterize_roi, read_rtstruct
+    from rtstruct.series import load_series
     from rtstruct.writer import RoiMask, write_rtstruct
 
     vol = load_series(phantom["images"])
@@ -243,7 +243,7 @@ def test_segment_refuses_bad_input(phantom, other_phantom, tmp_path, capsys):
 
 def test_segment_refuses_a_prompt_the_engine_cannot_use(phantom, tmp_path, capsys):
     """A box drawn in the air outside the body: the engine finds nothing and says so."""
-    from inference.volume import load_series
+    from rtstruct.series import load_series
 
     vol = load_series(phantom["images"])
     prompt = write_box_prompt(vol, 20, (2, 12), (2, 12), tmp_path / "air.dcm")
@@ -257,7 +257,7 @@ def test_evaluate_refuses_bad_input(phantom, other_phantom, tmp_path, capsys):
     images, truth = phantom["images"], phantom["truth"]
     not_dicom = tmp_path / "x.txt"
     not_dicom.write_text("no")
-    from inference.volume import load_series
+    from rtstruct.series import load_series
     from rtstruct.writer import RoiMask, write_rtstruct
 
     vol = load_series(images)

@@ -312,8 +312,8 @@ def test_study_command_errors(tmp_path, capsys):
 
 
 def test_study_lung1_classic(tmp_path):
-    from inference.volume import load_series
     from rtstruct import rasterize_roi, read_rtstruct
+    from rtstruct.series import load_series
 
     src = shared_path("lung1-001-ct")
     out = tmp_path / "lung"

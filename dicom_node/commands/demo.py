@@ -87,6 +87,7 @@ class _Receiver:
             )
             _wait_port(self.port, self.proc, 20, "storescp")
             return
+        from pydicom.uid import RTStructureSetStorage
         from pynetdicom import AE, evt
 
         self.kind = "pynetdicom storage SCP (dcmtk not installed)"
@@ -100,7 +101,7 @@ class _Receiver:
             return 0x0000
 
         ae = AE(DEMO_AET)
-        ae.add_supported_context("1.2.840.10008.5.1.4.1.1.481.3")
+        ae.add_supported_context(RTStructureSetStorage)
         self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 
     def results(self) -> list[tuple[Path, float]]:
@@ -344,9 +345,9 @@ def run(args) -> int:
             )
 
         from inference.metrics import dice
-        from inference.volume import load_series
         from rtstruct.rasterize import rasterize_roi
         from rtstruct.reader import read_rtstruct
+        from rtstruct.series import load_series
 
         volume = load_series(paths["images"])
         ss = read_rtstruct(result)

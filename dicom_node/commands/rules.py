@@ -21,8 +21,6 @@ from pathlib import Path
 from dicom_node.cli import CommandError
 from inference.files import files_under
 
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-
 
 def register(sub) -> None:
     p = sub.add_parser("rules", help="routing rules (config/rules.yaml): dry run")
@@ -60,7 +58,7 @@ class _Scan:
 
 
 def _scan(paths: list[str]) -> _Scan:
-    import pydicom
+    from rtstruct.headers import DicomFileError, FileKind, kind_of, read_header
 
     scan = _Scan()
     for raw in paths:
@@ -71,20 +69,20 @@ def _scan(paths: list[str]) -> _Scan:
         files = [root] if explicit else files_under(root, skip_hidden=True)
         for path in files:
             try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-            except Exception as exc:  # InvalidDicomError, truncated data, permissions
-                reason = f"{type(exc).__name__}: {exc}"
+                ds = read_header(path)
+            except DicomFileError as exc:
                 if explicit:
-                    raise CommandError(f"{path}: cannot be read as DICOM ({reason})") from exc
-                scan.skipped.append((path, reason))
+                    raise CommandError(f"{path}: cannot be read as DICOM ({exc})") from exc
+                scan.skipped.append((path, exc.reason))
                 continue
-            is_rt = str(ds.get("SOPClassUID", "")) == RT_STRUCTURE_SET_STORAGE or ds.get("Modality") == "RTSTRUCT"
-            if is_rt:
+            kind = kind_of(ds.get("SOPClassUID"), ds.get("Modality"))
+            if kind is FileKind.RTSTRUCT:
                 scan.rtstructs.append((path, None))  # read in full later
-            elif "SeriesInstanceUID" in ds:
+            elif kind is FileKind.IMAGE and "SeriesInstanceUID" in ds:
                 scan.images.append((path, ds))
             else:
-                scan.skipped.append((path, "DICOM without a SeriesInstanceUID"))
+                what = "an image without a SeriesInstanceUID" if kind is FileKind.IMAGE else "not a CT/MR image"
+                scan.skipped.append((path, f"{what}: {ds.get('Modality', '') or 'no modality'}"))
     return scan
 
 
@@ -137,7 +135,7 @@ def run_test(args) -> int:
     for problem in ruleset.check_files():
         print(f"warning: {problem}")
     if scan.skipped:
-        shown = ", ".join(f"{p.name} ({why.split(':')[0]})" for p, why in scan.skipped[:3])
+        shown = ", ".join(f"{p.name} ({why.split(' (')[0].split(':')[0]})" for p, why in scan.skipped[:3])
         more = f" and {len(scan.skipped) - 3} more" if len(scan.skipped) > 3 else ""
         print(f"note: skipped {len(scan.skipped)} file(s) that are not usable DICOM: {shown}{more}")
 
@@ -182,33 +180,27 @@ def run_test(args) -> int:
 
 def _output_names(action, prompt_names: list[str], existing: list[str]) -> list[str]:
     """The result ROI names, one per prompt target, as the node would choose them."""
-    from rtstruct.prompts import DEFAULT_CONVENTIONS, unique_name
+    from rtstruct.prompts import DEFAULT_CONVENTIONS, result_roi_names
 
     targets: dict[str, str] = {}
     for name in prompt_names:
         found = DEFAULT_CONVENTIONS.classify(name)
         if found is not None:
             targets.setdefault(found[1].casefold(), found[1])
-    taken = {n.casefold() for n in existing}
-    out = []
-    for target in targets.values():
-        name = unique_name(action.roi_name_for(target, DEFAULT_CONVENTIONS.output_name(target)), taken)
-        taken.add(name.casefold())
-        out.append(f"{name} (target {target!r})" if target else name)
-    return out
+    names = result_roi_names(list(targets.values()), existing, action.output_roi_name)
+    return [f"{name} (target {target!r})" if target else name for target, name in zip(targets.values(), names)]
 
 
 def _case_context(rt_path: Path, by_series, calling_aet, called_aet, called_note):
     """The RuleContext of one RTSTRUCT and lines describing the case."""
-    import pydicom
-
     from dicom_node.rules import RuleContext, RulesError, prompt_rois_of
+    from rtstruct.headers import DicomFileError, read_header
     from rtstruct.reader import read_rtstruct
 
     try:
-        ds = pydicom.dcmread(rt_path)
-    except Exception as exc:
-        raise RulesError(f"{type(exc).__name__}: {exc}") from exc
+        ds = read_header(rt_path, stop_before_pixels=False)
+    except DicomFileError as exc:
+        raise RulesError(str(exc)) from exc
     ss = read_rtstruct(ds)  # RTStructError (a ValueError) says what is wrong
     lines = [
         f"structure set {ss.label or '(no label)'!r}, frame of reference "

@@ -79,8 +79,8 @@ def _window(text: str | None):
 
 def run_segment(args) -> int:
     from dicom_node.cli import CommandError
-    from dicom_node.pipeline import CaseError, run_case
-    from inference.engine import SegmentOptions
+    from dicom_node.pipeline import CaseError, segment_case
+    from inference.engine import EngineSpec, SegmentOptions
 
     out = Path(args.output)
     if out.exists() and not args.force:
@@ -106,11 +106,14 @@ def run_segment(args) -> int:
         options.margin_mm = args.margin_mm
     if args.max_extent_mm is not None:
         options.max_extent_mm = args.max_extent_mm
-    config = {}
-    if args.engine == "sam2":
-        config = {"checkpoint": args.checkpoint, "model_cfg": args.model_cfg, "device": args.device}
     try:
-        case = run_case(args.images, args.prompt, args.engine, config, options, series_instance_uid=args.series_uid)
+        engine = EngineSpec(args.engine, checkpoint=args.checkpoint, model_cfg=args.model_cfg, device=args.device)
+    except ValueError as exc:
+        raise CommandError(f"--engine {args.engine}: {exc}") from None
+    try:
+        case = segment_case(
+            args.images, args.prompt, engine=engine, options=options, series_instance_uid=args.series_uid
+        )
     except CaseError as exc:
         raise CommandError(str(exc)) from None
 

@@ -18,7 +18,7 @@ and RTSTRUCTs (the root's own name when they lie directly in it or in different 
 folders, as in a single case with ``CT/`` and ``RTSTRUCT/`` folders), unless a dataset
 name is given. So ``SRC/<dataset>/<anything below>`` is the layout for several datasets.
 
-:func:`load_dicom_case` then reads the volume (:func:`inference.volume.load_series`) and
+:func:`load_dicom_case` then reads the volume (:func:`rtstruct.series.load_series`) and
 rasterises the selected ROIs (:mod:`rtstruct`); :func:`load_npz_case` reads a case
 written by ``dicom-node convert``. Both give a :class:`LoadedCase`.
 """
@@ -29,48 +29,19 @@ import hashlib
 import logging
 import os
 import re
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
 
 from inference.files import files_under
 from inference.geometry import Geometry
-from inference.volume import MULTI_FRAME_CLASSES, SINGLE_FRAME_CLASSES, Volume, load_series
+from inference.volume import Volume
+from rtstruct.headers import SINGLE_FRAME_IMAGE_CLASSES, FileInfo, FileKind, file_infos
+from rtstruct.series import load_series
 
 log = logging.getLogger(__name__)
-
-RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
-#: Files with these suffixes are not DICOM and are passed over silently.
-NOT_DICOM_SUFFIXES = {
-    ".txt",
-    ".md",
-    ".rst",
-    ".csv",
-    ".tsv",
-    ".json",
-    ".yaml",
-    ".yml",
-    ".xml",
-    ".html",
-    ".pdf",
-    ".npz",
-    ".npy",
-    ".png",
-    ".jpg",
-    ".jpeg",
-    ".gif",
-    ".py",
-    ".log",
-    ".zip",
-    ".gz",
-    ".tar",
-    ".nii",
-}
 
 
 class CaseError(ValueError):
@@ -109,6 +80,20 @@ class StructureRef:
     referenced_series_uids: list[str]
     roi_names: list[str]
     attached_by: str = ""  # "series" or "frame of reference" (set when attached to a series)
+
+    @classmethod
+    def of(cls, info: FileInfo) -> StructureRef:
+        st = info.structure
+        assert st is not None, "an RTSTRUCT's FileInfo carries its StructureInfo"
+        return cls(
+            path=info.path,
+            sop_instance_uid=info.sop_instance_uid,
+            patient_id=info.patient_id,
+            label=st.label,
+            frame_of_reference_uids=list(st.frame_of_reference_uids),
+            referenced_series_uids=list(st.referenced_series_uids),
+            roi_names=list(st.roi_names),
+        )
 
 
 @dataclass
@@ -162,28 +147,6 @@ def safe_name(text: str) -> str:
     return cleaned or "case"
 
 
-def _read_header(path: Path):
-    """(dataset or None, error text or None); (None, None) for a file that is plainly not DICOM."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True), None
-    except InvalidDicomError:
-        if path.suffix.lower() in NOT_DICOM_SUFFIXES:
-            return None, None
-        try:  # a bare dataset without the DICM preamble?
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-            if "SOPClassUID" in ds:
-                return ds, None
-        except Exception:  # noqa: BLE001
-            pass
-        if path.suffix.lower() in (".dcm", ".ima", ".dicom"):
-            return None, "not a readable DICOM file (no DICM prefix, no DICOM header)"
-        return None, None
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt file
-        return None, f"corrupt DICOM file: {type(exc).__name__}: {exc}"
-
-
 def _dataset_of(root: Path, path: Path, dataset_name: str | None) -> str:
     if dataset_name:
         return dataset_name
@@ -197,97 +160,6 @@ def _rel(root: Path, path: Path) -> str:
     except ValueError:
         return str(path)
     return str(rel) if str(rel) != "." else "."
-
-
-@dataclass
-class _FileInfo:
-    """What the scan keeps of one file (small and picklable: it comes from workers)."""
-
-    path: Path
-    kind: str  # "image", "rtstruct", "other" (other DICOM), "error", or "ignored" (not DICOM)
-    error: str = ""
-    series_uid: str = ""
-    study_uid: str = ""
-    frame_of_reference_uid: str = ""
-    modality: str = ""
-    patient_id: str = ""
-    series_number: str = ""
-    sop_instance_uid: str = ""
-    structure: StructureRef | None = None
-
-
-def _file_info(path: Path) -> _FileInfo:
-    """Read one file's header and classify it (never raises)."""
-    from rtstruct.reader import RTStructError, read_rtstruct
-
-    ds, error = _read_header(path)
-    if ds is None:
-        return _FileInfo(path, "error" if error else "ignored", error=error or "")
-    sop_class = str(ds.get("SOPClassUID", ""))
-    modality = str(ds.get("Modality", "") or "")
-    if sop_class == RT_STRUCTURE_SET_STORAGE or modality == "RTSTRUCT":
-        try:
-            ss = read_rtstruct(ds)
-        except RTStructError as exc:
-            return _FileInfo(path, "error", error=f"unusable RTSTRUCT: {exc}")
-        return _FileInfo(
-            path,
-            "rtstruct",
-            structure=StructureRef(
-                path=path,
-                sop_instance_uid=ss.sop_instance_uid,
-                patient_id=str(ds.get("PatientID", "") or ""),
-                label=ss.label,
-                frame_of_reference_uids=list(ss.frame_of_reference_uids),
-                referenced_series_uids=list(ss.referenced_series_uids),
-                roi_names=ss.roi_names,
-            ),
-        )
-    if sop_class in SINGLE_FRAME_CLASSES or sop_class in MULTI_FRAME_CLASSES:
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
-        if not uid:
-            return _FileInfo(path, "error", error="image without SeriesInstanceUID")
-        return _FileInfo(
-            path,
-            "image",
-            series_uid=uid,
-            study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-            frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
-            modality=modality or SINGLE_FRAME_CLASSES.get(sop_class, "?"),
-            patient_id=str(ds.get("PatientID", "") or ""),
-            series_number=str(ds.get("SeriesNumber", "") or ""),
-            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        )
-    return _FileInfo(path, "other")  # RTPLAN, RTDOSE, SR, ...: not part of a case
-
-
-def _file_infos(files: list[Path], jobs: int, progress: bool) -> list[_FileInfo]:
-    """:func:`_file_info` of every file, in order; ``jobs`` worker processes."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(files), desc="reading headers", unit="file", leave=False)
-    try:
-        if jobs <= 1 or len(files) < 64:
-            infos = []
-            for path in files:
-                infos.append(_file_info(path))
-                if bar:
-                    bar.update(1)
-            return infos
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            infos = []
-            for info in pool.map(_file_info, files, chunksize=32):
-                infos.append(info)
-                if bar:
-                    bar.update(1)
-            return infos
-    finally:
-        if bar:
-            bar.close()
 
 
 def scan(root: str | os.PathLike, dataset_name: str | None = None, progress: bool = False, jobs: int = 1) -> Scan:
@@ -309,23 +181,23 @@ def scan(root: str | os.PathLike, dataset_name: str | None = None, progress: boo
         result.npz.append(NpzCase(dataset, path))
         datasets_seen.add(dataset)
     others = [p for p in files if p.suffix.lower() != ".npz"]
-    for info in _file_infos(others, jobs, progress):
+    for info in file_infos(others, jobs=jobs, progress=progress):
         dataset = _dataset_of(root, info.path, dataset_name)
-        if info.kind == "ignored":
+        if info.kind is FileKind.NOT_DICOM and not info.error:
             continue
         datasets_seen.add(dataset)
-        if info.kind == "error":
+        if info.kind in (FileKind.ERROR, FileKind.NOT_DICOM):
             result.skipped.append(Skip(dataset, _rel(root, info.path), info.error))
-        elif info.kind == "rtstruct":
-            structures.append(info.structure)
-        elif info.kind == "image":
+        elif info.kind is FileKind.RTSTRUCT:
+            structures.append(StructureRef.of(info))
+        elif info.kind is FileKind.IMAGE:
             s = series.get(info.series_uid)
             if s is None:
                 s = series[info.series_uid] = ImageSeries(
                     series_uid=info.series_uid,
                     study_uid=info.study_uid,
                     frame_of_reference_uid=info.frame_of_reference_uid,
-                    modality=info.modality,
+                    modality=info.modality or "?",
                     patient_id=info.patient_id,
                     series_number=info.series_number,
                 )
@@ -458,9 +330,9 @@ def load_dicom_case(case: DicomCase, roi_regex: re.Pattern | None = None) -> Loa
     rasterised (empty, not on the image planes, ...) is left out with a warning; a case
     with no ROI left raises :class:`CaseError`.
     """
-    from inference.volume import VolumeError
     from rtstruct.rasterize import rasterize_roi
     from rtstruct.reader import RTStructError, check_references, read_rtstruct
+    from rtstruct.series import VolumeError
 
     try:
         volume = load_series(case.series.files, series_instance_uid=case.series.series_uid)
@@ -523,7 +395,7 @@ def volume_from_arrays(
     )
 
 
-SOP_CLASS_OF = {v: k for k, v in SINGLE_FRAME_CLASSES.items()}
+SOP_CLASS_OF = {v: k for k, v in SINGLE_FRAME_IMAGE_CLASSES.items()}
 
 
 def label_map(labels: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, list[str]]:

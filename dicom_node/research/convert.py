@@ -5,7 +5,7 @@ NPZ file holding:
 
 =========================  =================================================================
 ``imgs``                   the image, (z, y, x), original values as loaded (HU for CT;
-                           int16 or float32, see :func:`inference.volume.load_series`)
+                           int16 or float32, see :func:`rtstruct.series.load_series`)
 ``gts``                    label map, same shape; uint8 (uint16 beyond 255 labels);
                            label ``n`` is the ``n``-th selected ROI, 0 is background
 ``label_names``            the selected ROI names, in label order (str array)

@@ -61,7 +61,7 @@ from dicom_node.research.report import (
     write_summary_csv,
 )
 from dicom_node.research.simulate import PromptSpec, SimulationError, case_rng, describe, simulate_prompts
-from inference.engine import SegmentOptions
+from inference.engine import EngineSpec, SegmentOptions
 from inference.prompts import TargetPrompts
 from inference.volume import Volume
 
@@ -150,14 +150,14 @@ class StudyConfig:
             return f"sam2:{name}" + (f"/{self.mode}" if self.mode != "box2d" else "")
         return self.engine
 
-    def engine_config(self) -> dict[str, str]:
-        """Keyword arguments for :func:`inference.engine.get_engine` (hashable)."""
-        config = {}
-        for key in ("checkpoint", "model_cfg", "device"):
-            value = getattr(self, key)
-            if value is not None:
-                config[key] = str(value)
-        return config
+    def engine_spec(self) -> EngineSpec:
+        """The engine the study runs, as the node's pipeline builds it."""
+        return EngineSpec(
+            self.engine,
+            checkpoint=None if self.checkpoint is None else str(self.checkpoint),
+            model_cfg=self.model_cfg,
+            device=None if self.device is None else str(self.device),
+        )
 
     def options(self) -> SegmentOptions:
         return SegmentOptions(mode=self.mode, window=self.window)
@@ -187,8 +187,8 @@ def build_engine(config: StudyConfig):
     from dicom_node.pipeline import build_engine as pipeline_engine
 
     try:
-        return pipeline_engine(config.engine, config.engine_config())
-    except CaseError as exc:
+        return pipeline_engine(config.engine_spec())
+    except (CaseError, ValueError) as exc:
         raise StudyError(str(exc)) from None
 
 
@@ -197,7 +197,7 @@ def segment_prompts(volume: Volume, prompts: TargetPrompts, config: StudyConfig)
     (:func:`dicom_node.pipeline.segment_targets`); returns its SegmentationResult."""
     from dicom_node.pipeline import segment_targets
 
-    (target,), _warnings = segment_targets(volume, [prompts], config.engine, config.engine_config(), config.options())
+    (target,), _warnings = segment_targets(volume, [prompts], config.engine_spec(), config.options())
     return target.result
 
 

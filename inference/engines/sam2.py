@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.engine import Engine, SegmentationError, SegmentationResult, SegmentOptions
+from inference.engine import ENGINES, Engine, SegmentationError, SegmentationResult, SegmentOptions
 from inference.prompts import TargetPrompts
 from inference.sam2_models import (
     CheckpointInfo,
@@ -98,9 +98,10 @@ class Sam2Engine(Engine):
         **unknown,
     ) -> None:
         if unknown:
+            known = ["checkpoint", "model_cfg", "device", *sorted(ENGINES["sam2"].rule_options)]
             raise Sam2ModelError(
-                f"unknown sam2 engine option(s) {', '.join(sorted(unknown))} (known: checkpoint, model_cfg, "
-                "device, image_size, batch_size, precision, object_score_stop, allow_random_weights, random_seed)"
+                f"unknown sam2 engine option(s) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(known)}; tests only: allow_random_weights, random_seed)"
             )
         self.version = f"sam2 {sam2_package_version()}"
         self.model_cfg = model_cfg or DEFAULT_MODEL_CFG
@@ -259,12 +260,7 @@ class Sam2Engine(Engine):
     def _segment_3d(self, gray: np.ndarray, volume: Volume, prompts: TargetPrompts, options: SegmentOptions):
         from inference.sam2_video import VideoParams, propagate_3d
 
-        params = VideoParams(
-            max_extent_mm=options.max_extent_mm,
-            min_area_mm2=options.min_area_mm2,
-            min_area_fraction=options.min_area_fraction,
-            batch_size=self.batch_size,
-        )
+        params = VideoParams.from_options(options, batch_size=self.batch_size)
         result = propagate_3d(self.model, gray, volume.spacing, prompts, params)
         log.debug(
             "SAM2 3D: frames %s, %d decoded, %d slices encoded",

@@ -1,0 +1,48 @@
+"""The limits of a segmentation walk: the one place where they and their defaults are defined.
+
+A rule's action, ``dicom-node segment``/``study`` options, :class:`inference.engine.SegmentOptions`
+(what an engine is called with), :class:`inference.propagation.PropagationParams` (the 2D walk)
+and :class:`inference.sam2_video.VideoParams` (SAM2's 3D propagation) all are, or derive
+from, :class:`WalkLimits`. Lengths are in mm so that they mean the same on 1 mm and 5 mm
+slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+__all__ = ["WalkLimits"]
+
+
+@dataclass
+class WalkLimits:
+    """How far a segmentation may walk from the prompted slices, and when a slice is too small.
+
+    ``margin_mm``: the next slice's box is the previous mask's bounding box grown by this.
+    ``min_area_mm2``: a slice whose mask is smaller ends the walk (and is not kept).
+    ``min_area_fraction``: likewise, below this fraction of the prompted slice's area.
+    ``max_extent_mm``: the walk never goes farther than this from a prompted slice.
+    """
+
+    margin_mm: float = 3.0
+    min_area_mm2: float = 4.0
+    min_area_fraction: float = 0.05
+    max_extent_mm: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.margin_mm < 0 or self.min_area_mm2 < 0:
+            raise ValueError(f"margin_mm and min_area_mm2 must not be negative: {self}")
+        if not self.max_extent_mm > 0:
+            raise ValueError(f"max_extent_mm must be positive, got {self.max_extent_mm}")
+        if not 0 <= self.min_area_fraction <= 1:
+            raise ValueError(f"min_area_fraction must be within [0, 1], got {self.min_area_fraction}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The limit fields (what every derived parameter object takes over)."""
+        return tuple(f.name for f in fields(WalkLimits))
+
+    def limit_values(self) -> dict[str, Any]:
+        """The limits of this object as keyword arguments for another :class:`WalkLimits` subclass."""
+        return {name: getattr(self, name) for name in WalkLimits.names()}

@@ -1,0 +1,654 @@
+"""A CT or MR image series from DICOM files into an :class:`inference.volume.Volume`.
+
+``load_series`` reads a CT or MR series from files into a :class:`Volume` and refuses,
+with a :class:`VolumeError` whose message says exactly what is wrong, anything that is
+not one clean, uniformly spaced stack of single-frame slices.
+
+What is checked, in this order (each refusal names the files or UIDs, never a patient):
+no CT/MR image files; several series (``series_instance_uid=`` picks one); multi-frame
+objects (Enhanced/Legacy Converted SOP classes or NumberOfFrames > 1); missing Series,
+Study, Frame of Reference or SOP Instance UIDs; mixed SOP classes, modalities, studies,
+patients or frames of reference; missing ImagePositionPatient, ImageOrientationPatient,
+PixelSpacing, Rows or Columns; mixed orientations (cosines differ by more than
+:data:`ORIENTATION_TOLERANCE`); mixed sizes; mixed pixel spacing (relative
+:data:`PIXEL_SPACING_TOLERANCE`); GantryDetectorTilt other than 0; then, with the slices
+sorted along the normal: duplicate positions; missing slices (a gap of about 2, 3, ...
+times the usual spacing); non-uniform spacing and positions off the normal (tilted or
+sheared stacks), both with the position tolerance described in :func:`load_series`;
+finally pixel data that cannot be decoded (the message names the transfer syntax and
+the pydicom plugins that would decode it). The same SOP Instance in two files is read
+once. A single slice takes its spacing from SpacingBetweenSlices or SliceThickness
+(1.0 mm with a warning when it has neither).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from inference.files import files_under
+from inference.geometry import Geometry
+from inference.volume import Volume
+from rtstruct.headers import (
+    MULTI_FRAME_IMAGE_CLASSES,
+    SINGLE_FRAME_IMAGE_CLASSES,
+    DicomFileError,
+    FileKind,
+    kind_of,
+    read_header,
+    sop_class_name,
+)
+
+__all__ = ["VolumeError", "load_series"]
+
+
+class VolumeError(ValueError):
+    """A series cannot be turned into a volume; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------
+# Loading a series
+# ---------------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+#: Default tolerance on slice positions, as a fraction of the slice spacing: every slice
+#: must lie within ``spacing_tolerance * spacing`` (but at least
+#: :data:`POSITION_TOLERANCE_FLOOR_MM`) of where a uniform grid along the slice normal puts
+#: it, both along the normal (non-uniform spacing) and across it (gantry tilt / shear).
+DEFAULT_SPACING_TOLERANCE = 0.01
+#: Absolute floor of the position tolerance, for positions written as rounded decimal strings.
+POSITION_TOLERANCE_FLOOR_MM = 0.01
+#: Largest difference of direction cosines still counted as the same orientation (~0.006 deg).
+ORIENTATION_TOLERANCE = 1e-4
+#: Largest relative difference of PixelSpacing still counted as the same spacing.
+PIXEL_SPACING_TOLERANCE = 1e-4
+#: |GantryDetectorTilt| above this many degrees is a tilted acquisition.
+GANTRY_TILT_TOLERANCE_DEG = 0.01
+
+#: Attributes copied from the first slice into ``Volume.attributes`` (if present).
+COPIED_ATTRIBUTES = (
+    "SpecificCharacterSet",
+    # Patient module
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "OtherPatientIDs",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    # Patient study module
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    # General study module
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    # General series / frame of reference / equipment of the images
+    "Modality",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+    "PatientPosition",
+    "FrameOfReferenceUID",
+    "PositionReferenceIndicator",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "InstitutionName",
+    "InstitutionAddress",
+    "StationName",
+    "DeviceSerialNumber",
+    "SoftwareVersions",
+)
+#: Type 2 attributes of the Patient and General Study modules: always present in
+#: ``Volume.attributes`` ("" when the images lack them), so a writer can copy them as is.
+TYPE2_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+_GEOMETRY_ATTRIBUTES = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+
+
+@dataclass
+class _Header:
+    """What ``load_series`` needs from one file's header."""
+
+    path: Path
+    ds: Any  # pydicom Dataset without pixel data
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.ds.get("SOPClassUID", ""))
+
+    @property
+    def series_uid(self) -> str:
+        return str(self.ds.get("SeriesInstanceUID", ""))
+
+
+def load_series(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    series_instance_uid: str | None = None,
+    spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+) -> Volume:
+    """Read one CT or MR series into a :class:`Volume`.
+
+    ``paths`` is a directory (searched recursively; files that are not DICOM, and DICOM
+    objects that are not CT/MR images such as RTSTRUCTs, are ignored) or an iterable of
+    files (a file named explicitly must be DICOM; non-image objects among them are
+    ignored). When the files hold several series, ``series_instance_uid`` selects one.
+
+    Slices are sorted by their position along the slice normal
+    (cross(row, column) of ImageOrientationPatient), never by InstanceNumber.
+    ``spacing_tolerance`` is the largest allowed distance of a slice from its place on a
+    uniform grid, as a fraction of the slice spacing (default 1%, at least
+    :data:`POSITION_TOLERANCE_FLOOR_MM` mm), along the normal and across it.
+
+    Values are rescaled with RescaleSlope/RescaleIntercept (Hounsfield units for CT): the
+    array is int16 when every slope is 1, every intercept integral and the values fit,
+    float32 otherwise.
+
+    Raises :class:`VolumeError` with a message that names what is wrong and where
+    (files, UIDs; never patient names or IDs).
+    """
+    files, explicit, where = _collect_files(paths)
+    headers, skipped = _read_headers(files, explicit)
+    series = _select_series(headers, skipped, where, series_instance_uid)
+    return _build_volume(series, spacing_tolerance)
+
+
+# -- collecting files -------------------------------------------------------------------
+def _collect_files(paths) -> tuple[list[Path], bool, str]:
+    if isinstance(paths, (str, os.PathLike)):
+        root = Path(paths)
+        if root.is_dir():
+            files = files_under(root)
+            return files, False, f"directory {root}"
+        if root.is_file():
+            return [root], True, f"file {root}"
+        raise VolumeError(f"no such file or directory: {root}")
+    files = [Path(p) for p in paths]
+    for p in files:
+        if not p.is_file():
+            raise VolumeError(f"no such file: {p}")
+    return files, True, f"{len(files)} given files"
+
+
+def _read_headers(files: list[Path], explicit: bool) -> tuple[list[_Header], Counter]:
+    """Headers of the CT/MR image files; counts of what was skipped, by kind."""
+    headers: list[_Header] = []
+    skipped: Counter = Counter()
+    for path in files:
+        try:
+            ds = read_header(path)
+        except DicomFileError:
+            if explicit:
+                raise VolumeError(f"not a DICOM file: {path}") from None
+            skipped["non-DICOM"] += 1
+            continue
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if kind_of(sop_class, ds.get("Modality")) is FileKind.IMAGE:
+            headers.append(_Header(path, ds))
+        else:
+            skipped[sop_class_name(sop_class) if sop_class else "DICOM without SOPClassUID"] += 1
+    if skipped:
+        log.info("ignored files that are not CT/MR images: %s", _counts(skipped))
+    return headers, skipped
+
+
+def _select_series(
+    headers: list[_Header], skipped: Counter, where: str, series_instance_uid: str | None
+) -> list[_Header]:
+    if not headers:
+        found = f"found {_counts(skipped)}" if skipped else "it holds no files"
+        raise VolumeError(f"no CT or MR image files in {where}: {found}")
+    by_series: dict[str, list[_Header]] = defaultdict(list)
+    for h in headers:
+        by_series[h.series_uid].append(h)
+    if series_instance_uid is not None:
+        if series_instance_uid not in by_series:
+            raise VolumeError(
+                f"series {series_instance_uid} is not in {where}; it holds " + _describe_series(by_series)
+            )
+        return by_series[series_instance_uid]
+    if len(by_series) > 1:
+        raise VolumeError(
+            f"{len(by_series)} image series in {where}: {_describe_series(by_series)}; "
+            "pick one with series_instance_uid=<SeriesInstanceUID>"
+        )
+    return headers
+
+
+def _describe_series(by_series: dict[str, list[_Header]]) -> str:
+    parts = []
+    for uid, hs in sorted(by_series.items(), key=lambda kv: -len(kv[1])):
+        modality = hs[0].ds.get("Modality", "?")
+        desc = str(hs[0].ds.get("SeriesDescription", "") or "")
+        parts.append(
+            f"{uid or '<no SeriesInstanceUID>'} ({modality}, {_n(len(hs))}{', ' + repr(desc) if desc else ''})"
+        )
+    return ", ".join(parts)
+
+
+# -- checks and geometry ----------------------------------------------------------------
+def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
+    series_uid = headers[0].series_uid or "<no SeriesInstanceUID>"
+    # Multi-frame objects first: none of the per-slice checks make sense for them.
+    for h in headers:
+        frames = _int_or_none(h.ds.get("NumberOfFrames"))
+        if h.sop_class_uid in MULTI_FRAME_IMAGE_CLASSES or (frames is not None and frames > 1):
+            what = sop_class_name(h.sop_class_uid)
+            nf = f" with {frames} frames" if frames else ""
+            raise VolumeError(
+                f"multi-frame image ({what}{nf}) in series {series_uid}: {h.path}; "
+                "only single-frame CT Image Storage / MR Image Storage series are supported"
+            )
+    for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID"):
+        missing = [h.path for h in headers if not str(h.ds.get(keyword, "") or "")]
+        if missing:
+            raise VolumeError(f"{keyword} missing in {_files(missing)} of series {series_uid}")
+    _check_same(headers, "SOPClassUID", series_uid, lambda ds: sop_class_name(str(ds.SOPClassUID)))
+    _check_same(headers, "Modality", series_uid)
+    _check_same(headers, "StudyInstanceUID", series_uid)
+    _check_consistent_identity(headers, series_uid)
+    _check_same(headers, "FrameOfReferenceUID", series_uid, label="frames of reference")
+
+    headers = _drop_repeated_instances(headers, series_uid)
+    for keyword in _GEOMETRY_ATTRIBUTES:
+        missing = [h.path for h in headers if keyword not in h.ds or h.ds[keyword].value in (None, "", [])]
+        if missing:
+            raise VolumeError(
+                f"{keyword} missing in {_files(missing)} of series {series_uid}: "
+                "the slice geometry cannot be known without it"
+            )
+
+    positions = np.array([_floats(h, "ImagePositionPatient", 3) for h in headers])
+    orientations = np.array([_floats(h, "ImageOrientationPatient", 6) for h in headers])
+    pixel_spacings = np.array([_floats(h, "PixelSpacing", 2) for h in headers])
+    sizes = [(int(h.ds.Rows), int(h.ds.Columns)) for h in headers]
+
+    # One orientation.
+    reference = orientations[0]
+    differs = np.abs(orientations - reference).max(axis=1) > ORIENTATION_TOLERANCE
+    if differs.any():
+        groups = _group_rows(orientations, ORIENTATION_TOLERANCE)
+        desc = "; ".join(
+            f"[{', '.join(f'{v:.4g}' for v in orientations[idx[0]])}] in {_n(len(idx))} (e.g. {headers[idx[0]].path.name})"
+            for idx in groups
+        )
+        raise VolumeError(f"mixed orientations (ImageOrientationPatient) in series {series_uid}: {desc}")
+    row_dir, col_dir = reference[:3], reference[3:]
+    if not (
+        abs(np.linalg.norm(row_dir) - 1) < 1e-3
+        and abs(np.linalg.norm(col_dir) - 1) < 1e-3
+        and abs(float(row_dir @ col_dir)) < 1e-3
+    ):
+        raise VolumeError(
+            f"ImageOrientationPatient {reference.tolist()} of series {series_uid} is not two orthogonal unit vectors"
+        )
+    # One size and one pixel spacing.
+    size_counts = Counter(sizes)
+    if len(size_counts) > 1:
+        desc = ", ".join(f"{r}x{c} in {_n(n)}" for (r, c), n in size_counts.most_common())
+        odd = next(h.path.name for h, s in zip(headers, sizes) if s != size_counts.most_common(1)[0][0])
+        raise VolumeError(f"mixed image sizes (Rows x Columns) in series {series_uid}: {desc} (e.g. {odd})")
+    rel = np.abs(pixel_spacings - pixel_spacings[0]) / pixel_spacings[0]
+    if (rel > PIXEL_SPACING_TOLERANCE).any():
+        groups = _group_rows(pixel_spacings, PIXEL_SPACING_TOLERANCE * float(pixel_spacings[0].max()))
+        desc = ", ".join(f"{pixel_spacings[idx[0]].tolist()} mm in {_n(len(idx))}" for idx in groups)
+        raise VolumeError(f"mixed PixelSpacing in series {series_uid}: {desc}")
+    if (pixel_spacings[0] <= 0).any():
+        raise VolumeError(f"PixelSpacing {pixel_spacings[0].tolist()} of series {series_uid} is not positive")
+
+    # Gantry tilt declared by the scanner.
+    for h in headers:
+        tilt = _float_or_none(h.ds.get("GantryDetectorTilt"))
+        if tilt is not None and abs(tilt) > GANTRY_TILT_TOLERANCE_DEG:
+            raise VolumeError(
+                f"gantry tilt of {tilt:g} degrees (GantryDetectorTilt) in series {series_uid} "
+                f"(e.g. {h.path.name}): tilted slices do not form a rectilinear volume; "
+                "resample the series to an orthogonal grid first"
+            )
+
+    # Sort along the slice normal.
+    normal = np.cross(row_dir / np.linalg.norm(row_dir), col_dir / np.linalg.norm(col_dir))
+    normal /= np.linalg.norm(normal)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    headers = [headers[k] for k in order]
+    positions, along = positions[order], along[order]
+    n = len(headers)
+
+    if n == 1:
+        slice_spacing = _single_slice_spacing(headers[0], series_uid)
+    else:
+        slice_spacing = _check_positions(headers, positions, along, normal, series_uid, spacing_tolerance)
+
+    rows, cols = sizes[0]
+    geometry = Geometry.from_dicom(positions[0], reference, tuple(pixel_spacings[0]), slice_spacing, (n, rows, cols))
+    array = _read_pixels(headers, series_uid)
+    first = headers[0].ds
+    return Volume(
+        array=array,
+        geometry=geometry,
+        sop_instance_uids=tuple(str(h.ds.SOPInstanceUID) for h in headers),
+        modality=str(first.get("Modality", "") or SINGLE_FRAME_IMAGE_CLASSES[headers[0].sop_class_uid]),
+        series_instance_uid=str(first.SeriesInstanceUID),
+        study_instance_uid=str(first.get("StudyInstanceUID", "")),
+        frame_of_reference_uid=str(first.FrameOfReferenceUID),
+        sop_class_uid=headers[0].sop_class_uid,
+        attributes=_copied_attributes(first),
+    )
+
+
+def _check_positions(
+    headers: list[_Header],
+    positions: np.ndarray,
+    along: np.ndarray,
+    normal: np.ndarray,
+    series_uid: str,
+    spacing_tolerance: float,
+) -> float:
+    """Check that the sorted slices form a uniform stack along the normal; its spacing."""
+    steps = np.diff(along)
+    positive = steps[steps > POSITION_TOLERANCE_FLOOR_MM]
+    nominal = float(np.median(positive)) if positive.size else 0.0
+    dup_tol = max(POSITION_TOLERANCE_FLOOR_MM, spacing_tolerance * nominal)
+
+    # Duplicate positions (different instances at one place).
+    dup = np.flatnonzero(steps <= dup_tol)
+    if dup.size:
+        k = int(dup[0])
+        names = f"{headers[k].path.name} and {headers[k + 1].path.name}"
+        raise VolumeError(
+            f"duplicate slice positions in series {series_uid}: {dup.size} pair(s) of slices at the "
+            f"same position, first at z={along[k]:.2f} mm ({names}); several acquisitions, echoes "
+            "or time points in one series cannot be one volume"
+        )
+
+    # Missing slices: a gap of about a whole multiple (>= 2) of the usual spacing.
+    ratio = steps / nominal
+    gaps = np.flatnonzero((ratio >= 1.5) & (np.abs(ratio - np.round(ratio)) <= 0.25))
+    if gaps.size:
+        total = int(sum(round(float(ratio[k])) - 1 for k in gaps))
+        where = "; ".join(
+            f"{round(float(ratio[k])) - 1} between z={along[k]:.2f} and z={along[k + 1]:.2f} mm" for k in gaps[:5]
+        ) + ("; ..." if gaps.size > 5 else "")
+        raise VolumeError(
+            f"{total} slice(s) missing in series {series_uid} (slice spacing {nominal:.4g} mm; "
+            f"z is the position along the slice normal): {where}"
+        )
+
+    # Uniform spacing: every slice near its place on the grid from the first to the last slice.
+    spacing = float(along[-1] - along[0]) / (len(along) - 1)
+    tol = max(POSITION_TOLERANCE_FLOOR_MM, spacing_tolerance * spacing)
+    grid = along[0] + spacing * np.arange(len(along))
+    deviation = np.abs(along - grid)
+    if deviation.max() > tol:
+        k = int(np.argmax(deviation))
+        raise VolumeError(
+            f"non-uniform slice spacing in series {series_uid}: steps between slices range from "
+            f"{steps.min():.4g} to {steps.max():.4g} mm; the slice at z={along[k]:.2f} mm "
+            f"({headers[k].path.name}) lies {deviation[k]:.3g} mm from a uniform {spacing:.4g} mm "
+            f"grid (tolerance {tol:.3g} mm = {100 * spacing_tolerance:.3g}% of the spacing)"
+        )
+
+    # Positions along the normal: in-plane offsets mean a tilted (sheared) stack.
+    expected = positions[0] + np.outer(along - along[0], normal)
+    offset = np.linalg.norm(positions - expected, axis=1)
+    if offset.max() > tol:
+        k = int(np.argmax(offset))
+        step_offset = np.linalg.norm((positions[1:] - positions[:-1]) - np.outer(steps, normal), axis=1)
+        j = int(np.argmax(step_offset))
+        angle = math.degrees(math.atan2(float(step_offset[j]), float(steps[j])))
+        raise VolumeError(
+            f"slice positions of series {series_uid} are not along the slice normal (gantry tilt "
+            f"or sheared stack): consecutive slices shift up to {step_offset[j]:.3g} mm in-plane "
+            f"(about {angle:.2g} degrees), {offset[k]:.3g} mm in total at z={along[k]:.2f} mm "
+            f"({headers[k].path.name}); resample the series to an orthogonal grid first"
+        )
+    return spacing
+
+
+def _single_slice_spacing(header: _Header, series_uid: str) -> float:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = _float_or_none(header.ds.get(keyword))
+        if value is not None and value > 0:
+            return value
+    log.warning(
+        "series %s has one slice without SpacingBetweenSlices or SliceThickness: slice spacing set to 1.0 mm",
+        series_uid,
+    )
+    return 1.0
+
+
+def _drop_repeated_instances(headers: list[_Header], series_uid: str) -> list[_Header]:
+    """The same SOP Instance in several files (a copy): keep the first file."""
+    seen: dict[str, _Header] = {}
+    for h in headers:
+        seen.setdefault(str(h.ds.SOPInstanceUID), h)
+    if len(seen) < len(headers):
+        log.warning(
+            "series %s: %d files repeat a SOP Instance UID already read; using one file each",
+            series_uid,
+            len(headers) - len(seen),
+        )
+    return list(seen.values())
+
+
+def _check_same(headers, keyword, series_uid, show=None, label=None) -> None:
+    values = Counter(str(h.ds.get(keyword, "") or "") for h in headers)
+    if len(values) > 1:
+        label = label or keyword
+        if show is not None:
+            values = Counter(show(h.ds) for h in headers)
+        desc = ", ".join(f"{v or '<missing>'} ({_n(n)})" for v, n in values.most_common())
+        raise VolumeError(f"mixed {label} in series {series_uid}: {desc}")
+
+
+def _check_consistent_identity(headers: list[_Header], series_uid: str) -> None:
+    """Patient identity must agree across slices; the values are never shown."""
+    for keyword in ("PatientID", "PatientName"):
+        values = {str(h.ds.get(keyword, "") or "") for h in headers}
+        if len(values) > 1:
+            raise VolumeError(
+                f"series {series_uid} mixes {len(values)} different {keyword} values: "
+                "its files do not belong to one patient"
+            )
+
+
+# -- pixels -------------------------------------------------------------------------------
+def _read_pixels(headers: list[_Header], series_uid: str) -> np.ndarray:
+    """The rescaled pixel values of the sorted slices, read one file at a time.
+
+    The array starts as int16 and turns into float32 (once) at the first slice whose
+    slope is not 1, whose intercept is not integral or whose values do not fit.
+    """
+    rows, cols = int(headers[0].ds.Rows), int(headers[0].ds.Columns)
+    array = np.empty((len(headers), rows, cols), dtype=np.int16)
+    int16 = np.iinfo(np.int16)
+    for k, h in enumerate(headers):
+        ds = pydicom.dcmread(h.path, force=True)
+        _ensure_transfer_syntax(ds)
+        if "PixelData" not in ds:
+            raise VolumeError(f"no pixel data in {h.path} (series {series_uid})")
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        if samples != 1:
+            raise VolumeError(f"{h.path} has {samples} samples per pixel: only greyscale images are supported")
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - pydicom raises several types here
+            raise VolumeError(_decode_failure(h.path, ds, exc)) from exc
+        if pixels.shape != (rows, cols):
+            raise VolumeError(
+                f"pixel data of {h.path} has shape {pixels.shape}, expected {rows}x{cols} (Rows x Columns)"
+            )
+        slope = _float_or_none(ds.get("RescaleSlope"))
+        intercept = _float_or_none(ds.get("RescaleIntercept"))
+        slope = 1.0 if slope is None else slope
+        intercept = 0.0 if intercept is None else intercept
+        if array.dtype == np.int16 and slope == 1.0 and intercept == round(intercept):
+            values = pixels.astype(np.int32) + int(intercept)
+            if values.size == 0 or (values.min() >= int16.min and values.max() <= int16.max):
+                array[k] = values
+                continue
+        if array.dtype != np.float32:
+            array = array.astype(np.float32)
+        array[k] = pixels.astype(np.float64) * slope + intercept
+    return array
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    """A bare dataset (no file meta) gets the transfer syntax it was read with."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if not little:
+        meta.TransferSyntaxUID = ExplicitVRBigEndian
+    else:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def _decode_failure(path: Path, ds, exc: Exception) -> str:
+    meta = getattr(ds, "file_meta", None)
+    tsuid = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
+    name = f"{tsuid.name} ({tsuid})" if tsuid else "unknown transfer syntax"
+    try:
+        decoder = get_decoder(tsuid)
+    except Exception:  # noqa: BLE001 - no decoder exists for this transfer syntax
+        return f"cannot decode pixel data of {path}: pydicom has no decoder for {name}"
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+        return (
+            f"cannot decode pixel data of {path}: {name} needs a pydicom decoding plugin, none is "
+            f"installed ({needs}); install one (e.g. pip install pylibjpeg pylibjpeg-libjpeg "
+            "pylibjpeg-openjpeg) or decompress the files first (e.g. dcmdjpeg)"
+        )
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot decode pixel data of {path} ({name}): {first_line}"
+
+
+# -- small helpers ------------------------------------------------------------------------
+def _copied_attributes(ds) -> dict[str, Any]:
+    attributes: dict[str, Any] = {keyword: "" for keyword in TYPE2_ATTRIBUTES}
+    for keyword in COPIED_ATTRIBUTES:
+        if keyword in ds:
+            value = _plain(ds[keyword].value)
+            if value is not None:
+                attributes[keyword] = value
+    return attributes
+
+
+def _plain(value: Any) -> Any:
+    """A pydicom value as a plain Python value (str, int, float, list); None for sequences."""
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.sequence.Sequence):
+        return None
+    if isinstance(value, (pydicom.multival.MultiValue, list, tuple)):
+        items = [_plain(v) for v in value]
+        return [v for v in items if v is not None]
+    if isinstance(value, pydicom.valuerep.DSfloat):
+        return float(value)
+    if isinstance(value, pydicom.valuerep.IS):
+        return int(value)
+    if isinstance(value, bytes):
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return str(value)  # str, PersonName, UID, DA/TM strings
+
+
+def _floats(h: _Header, keyword: str, count: int) -> list[float]:
+    value = h.ds[keyword].value
+    try:
+        values = [
+            float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])
+        ]
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"{keyword} of {h.path} is not numeric: {value!r}") from exc
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise VolumeError(f"{keyword} of {h.path} must be {count} finite numbers, got {value!r}")
+    return values
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    f = _float_or_none(value)
+    return None if f is None else int(f)
+
+
+def _group_rows(values: np.ndarray, tol: float) -> list[list[int]]:
+    """Indices of rows grouped by equality within ``tol``, biggest group first."""
+    groups: list[list[int]] = []
+    for k, row in enumerate(values):
+        for g in groups:
+            if np.abs(values[g[0]] - row).max() <= tol:
+                g.append(k)
+                break
+        else:
+            groups.append([k])
+    return sorted(groups, key=len, reverse=True)
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in counter.most_common())
+
+
+def _n(count: int, noun: str = "file") -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _files(paths: list[Path]) -> str:
+    shown = ", ".join(p.name for p in paths[:3])
+    return f"{len(paths)} file(s) ({shown}{', ...' if len(paths) > 3 else ''})"
