@@ -6,11 +6,14 @@ everything it started.
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
 from node_helpers import (
+    CLI,
     NodeProcess,
     Orthanc,
     StoreSCP,
@@ -223,3 +226,46 @@ def test_a_sam2_rule_runs_its_checkpoint_in_the_worker(tmp_path, tps, start_node
     assert job["state"] == "done" and job["engine"] == "sam2"
     # built once, at warm-up: the job reused it
     assert node.log_text().count("SAM2 model sam2.1_hiera_t512 ready on cpu") == 1
+
+
+def _with_planner_roi(prompt: Path, name: str, out: Path) -> Path:
+    """The prompt RTSTRUCT with one more (clinical) ROI called ``name``: a copy of its box."""
+    import copy
+
+    ds = pydicom.dcmread(prompt)
+    number = max(int(i.ROINumber) for i in ds.StructureSetROISequence) + 1
+    roi = copy.deepcopy(ds.StructureSetROISequence[0])
+    roi.ROINumber, roi.ROIName = number, name
+    ds.StructureSetROISequence.append(roi)
+    contour = copy.deepcopy(ds.ROIContourSequence[0])
+    contour.ReferencedROINumber = number
+    ds.ROIContourSequence.append(contour)
+    if "RTROIObservationsSequence" in ds:
+        obs = copy.deepcopy(ds.RTROIObservationsSequence[0])
+        obs.ObservationNumber, obs.ReferencedROINumber, obs.RTROIInterpretedType = number, number, "GTV"
+        ds.RTROIObservationsSequence.append(obs)
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_a_rule_naming_the_result_like_a_planner_roi_never_takes_that_name(tps, start_node, tmp_path):
+    # A rule asks for the name GTV-1; the planner's structure set already holds a GTV-1.
+    # The delivered result must carry another name, the one the dry run shows.
+    p = phantom(1)
+    prompt = _with_planner_roi(p["prompt"], "GTV-1", tmp_path / "prompt-with-gtv1.dcm")
+    rule = {"name": "named", "action": {"engine": "classic", "output_roi_name": "GTV-1", "destinations": ["tps"]}}
+    node = start_node(destinations={"tps": tps.destination()}, extra_rules=[rule])
+    dry = subprocess.run(
+        [*CLI, "rules", "test", str(tmp_path), "-c", str(node.config), "--calling-aet", "STORESCU"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "output ROI(s): GTV-1_2" in dry.stdout, dry.stdout + dry.stderr
+    out = storescu([p["images"], prompt], node.port)
+    assert out.returncode == 0, out.stderr
+    (result,) = delivered(node, tps)
+    facts = check_result(result, p)
+    assert facts["roi"] == "GTV-1_2"
