@@ -24,7 +24,7 @@ from node_helpers import (
     write_config,
 )
 
-from dicom_node.store import read_part10
+from dicom_node.part10 import read_part10
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

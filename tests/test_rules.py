@@ -306,7 +306,10 @@ def test_defaults_are_merged_and_rules_override_them():
         ({"rules": [rule("w", window="40")]}, "action.window: window '40': write it as LEVEL,WIDTH"),
         ({"rules": [rule("s", engine="sam2")]}, "rule #1 's': action: engine sam2 needs 'checkpoint'"),
         ({"rules": [rule("c", engine="classic", mode="video3d")]}, "engine classic supports only mode box2d"),
-        ({"rules": [rule("e", engine="sam3")]}, "rule #1 'e': action.engine: unknown engine 'sam3' (known: classic, sam2"),
+        (
+            {"rules": [rule("e", engine="sam3")]},
+            "rule #1 'e': action.engine: unknown engine 'sam3' (known: classic, sam2",
+        ),
         (
             {"rules": [rule("n", output_roi_name="THIS_NAME_IS_TOO_LONG")]},
             "action.output_roi_name: 'THIS_NAME_IS_TOO_LONG' is longer than 16 characters",

@@ -65,7 +65,7 @@ def write_files(folder: Path, datasets) -> list[Path]:
 
 def dataset_bytes(path: Path) -> bytes:
     """The encoded dataset of a Part 10 file (after its meta group)."""
-    from dicom_node.store import read_part10
+    from dicom_node.part10 import read_part10
 
     return bytes(read_part10(path.read_bytes())[1])
 

@@ -17,8 +17,9 @@ from pydicom.uid import generate_uid
 
 from dicom_node.config import config_from_data
 from dicom_node.db import Database
+from dicom_node.part10 import read_part10, scan_dataset
 from dicom_node.retention import run_retention
-from dicom_node.store import InvalidInstance, Origin, OutOfSpace, Store, Undecodable, read_part10, scan_dataset
+from dicom_node.store import InvalidInstance, Origin, OutOfSpace, Store, Undecodable
 
 EXPLICIT, IMPLICIT, DEFLATED = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"
 
