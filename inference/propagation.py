@@ -322,6 +322,22 @@ def postprocess(
     return mask
 
 
+def area_stop(area_mm2: float, k: int, limits: WalkLimits, reference_mm2: float) -> str | None:
+    """Why slice ``k``'s mask of ``area_mm2`` ends a walk, or None: it vanished, it is below
+    ``min_area_mm2``, or below ``min_area_fraction`` of the prompted slice's area
+    ``reference_mm2`` (shared by the 2D walk and SAM2's 3D passes)."""
+    if area_mm2 == 0:
+        return f"mask vanished on slice {k}"
+    if area_mm2 < limits.min_area_mm2:
+        return f"area {area_mm2:.1f} mm2 on slice {k} below the minimum {limits.min_area_mm2:g} mm2"
+    if area_mm2 < limits.min_area_fraction * reference_mm2:
+        return (
+            f"area {area_mm2:.1f} mm2 on slice {k} below {limits.min_area_fraction:g} of the "
+            f"prompted slice's {reference_mm2:.1f} mm2"
+        )
+    return None
+
+
 def _segment_anchor(
     segmenter: SliceSegmenter, k: int, prompts: TargetPrompts, shape_yx: tuple[int, int]
 ) -> tuple[np.ndarray, float | None]:
@@ -407,15 +423,9 @@ def _walk(
             return prev_k, f"segmenter stopped at slice {k}: {exc}"
         m = _check_mask(m, shape_yx, k)
         area = float(m.sum()) * pixel_mm2
-        if area == 0:
-            return prev_k, f"mask vanished on slice {k}"
-        if area < params.min_area_mm2:
-            return prev_k, f"area {area:.1f} mm2 on slice {k} below the minimum {params.min_area_mm2:g} mm2"
-        if area < params.min_area_fraction * anchor_area:
-            return prev_k, (
-                f"area {area:.1f} mm2 on slice {k} below {params.min_area_fraction:g} of the "
-                f"prompted slice's {anchor_area:.1f} mm2"
-            )
+        stop = area_stop(area, k, params, anchor_area)
+        if stop is not None:
+            return prev_k, stop
         mask[k] = m
         scores[k] = None if s is None else float(s)
         areas[k] = area

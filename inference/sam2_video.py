@@ -38,7 +38,7 @@ import torch
 
 from inference.limits import WalkLimits
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
-from inference.propagation import postprocess
+from inference.propagation import DOWN, UP, area_stop, postprocess
 from inference.sam2_features import SliceFeatureCache, slices_to_model_input
 
 log = logging.getLogger(__name__)
@@ -152,64 +152,83 @@ def propagate_3d(
 ) -> VideoResult:
     """Segment one target in 3D with SAM2's video predictor. ``gray`` is the uint8
     (z, y, x) volume, ``spacing`` (dz, dy, dx) mm. Run inside ``torch.inference_mode()``
-    (and the autocast the device wants)."""
-    params = params or VideoParams()
-    nz, ny, nx = (int(v) for v in gray.shape)
-    dz, dy, dx = (float(v) for v in spacing)
-    pixel_mm2 = dy * dx
-    anchors = prompts.anchor_slices
-    if not anchors or prompts.is_empty():
-        raise ValueError(f"target {prompts.target!r} has no box and no positive point to start from")
-    for k in anchors:
-        if not 0 <= k < nz:
-            raise ValueError(f"prompt on slice {k} is outside the volume (0..{nz - 1})")
-    n_ext = int(math.floor(params.max_extent_mm / dz + 1e-6))
-    lo, hi = max(0, anchors[0] - n_ext), min(nz - 1, anchors[-1] + n_ext)
-    sub = gray[lo : hi + 1]
-    nf = hi - lo + 1
+    (and the autocast the device wants). See the module docstring for the algorithm."""
+    run = _VideoRun(predictor, gray, spacing, prompts, params or VideoParams())
+    for direction, step in ((UP, 1), (DOWN, -1)):
+        run.add_prompts(first_pass=step > 0)
+        reason = run.track(step)
+        run.stop_reasons[direction] = reason
+        log.debug("SAM2 3D pass %s stopped: %s", direction, reason)
+    return run.result()
 
-    objects, warnings = group_objects(prompts, lo)
-    if not objects:
-        raise ValueError(f"target {prompts.target!r} has no usable prompt: {'; '.join(warnings)}")
-    cond_frames = sorted({f for per in objects.values() for f in per})
 
-    device = predictor.device
-    cache = SliceFeatureCache(predictor, sub, device=device, batch_size=params.batch_size)
-    cache.pinned |= set(cond_frames)
-    frames = _LazyFrames(sub, predictor.image_size, device)
-    state = _new_state(predictor, frames, cache, ny, nx)
+class _VideoRun:
+    """The state of one :func:`propagate_3d` call: the sub-volume that forms the video, the
+    feature cache, SAM2's inference state and what both passes found."""
 
-    mask = np.zeros((nz, ny, nx), dtype=bool)
-    scores: dict[int, float | None] = {}
-    anchor_masks: dict[int, np.ndarray] = {}
-    anchor_area: dict[int, float] = {}
-    stop_reasons: dict[str, str] = {}
-    decoded = 0
+    def __init__(self, predictor, gray: np.ndarray, spacing, prompts: TargetPrompts, params: VideoParams) -> None:
+        self.predictor, self.params = predictor, params
+        self.nz, self.ny, self.nx = (int(v) for v in gray.shape)
+        dz, dy, dx = (float(v) for v in spacing)
+        self.pixel_mm2 = dy * dx
+        anchors = prompts.anchor_slices
+        if not anchors or prompts.is_empty():
+            raise ValueError(f"target {prompts.target!r} has no box and no positive point to start from")
+        for k in anchors:
+            if not 0 <= k < self.nz:
+                raise ValueError(f"prompt on slice {k} is outside the volume (0..{self.nz - 1})")
+        n_ext = int(math.floor(params.max_extent_mm / dz + 1e-6))
+        self.lo, self.hi = max(0, anchors[0] - n_ext), min(self.nz - 1, anchors[-1] + n_ext)
+        sub = gray[self.lo : self.hi + 1]
+        self.nf = self.hi - self.lo + 1
 
-    def note_score(k: int, s: float | None) -> None:
+        self.objects, self.warnings = group_objects(prompts, self.lo)
+        if not self.objects:
+            raise ValueError(f"target {prompts.target!r} has no usable prompt: {'; '.join(self.warnings)}")
+        self.cond_frames = sorted({f for per in self.objects.values() for f in per})
+
+        self.device = predictor.device
+        self.cache = SliceFeatureCache(predictor, sub, device=self.device, batch_size=params.batch_size)
+        self.cache.pinned |= set(self.cond_frames)
+        self.state = _new_state(
+            predictor, _LazyFrames(sub, predictor.image_size, self.device), self.cache, self.ny, self.nx
+        )
+
+        self.mask = np.zeros((self.nz, self.ny, self.nx), dtype=bool)
+        self.scores: dict[int, float | None] = {}
+        self.anchor_masks: dict[int, np.ndarray] = {}
+        self.anchor_area: dict[int, float] = {}
+        self.stop_reasons: dict[str, str] = {}
+        self.decoded = 0
+
+    def note_score(self, k: int, s: float | None) -> None:
+        """A slice's score is the lowest predicted IoU of the passes and objects that made it."""
         if s is None:
-            scores.setdefault(k, None)
-        elif scores.get(k) is None:
-            scores[k] = s
+            self.scores.setdefault(k, None)
+        elif self.scores.get(k) is None:
+            self.scores[k] = s
         else:
-            scores[k] = min(scores[k], s)  # type: ignore[type-var]
+            self.scores[k] = min(self.scores[k], s)  # type: ignore[type-var]
 
-    def ensure_ahead(f: int, step: int, end: int) -> None:
-        if f in cache:
+    def ensure_ahead(self, f: int, step: int, end: int) -> None:
+        """Encode frame ``f`` and the next ones in one batch unless ``f`` is cached already."""
+        if f in self.cache:
             return
         ahead = []
         g = f
-        while len(ahead) < cache.batch_size and (g <= end if step > 0 else g >= end):
-            if g not in cache:
+        while len(ahead) < self.cache.batch_size and (g <= end if step > 0 else g >= end):
+            if g not in self.cache:
                 ahead.append(g)
             g += step
-        cache.ensure(ahead)
+        self.cache.ensure(ahead)
 
-    for direction, step in (("up", 1), ("down", -1)):
+    def add_prompts(self, *, first_pass: bool) -> None:
+        """Reset SAM2's state and add every prompt again (each pass starts from the prompts)."""
+        predictor, state, cache = self.predictor, self.state, self.cache
         predictor.reset_state(state)
-        cache.evict_all_but(cond_frames)
-        cache.ensure(cond_frames)
-        for obj_id, per in sorted(objects.items()):
+        cache.evict_all_but(self.cond_frames)
+        cache.ensure(self.cond_frames)
+        for obj_id, per in sorted(self.objects.items()):
             for f, (box, coords, labels) in sorted(per.items()):
                 _, _, video_masks = predictor.add_new_points_or_box(
                     state,
@@ -223,88 +242,90 @@ def propagate_3d(
                 _sync_cache(state, cache)
                 obj_idx = state["obj_id_to_idx"][obj_id]
                 m = (video_masks[obj_idx, 0] > 0.0).cpu().numpy()
-                k = f + lo
-                anchor_masks[k] = anchor_masks.get(k, np.zeros((ny, nx), bool)) | m
+                k = f + self.lo
+                self.anchor_masks[k] = self.anchor_masks.get(k, np.zeros((self.ny, self.nx), bool)) | m
                 if predictor.last_head_scores is not None:
-                    note_score(k, predictor.last_head_scores[0])
-        if step > 0:
-            for k, m in anchor_masks.items():
-                anchor_area[k] = float(m.sum()) * pixel_mm2
-                mask[k] |= m
+                    self.note_score(k, predictor.last_head_scores[0])
+        if first_pass:
+            for k, m in self.anchor_masks.items():
+                self.anchor_area[k] = float(m.sum()) * self.pixel_mm2
+                self.mask[k] |= m
         predictor.propagate_in_video_preflight(state)
         _sync_cache(state, cache)
 
-        start = cond_frames[0] if step > 0 else cond_frames[-1]
-        end = nf - 1 if step > 0 else 0
-        ref_area = max(anchor_area.values()) if anchor_area else 0.0
+    def _frame_masks(self, f: int, step: int) -> tuple[list[torch.Tensor], list[float]]:
+        """Every object's low-resolution mask on frame ``f`` (tracked from the previous one)."""
+        predictor, state = self.predictor, self.state
+        per_obj_masks = []
+        frame_scores = []
+        for obj_idx in range(len(state["obj_ids"])):
+            out_dict = state["output_dict_per_obj"][obj_idx]
+            if f in out_dict["cond_frame_outputs"]:
+                pred = out_dict["cond_frame_outputs"][f]["pred_masks"]
+            else:
+                current, pred = predictor._run_single_frame_inference(
+                    inference_state=state,
+                    output_dict=out_dict,
+                    frame_idx=f,
+                    batch_size=1,
+                    is_init_cond_frame=False,
+                    point_inputs=None,
+                    mask_inputs=None,
+                    reverse=step < 0,
+                    run_mem_encoder=True,
+                )
+                out_dict["non_cond_frame_outputs"][f] = current
+                self.decoded += 1
+                if predictor.last_head_scores is not None:
+                    frame_scores.append(predictor.last_head_scores[0])
+            state["frames_tracked_per_obj"][obj_idx][f] = {"reverse": step < 0}
+            per_obj_masks.append(pred.to(self.device))
+        _sync_cache(state, self.cache)
+        return per_obj_masks, frame_scores
+
+    def track(self, step: int) -> str:
+        """One pass from the prompted frames to the end of the video; why it stopped."""
+        start = self.cond_frames[0] if step > 0 else self.cond_frames[-1]
+        end = self.nf - 1 if step > 0 else 0
+        ref_area = max(self.anchor_area.values()) if self.anchor_area else 0.0
         reason = f"reached the {'last' if step > 0 else 'first'} slice of the volume"
-        if (step > 0 and hi < nz - 1) or (step < 0 and lo > 0):
-            reason = f"maximum extent {params.max_extent_mm:g} mm from the prompted slices reached"
+        if (step > 0 and self.hi < self.nz - 1) or (step < 0 and self.lo > 0):
+            reason = f"maximum extent {self.params.max_extent_mm:g} mm from the prompted slices reached"
         f = start
         while (f <= end) if step > 0 else (f >= end):
-            ensure_ahead(f, step, end)
-            per_obj_masks = []
-            frame_scores = []
-            for obj_idx in range(len(state["obj_ids"])):
-                out_dict = state["output_dict_per_obj"][obj_idx]
-                if f in out_dict["cond_frame_outputs"]:
-                    pred = out_dict["cond_frame_outputs"][f]["pred_masks"]
-                else:
-                    current, pred = predictor._run_single_frame_inference(
-                        inference_state=state,
-                        output_dict=out_dict,
-                        frame_idx=f,
-                        batch_size=1,
-                        is_init_cond_frame=False,
-                        point_inputs=None,
-                        mask_inputs=None,
-                        reverse=step < 0,
-                        run_mem_encoder=True,
-                    )
-                    out_dict["non_cond_frame_outputs"][f] = current
-                    decoded += 1
-                    if predictor.last_head_scores is not None:
-                        frame_scores.append(predictor.last_head_scores[0])
-                state["frames_tracked_per_obj"][obj_idx][f] = {"reverse": step < 0}
-                per_obj_masks.append(pred.to(device))
-            _sync_cache(state, cache)
-            k = f + lo
-            if f in cond_frames:  # its mask is the prompted one, already in `mask`
+            self.ensure_ahead(f, step, end)
+            per_obj_masks, frame_scores = self._frame_masks(f, step)
+            k = f + self.lo
+            if f in self.cond_frames:  # its mask is the prompted one, already in `mask`
                 f += step
                 continue
-            _, video_masks = predictor._get_orig_video_res_output(state, torch.cat(per_obj_masks, dim=0))
+            _, video_masks = self.predictor._get_orig_video_res_output(self.state, torch.cat(per_obj_masks, dim=0))
             m = (video_masks[:, 0] > 0.0).any(dim=0).cpu().numpy()
-            area = float(m.sum()) * pixel_mm2
-            if area == 0:
-                reason = f"mask vanished on slice {k}"
-                break
-            if area < params.min_area_mm2:
-                reason = f"area {area:.1f} mm2 on slice {k} below the minimum {params.min_area_mm2:g} mm2"
-                break
-            if area < params.min_area_fraction * ref_area:
-                reason = (
-                    f"area {area:.1f} mm2 on slice {k} below {params.min_area_fraction:g} of the "
-                    f"prompted slice's {ref_area:.1f} mm2"
-                )
-                break
-            mask[k] |= m
-            note_score(k, min(frame_scores) if frame_scores else None)
-            cache.evict([f])
+            stop = area_stop(float(m.sum()) * self.pixel_mm2, k, self.params, ref_area)
+            if stop is not None:
+                return stop
+            self.mask[k] |= m
+            self.note_score(k, min(frame_scores) if frame_scores else None)
+            self.cache.evict([f])
             f += step
-        stop_reasons[direction] = reason
-        log.debug("SAM2 3D pass %s stopped: %s", direction, reason)
+        return reason
 
-    mask = postprocess(mask, anchor_masks, fill_holes=params.fill_holes, keep_connected=params.keep_connected)
-    kept = set(int(k) for k in np.flatnonzero(mask.any(axis=(1, 2))))
-    empty_anchors = [k for k, m in anchor_masks.items() if not m.any()]
-    for k in empty_anchors:
-        warnings.append(f"the prompt on slice {k} gave an empty mask")
-    return VideoResult(
-        mask=mask,
-        slice_scores={k: v for k, v in sorted(scores.items()) if k in kept},
-        stop_reasons=stop_reasons,
-        frame_range=(lo, hi),
-        frames_decoded=decoded,
-        slices_encoded=cache.stats.encoded,
-        warnings=warnings,
-    )
+    def result(self) -> VideoResult:
+        params = self.params
+        mask = postprocess(
+            self.mask, self.anchor_masks, fill_holes=params.fill_holes, keep_connected=params.keep_connected
+        )
+        kept = set(int(k) for k in np.flatnonzero(mask.any(axis=(1, 2))))
+        warnings = list(self.warnings)
+        for k, m in self.anchor_masks.items():
+            if not m.any():
+                warnings.append(f"the prompt on slice {k} gave an empty mask")
+        return VideoResult(
+            mask=mask,
+            slice_scores={k: v for k, v in sorted(self.scores.items()) if k in kept},
+            stop_reasons=self.stop_reasons,
+            frame_range=(self.lo, self.hi),
+            frames_decoded=self.decoded,
+            slices_encoded=self.cache.stats.encoded,
+            warnings=warnings,
+        )
