@@ -191,11 +191,160 @@ def _events(audit: Path) -> list[dict]:
     return list(read_audit(audit))
 
 
-def run(args) -> int:
+def _node_yaml(args, out: Path, receiver: _Receiver, paths: dict) -> tuple[Path, dict, int]:
+    """The node's configuration for the demo: the default one (or ``--config``) on loopback,
+    with the receiver as destination ``tps``; (path, raw settings, port)."""
     import yaml
 
-    from dicom_node.commands.phantom import describe
     from dicom_node.config import REPO_CONFIG, ConfigError, load_config
+
+    config_path = Path(args.config) if args.config else REPO_CONFIG
+    try:
+        base = load_config(config_path)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    rules_path, why = _choose_engine(args, base, paths, out)
+    print(why)
+    port = _free_port()
+    raw = yaml.safe_load(config_path.read_text()) or {}
+    raw.update({"data_dir": str(out / "node-data"), "rules": str(rules_path)})
+    raw.setdefault("network", {}).update({"bind": "127.0.0.1", "port": port})
+    access = raw.setdefault("access", {})
+    access["calling_aets"] = sorted(set(access.get("calling_aets") or []) | {DEMO_AET})
+    access["networks"] = sorted(set(access.get("networks") or []) | {"127.0.0.0/8"})
+    raw.setdefault("destinations", {})["tps"] = {"host": "127.0.0.1", "port": receiver.port, "ae_title": DEMO_AET}
+    raw.setdefault("watch", {})["enabled"] = False
+    raw.setdefault("logging", {}).update({"file": str(out / "node.log")})
+    raw.setdefault("storage", {})["min_free_mb"] = min(int(raw.get("storage", {}).get("min_free_mb", 2048)), 256)
+    node_yaml = out / "node.yaml"
+    node_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return node_yaml, raw, port
+
+
+def _start_node(node_yaml: Path, raw: dict, port: int, out: Path, started: list) -> Path:
+    """``dicom-node serve`` on the demo's configuration, up to its worker's ``worker_ready``;
+    returns the audit file. The worker imports the segmentation code and loads the models
+    once, at start; a node runs for months, so the demo measures the steady state."""
+    node = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from dicom_node.cli import main; sys.exit(main())",
+            "serve",
+            "-c",
+            str(node_yaml),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    started.append(node)
+    _wait_port(port, node, 60, "the node")
+    audit = out / "node-data" / "audit.jsonl"
+    deadline = time.monotonic() + 300
+    while not any(e["event"] == "worker_ready" for e in _events(audit)):
+        if node.poll() is not None or time.monotonic() > deadline:
+            raise CommandError(f"the node's worker did not start (see {out / 'node.log'})")
+        time.sleep(0.05)
+    ready = next(e for e in _events(audit) if e["event"] == "worker_ready")
+    print(
+        f"node: dicom-node serve -c {node_yaml} (AE {raw.get('ae_title', 'STARDUST')} on 127.0.0.1:{port}, "
+        f"worker on {ready.get('device')} ready in {ready.get('seconds', 0):.1f} s, log {out / 'node.log'})"
+    )
+    return audit
+
+
+def _send(files: list[Path], port: int, called_aet: str) -> str:
+    """Send ``files`` as the TPS would (dcmtk storescu, or pynetdicom without dcmtk); how."""
+    storescu = shutil.which("storescu")
+    if storescu:
+        done = subprocess.run(
+            [storescu, "-aet", DEMO_AET, "-aec", called_aet, "127.0.0.1", str(port), *map(str, files)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise CommandError(f"storescu failed: {done.stderr.strip()[-500:]}")
+        return "dcmtk storescu"
+    from tqdm import tqdm
+
+    from dicom_node.sender import c_store_files
+
+    with tqdm(total=len(files), unit="file", desc="sending", disable=None) as bar:
+        res = c_store_files(files, "127.0.0.1", port, called_aet, DEMO_AET, progress=bar)
+    bad = [r for r in res if r[1] != 0]
+    if bad:
+        raise CommandError(f"{len(bad)} file(s) not stored, e.g. {bad[0][0].name}: {bad[0][2]}")
+    return "pynetdicom (dcmtk not installed)"
+
+
+def _wait_result(audit: Path, receiver: _Receiver, node: subprocess.Popen, timeout: float, out: Path) -> dict:
+    """Wait until the result is at the receiver (the ``sent`` audit event); that event."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = _events(audit)
+        failed = [e for e in events if e["event"] in ("case_failed", "job_failed")]
+        if failed:
+            raise CommandError(
+                f"the node could not process the case: {failed[-1].get('reason')} (see {out / 'node.log'})"
+            )
+        sent = next((e for e in events if e["event"] == "sent"), None)
+        if sent is not None and receiver.results():
+            return sent
+        if node.poll() is not None:
+            raise CommandError(f"the node exited with status {node.returncode} (see {out / 'node.log'})")
+        time.sleep(0.02)
+    raise CommandError(f"no result after {timeout:g} s (see {out / 'node.log'})")
+
+
+def _report(result: Path, t_result: float, t_release: float, sent: dict, audit: Path, ph, paths: dict) -> None:
+    """Latency (from the audit) and Dice of the result against the phantom's truth."""
+    from inference.metrics import dice
+    from rtstruct.rasterize import rasterize_roi
+    from rtstruct.reader import read_rtstruct
+    from rtstruct.series import load_series
+
+    ev = {e["event"]: e for e in _events(audit) if e.get("case") == 1}
+    print(
+        f"result arrived at {time.strftime('%H:%M:%S', time.localtime(t_result))}"
+        f".{int((t_result % 1) * 1000):03d}: {result}"
+    )
+    print(f"latency from the release of the association to the result stored at the TPS: {t_result - t_release:.2f} s")
+    if {"case_ready", "inference_start", "inference_end"} <= ev.keys():
+        print(
+            f"  case ready {max(0.0, ev['case_ready']['ts'] - t_release):.2f} s after the release "
+            f"(no settle delay), inference {ev['inference_end']['ts'] - ev['inference_start']['ts']:.2f} s "
+            f"({ev['inference_end'].get('engine')}), delivery {sent['ts'] - ev['inference_end']['ts']:.2f} s"
+        )
+    volume = load_series(paths["images"])
+    roi = read_rtstruct(result).rois[0]
+    mask = rasterize_roi(roi, volume.geometry)
+    print(
+        f"  {roi.name}: {int(mask.any(axis=(1, 2)).sum())} slices, {roi.generation_algorithm or ''} "
+        f"- Dice against the phantom's truth {dice(mask, ph.truth):.3f}"
+    )
+
+
+def _stop_all(started: list) -> None:
+    """Stop what the demo started, newest first (SIGTERM, then SIGKILL to the group)."""
+    for thing in reversed(started):
+        try:
+            if isinstance(thing, subprocess.Popen):
+                if thing.poll() is None:
+                    thing.send_signal(signal.SIGTERM)
+                    try:
+                        thing.wait(30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(thing.pid, signal.SIGKILL)
+                        thing.wait(10)
+            else:
+                thing.stop()
+        except Exception:  # keep stopping the rest
+            pass
+
+
+def run(args) -> int:
+    from dicom_node.commands.phantom import describe
     from dicom_node.phantom import make_phantom, save_phantom
 
     out = Path(args.outdir).resolve()
@@ -205,173 +354,26 @@ def run(args) -> int:
     started: list = []
     t_start = time.perf_counter()
     try:
-        # 1. the phantom
         ph = make_phantom(args.modality, args.seed)
         paths = save_phantom(ph, out / "phantom")
         print(describe(ph, paths))
-
-        # 2. the receiver standing in for the TPS
         receiver = _Receiver(out / "tps")
         receiver.start()
         started.append(receiver)
         print(f"TPS stand-in: {receiver.kind}, AE {DEMO_AET} on 127.0.0.1:{receiver.port} -> {receiver.folder}/")
-
-        # 3. the node with the default configuration
-        config_path = Path(args.config) if args.config else REPO_CONFIG
-        try:
-            base = load_config(config_path)
-        except ConfigError as exc:
-            raise CommandError(str(exc)) from None
-        rules_path, why = _choose_engine(args, base, paths, out)
-        print(why)
-        port = _free_port()
-        raw = yaml.safe_load(config_path.read_text()) or {}
-        raw.update(
-            {
-                "data_dir": str(out / "node-data"),
-                "rules": str(rules_path),
-            }
-        )
-        raw.setdefault("network", {}).update({"bind": "127.0.0.1", "port": port})
-        access = raw.setdefault("access", {})
-        access["calling_aets"] = sorted(set(access.get("calling_aets") or []) | {DEMO_AET})
-        access["networks"] = sorted(set(access.get("networks") or []) | {"127.0.0.0/8"})
-        raw.setdefault("destinations", {})["tps"] = {"host": "127.0.0.1", "port": receiver.port, "ae_title": DEMO_AET}
-        raw.setdefault("watch", {})["enabled"] = False
-        raw.setdefault("logging", {}).update({"file": str(out / "node.log")})
-        raw.setdefault("storage", {})["min_free_mb"] = min(int(raw.get("storage", {}).get("min_free_mb", 2048)), 256)
-        node_yaml = out / "node.yaml"
-        node_yaml.write_text(yaml.safe_dump(raw, sort_keys=False))
-        node = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from dicom_node.cli import main; sys.exit(main())",
-                "serve",
-                "-c",
-                str(node_yaml),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        started.append(node)
-        _wait_port(port, node, 60, "the node")
-        audit = out / "node-data" / "audit.jsonl"
-        # the worker imports the segmentation code and loads the models once, at start; a
-        # node runs for months, so the demo measures the steady state: it waits for that
-        deadline = time.monotonic() + 300
-        while not any(e["event"] == "worker_ready" for e in _events(audit)):
-            if node.poll() is not None or time.monotonic() > deadline:
-                raise CommandError(f"the node's worker did not start (see {out / 'node.log'})")
-            time.sleep(0.05)
-        ready = next(e for e in _events(audit) if e["event"] == "worker_ready")
-        print(
-            f"node: dicom-node serve -c {node_yaml} (AE {raw.get('ae_title', 'STARDUST')} on 127.0.0.1:{port}, "
-            f"worker on {ready.get('device')} ready in {ready.get('seconds', 0):.1f} s, log {out / 'node.log'})"
-        )
-
-        # 4. send the phantom and its prompt, as the TPS would
+        node_yaml, raw, port = _node_yaml(args, out, receiver, paths)
+        audit = _start_node(node_yaml, raw, port, out, started)
         files = sorted(Path(paths["images"]).glob("*.dcm")) + [Path(paths["prompt"])]
         t_send = time.time()
-        storescu = shutil.which("storescu")
-        if storescu:
-            how = "dcmtk storescu"
-            done = subprocess.run(
-                [
-                    storescu,
-                    "-aet",
-                    DEMO_AET,
-                    "-aec",
-                    raw.get("ae_title", "STARDUST"),
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, files),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if done.returncode != 0:
-                raise CommandError(f"storescu failed: {done.stderr.strip()[-500:]}")
-        else:
-            from tqdm import tqdm
-
-            from dicom_node.sender import c_store_files
-
-            how = "pynetdicom (dcmtk not installed)"
-            with tqdm(total=len(files), unit="file", desc="sending", disable=None) as bar:
-                res = c_store_files(files, "127.0.0.1", port, raw.get("ae_title", "STARDUST"), DEMO_AET, progress=bar)
-            bad = [r for r in res if r[1] != 0]
-            if bad:
-                raise CommandError(f"{len(bad)} file(s) not stored, e.g. {bad[0][0].name}: {bad[0][2]}")
+        how = _send(files, port, raw.get("ae_title", "STARDUST"))
         t_release = time.time()  # the association that completed the case is released
         print(
             f"sent {len(files) - 1} images + prompt with {how} in {t_release - t_send:.2f} s; waiting for the result ..."
         )
-
-        # 5. the result
-        deadline = time.monotonic() + args.timeout
-        sent = None
-        while time.monotonic() < deadline:
-            events = _events(audit)
-            failed = [e for e in events if e["event"] in ("case_failed", "job_failed")]
-            if failed:
-                raise CommandError(
-                    f"the node could not process the case: {failed[-1].get('reason')} (see {out / 'node.log'})"
-                )
-            sent = next((e for e in events if e["event"] == "sent"), None)
-            if sent is not None and receiver.results():
-                break
-            if node.poll() is not None:
-                raise CommandError(f"the node exited with status {node.returncode} (see {out / 'node.log'})")
-            time.sleep(0.02)
-        else:
-            raise CommandError(f"no result after {args.timeout:g} s (see {out / 'node.log'})")
+        sent = _wait_result(audit, receiver, started[-1], args.timeout, out)
         result, t_result = receiver.results()[0]
-        events = _events(audit)
-        ev = {e["event"]: e for e in events if e.get("case") == 1}
-        print(
-            f"result arrived at {time.strftime('%H:%M:%S', time.localtime(t_result))}"
-            f".{int((t_result % 1) * 1000):03d}: {result}"
-        )
-        print(
-            f"latency from the release of the association to the result stored at the TPS: {t_result - t_release:.2f} s"
-        )
-        if {"case_ready", "inference_start", "inference_end"} <= ev.keys():
-            print(
-                f"  case ready {max(0.0, ev['case_ready']['ts'] - t_release):.2f} s after the release "
-                f"(no settle delay), inference {ev['inference_end']['ts'] - ev['inference_start']['ts']:.2f} s "
-                f"({ev['inference_end'].get('engine')}), delivery {sent['ts'] - ev['inference_end']['ts']:.2f} s"
-            )
-
-        from inference.metrics import dice
-        from rtstruct.rasterize import rasterize_roi
-        from rtstruct.reader import read_rtstruct
-        from rtstruct.series import load_series
-
-        volume = load_series(paths["images"])
-        ss = read_rtstruct(result)
-        roi = ss.rois[0]
-        mask = rasterize_roi(roi, volume.geometry)
-        score = dice(mask, ph.truth)
-        print(
-            f"  {roi.name}: {int(mask.any(axis=(1, 2)).sum())} slices, {roi.generation_algorithm or ''} "
-            f"- Dice against the phantom's truth {score:.3f}"
-        )
+        _report(result, t_result, t_release, sent, audit, ph, paths)
         print(f"demo finished in {time.perf_counter() - t_start:.1f} s; files in {out}/")
         return 0
     finally:
-        for thing in reversed(started):
-            try:
-                if isinstance(thing, subprocess.Popen):
-                    if thing.poll() is None:
-                        thing.send_signal(signal.SIGTERM)
-                        try:
-                            thing.wait(30)
-                        except subprocess.TimeoutExpired:
-                            os.killpg(thing.pid, signal.SIGKILL)
-                            thing.wait(10)
-                else:
-                    thing.stop()
-            except Exception:  # keep stopping the rest
-                pass
+        _stop_all(started)
