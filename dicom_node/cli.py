@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbosity: int) -> None:
+def console_logging(verbosity: int) -> None:
+    """Logging of a one-shot command (``-v``: INFO, ``-vv``: DEBUG); ``serve`` sets up its own."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -43,7 +44,7 @@ def setup_logging(verbosity: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose)
+    console_logging(args.verbose)
     try:
         rc = args.func(args)
     except CommandError as exc:

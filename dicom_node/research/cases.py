@@ -44,7 +44,7 @@ from rtstruct.series import load_series
 log = logging.getLogger(__name__)
 
 
-class CaseError(ValueError):
+class CaseLoadError(ValueError):
     """A case cannot be loaded; the message says why (it becomes the skip reason)."""
 
 
@@ -328,7 +328,7 @@ def load_dicom_case(case: DicomCase, roi_regex: re.Pattern | None = None) -> Loa
 
     ROIs are taken in RTSTRUCT order (by path), then ROI number. An ROI that cannot be
     rasterised (empty, not on the image planes, ...) is left out with a warning; a case
-    with no ROI left raises :class:`CaseError`.
+    with no ROI left raises :class:`CaseLoadError`.
     """
     from rtstruct.rasterize import rasterize_roi
     from rtstruct.reader import RTStructError, check_references, read_rtstruct
@@ -337,7 +337,7 @@ def load_dicom_case(case: DicomCase, roi_regex: re.Pattern | None = None) -> Loa
     try:
         volume = load_series(case.series.files, series_instance_uid=case.series.series_uid)
     except VolumeError as exc:
-        raise CaseError(f"images: {exc}") from exc
+        raise CaseLoadError(f"images: {exc}") from exc
     labels: list[tuple[str, np.ndarray]] = []
     notes: list[str] = []
     for ref in case.rtstructs:
@@ -345,7 +345,7 @@ def load_dicom_case(case: DicomCase, roi_regex: re.Pattern | None = None) -> Loa
             ss = read_rtstruct(ref.path)
             check_references(ss, volume, allow_frame_of_reference_only=ref.attached_by != "series")
         except RTStructError as exc:
-            raise CaseError(f"RTSTRUCT {ref.path.name}: {exc}") from exc
+            raise CaseLoadError(f"RTSTRUCT {ref.path.name}: {exc}") from exc
         for roi in sorted(ss.rois, key=lambda r: r.number):
             if not roi_selected(roi.name, roi_regex):
                 continue
@@ -367,7 +367,7 @@ def load_dicom_case(case: DicomCase, roi_regex: re.Pattern | None = None) -> Loa
     if not labels:
         wanted = f" matching {roi_regex.pattern!r}" if roi_regex is not None else ""
         detail = f" ({'; '.join(notes)})" if notes else ""
-        raise CaseError(f"no usable ground-truth ROI{wanted}{detail}")
+        raise CaseLoadError(f"no usable ground-truth ROI{wanted}{detail}")
     return LoadedCase(case.name, case.dataset, volume, labels, notes)
 
 
@@ -434,10 +434,10 @@ def pack_labels(labels: list[tuple[str, np.ndarray]], key: str) -> tuple[dict[st
 
 def unpack_labels(data: dict[str, np.ndarray], key: str) -> list[tuple[str, np.ndarray]]:
     """Named masks from NPZ arrays written by :func:`pack_labels` (``label_names``
-    optional: labels 1..max are then ``label1``...); raises :class:`CaseError`."""
+    optional: labels 1..max are then ``label1``...); raises :class:`CaseLoadError`."""
     lmap = data[key]
     if lmap.ndim != 3:
-        raise CaseError(f"NPZ {key} must be 3D, has shape {lmap.shape}")
+        raise CaseLoadError(f"NPZ {key} must be 3D, has shape {lmap.shape}")
     if "label_names" in data:
         names = [str(n) for n in data["label_names"]]
     else:
@@ -445,7 +445,7 @@ def unpack_labels(data: dict[str, np.ndarray], key: str) -> list[tuple[str, np.n
     if "roi_masks" in data:
         whole = np.unpackbits(data["roi_masks"], axis=-1, count=lmap.shape[2]).astype(bool)
         if whole.shape != (len(names), *lmap.shape):
-            raise CaseError(f"NPZ roi_masks has shape {whole.shape}, expected {(len(names), *lmap.shape)}")
+            raise CaseLoadError(f"NPZ roi_masks has shape {whole.shape}, expected {(len(names), *lmap.shape)}")
         return [(name, whole[n]) for n, name in enumerate(names)]
     return [(name, lmap == n) for n, name in enumerate(names, start=1)]
 
@@ -456,13 +456,13 @@ def load_npz_case(case: NpzCase, roi_regex: re.Pattern | None = None) -> LoadedC
         with np.load(case.path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign file
-        raise CaseError(f"unreadable NPZ: {type(exc).__name__}: {exc}") from exc
+        raise CaseLoadError(f"unreadable NPZ: {type(exc).__name__}: {exc}") from exc
     missing = [k for k in ("imgs", "gts", "spacing") if k not in data]
     if missing:
-        raise CaseError(f"NPZ lacks {', '.join(missing)}: not written by dicom-node convert")
+        raise CaseLoadError(f"NPZ lacks {', '.join(missing)}: not written by dicom-node convert")
     imgs, gts = data["imgs"], data["gts"]
     if imgs.ndim != 3 or gts.shape != imgs.shape:
-        raise CaseError(f"NPZ imgs {imgs.shape} and gts {gts.shape} must be the same 3D shape")
+        raise CaseLoadError(f"NPZ imgs {imgs.shape} and gts {gts.shape} must be the same 3D shape")
     origin = data.get("origin", np.zeros(3))
     direction = data.get("direction", np.eye(3))
     modality = str(data["modality"]) if "modality" in data else "CT"
@@ -477,7 +477,7 @@ def load_npz_case(case: NpzCase, roi_regex: re.Pattern | None = None) -> LoadedC
             str(data.get("frame_of_reference_uid", "")),
         )
     except ValueError as exc:
-        raise CaseError(f"NPZ geometry: {exc}") from exc
+        raise CaseLoadError(f"NPZ geometry: {exc}") from exc
     labels = []
     notes = []
     for n, (name, mask) in enumerate(unpack_labels(data, "gts"), start=1):
@@ -489,5 +489,5 @@ def load_npz_case(case: NpzCase, roi_regex: re.Pattern | None = None) -> LoadedC
         labels.append((name, mask))
     if not labels:
         wanted = f" matching {roi_regex.pattern!r}" if roi_regex is not None else ""
-        raise CaseError(f"no usable ground-truth label{wanted} in the NPZ")
+        raise CaseLoadError(f"no usable ground-truth label{wanted} in the NPZ")
     return LoadedCase(case.name, case.dataset, volume, labels, notes)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.research.cases import CaseError, DicomCase, Scan, load_dicom_case, pack_labels, scan
+from dicom_node.research.cases import CaseLoadError, DicomCase, Scan, load_dicom_case, pack_labels, scan
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def convert_case(task: ConvertTask) -> ConvertRow:
         row.shape = "x".join(str(s) for s in g.shape)
         row.spacing = "x".join(f"{s:.4g}" for s in g.spacing)
         row.warnings = "; ".join(loaded.warnings + overlap_notes)
-    except CaseError as exc:
+    except CaseLoadError as exc:
         row.reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
         log.debug("conversion of %s failed", task.case_name, exc_info=True)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.research.cases import (
-    CaseError,
+    CaseLoadError,
     DicomCase,
     LoadedCase,
     NpzCase,
@@ -179,15 +179,14 @@ class StudyError(ValueError):
     """The study cannot run at all (for example, the engine cannot be built)."""
 
 
-def build_engine(config: StudyConfig):
+def build_study_engine(config: StudyConfig):
     """The process-wide engine, built the way the node's pipeline builds it
     (:func:`dicom_node.pipeline.build_engine`). A bad engine setting or checkpoint is a
     :class:`StudyError` before any case runs."""
-    from dicom_node.pipeline import CaseError
-    from dicom_node.pipeline import build_engine as pipeline_engine
+    from dicom_node.pipeline import CaseError, build_engine
 
     try:
-        return pipeline_engine(config.engine_spec())
+        return build_engine(config.engine_spec())
     except (CaseError, ValueError) as exc:
         raise StudyError(str(exc)) from None
 
@@ -344,22 +343,22 @@ def save_predictions(path: Path, preds: list[tuple[str, np.ndarray]], spacing) -
 
 def load_predictions(root: Path, dataset: str, case: str, shape) -> dict[str, np.ndarray]:
     """ROI name -> predicted mask of one case from ``root`` (see :func:`prediction_path`;
-    a flat ``root/<case>.npz`` is accepted too); raises :class:`CaseError`."""
+    a flat ``root/<case>.npz`` is accepted too); raises :class:`CaseLoadError`."""
     path = prediction_path(root, dataset, case)
     if not path.is_file():
         flat = root / f"{safe_name(case)}.npz"
         if not flat.is_file():
-            raise CaseError(f"no prediction file {path} (nor {flat})")
+            raise CaseLoadError(f"no prediction file {path} (nor {flat})")
         path = flat
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except Exception as exc:  # noqa: BLE001
-        raise CaseError(f"unreadable prediction file {path}: {type(exc).__name__}: {exc}") from exc
+        raise CaseLoadError(f"unreadable prediction file {path}: {type(exc).__name__}: {exc}") from exc
     if "segs" not in data:
-        raise CaseError(f"prediction file {path} has no 'segs' array")
+        raise CaseLoadError(f"prediction file {path} has no 'segs' array")
     if tuple(data["segs"].shape) != tuple(shape):
-        raise CaseError(f"prediction {path} has shape {data['segs'].shape}, the case {tuple(shape)}")
+        raise CaseLoadError(f"prediction {path} has shape {data['segs'].shape}, the case {tuple(shape)}")
     return dict(unpack_labels(data, "segs"))
 
 
@@ -387,7 +386,7 @@ def study_case(
     if config.predictions:
         try:
             saved = load_predictions(Path(config.predictions), loaded.dataset, loaded.name, volume.shape)
-        except CaseError as exc:
+        except CaseLoadError as exc:
             row = _base_row(config, loaded.dataset, loaded.name, "")
             row.update(status="skipped", reason=str(exc))
             return [row]
@@ -479,7 +478,7 @@ def run_study(
     src, out = Path(src), Path(out)
     regex = re.compile(config.roi_pattern) if config.roi_pattern else None
     if not config.predictions:
-        build_engine(config)  # fail before the first case when the model cannot be built
+        build_study_engine(config)  # fail before the first case when the model cannot be built
     out.mkdir(parents=True, exist_ok=True)
     found = scan(src, dataset_name=config.dataset_name, progress=progress)
     items: list[DicomCase | NpzCase] = [*found.cases, *found.npz]
@@ -496,7 +495,7 @@ def run_study(
             t0 = time.perf_counter()
             try:
                 loaded = _load(item, regex)
-            except CaseError as exc:
+            except CaseLoadError as exc:
                 row = _base_row(config, item.dataset, item.name, "")
                 row.update(status="skipped", reason=str(exc))
                 rows.append(row)
