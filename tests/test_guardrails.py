@@ -59,6 +59,7 @@ def test_layering_contracts_hold_on_the_tree(tmp_path):
     [
         ("inference/metrics.py", "import dicom_node.db", "dicom_node"),
         ("inference/geometry.py", "import rtstruct.reader", "rtstruct"),
+        ("inference/propagation.py", "import pydicom", "pydicom"),
         ("rtstruct/writer.py", "import pynetdicom", "pynetdicom"),
         ("rtstruct/reader.py", "import sqlite3", "sqlite3"),
     ],
