@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from inference.engine import DEFAULT_ENGINE, ENGINES
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -24,9 +26,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.dcm", help="result RTSTRUCT file to write")
     p.add_argument(
         "--engine",
-        choices=["classic", "sam2"],
-        default="classic",
-        help="classic: intensity-based, no weights (not SAM2); sam2: SAM2 checkpoint (default classic)",
+        choices=list(ENGINES),
+        default=DEFAULT_ENGINE,
+        help="; ".join(f"{e.name}: {e.label}" for e in ENGINES.values()) + f" (default {DEFAULT_ENGINE})",
     )
     p.add_argument(
         "--mode",

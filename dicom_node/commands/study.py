@@ -10,6 +10,8 @@ import re
 import sys
 from pathlib import Path
 
+from inference.engine import DEFAULT_ENGINE, ENGINES
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -27,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--report", action="store_true", help="combine earlier studies' cases.csv (PATHs) into -o OUT")
     p.add_argument("-o", "--out", help="output folder for --report")
     g = p.add_argument_group("model")
-    g.add_argument("--engine", choices=["classic", "sam2"], default="classic")
+    g.add_argument("--engine", choices=list(ENGINES), default=DEFAULT_ENGINE)
     g.add_argument("--checkpoint", help="SAM2 checkpoint file")
     g.add_argument("--model-cfg", help="SAM2 model config name")
     g.add_argument("--device", choices=["cpu", "cuda"], help="SAM2 device (default: cuda when present)")
