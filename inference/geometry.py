@@ -126,15 +126,6 @@ class Geometry:
             and np.allclose(self.direction, other.direction, atol=atol)
         )
 
-    def to_sitk_parameters(self) -> dict:
-        """Origin, spacing and direction in SimpleITK's (x, y, z) index order."""
-        return {
-            "origin": tuple(self.origin.tolist()),
-            "spacing": (self.spacing[2], self.spacing[1], self.spacing[0]),
-            # SimpleITK: row-major 3x3 whose *columns* are the x, y, z index axes.
-            "direction": tuple(self.direction[::-1].T.flatten().tolist()),
-        }
-
     def __repr__(self) -> str:
         return (
             f"Geometry(shape={self.shape}, spacing={tuple(round(s, 4) for s in self.spacing)}, "
