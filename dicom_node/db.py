@@ -151,6 +151,11 @@ class Database:
         conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     @property
+    def data_dir(self) -> Path:
+        """The folder of the database file, ``data_dir``: paths in the index are resolved against it."""
+        return self.path.parent
+
+    @property
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:

@@ -29,6 +29,7 @@ from dicom_node.db import Database
 from dicom_node.jobs import recover_on_start
 from dicom_node.logs import event, get_logger, load_secret
 from dicom_node.retention import run_retention
+from dicom_node.rows import CaseRow
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import Sender
 from dicom_node.store import Store
@@ -88,7 +89,7 @@ class Node:
         self.started = False
 
     # -- decisions -----------------------------------------------------------------------
-    def decide(self, case: dict, image_paths: list[Path], prompt_path: Path) -> Decision:
+    def decide(self, case: CaseRow, image_paths: list[Path], prompt_path: Path) -> Decision:
         return decide_with_rules(self.rules.current(), case, image_paths, prompt_path)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -240,7 +241,7 @@ class Node:
             self.stop()
 
 
-def decide_with_rules(ruleset, case: dict, image_paths: list[Path], prompt_path: Path) -> Decision:
+def decide_with_rules(ruleset, case: CaseRow, image_paths: list[Path], prompt_path: Path) -> Decision:
     """Evaluate the rules for a ready case (``ruleset`` None: the built-in default action)."""
     from dicom_node.rules import Action, RuleContext
 
@@ -251,9 +252,7 @@ def decide_with_rules(ruleset, case: dict, image_paths: list[Path], prompt_path:
             action.model_dump(mode="json"),
             ["no rules file: classic engine, no destinations"],
         )
-    ctx = RuleContext.from_files(
-        image_paths[:1], prompt_path, calling_aet=case.get("calling_aet"), called_aet=case.get("called_aet")
-    )
+    ctx = RuleContext.from_files(image_paths[:1], prompt_path, calling_aet=case.calling_aet, called_aet=case.called_aet)
     decision = ruleset.evaluate(ctx)
     return Decision(
         decision.rule.name if decision.rule is not None else None,

@@ -34,6 +34,7 @@ from pathlib import Path
 from dicom_node.db import Database
 from dicom_node.durable import fsync_dir
 from dicom_node.logs import event, get_logger, patient_ref
+from dicom_node.states import InstanceSource
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, InvalidUID, clean_uid, validate_uid
 
 __all__ = [
@@ -90,7 +91,7 @@ class InvalidInstance(StoreError):
 class Origin:
     """Where an instance came from (recorded in the index)."""
 
-    source: str = "dicom"  # dicom | watch | reconcile
+    source: InstanceSource = InstanceSource.DICOM
     assoc_id: str | None = None
     calling_aet: str | None = None
     called_aet: str | None = None
@@ -664,7 +665,7 @@ class Store:
                     continue
                 digest = _sha256(dataset) if header.modality not in IMAGE_MODALITIES else None
                 stored = StoredInstance(header, full, len(raw), digest, full.stat().st_mtime, False)
-                self._index(stored, Origin(source="reconcile", calling_aet=source_aet))
+                self._index(stored, Origin(source=InstanceSource.RECONCILE, calling_aet=source_aet))
                 counts["indexed"] += 1
         return counts
 
