@@ -26,7 +26,8 @@ A ready case gets its image list frozen, the rules decide what to do with it, an
 queued in the same transaction (:mod:`dicom_node.jobs`).
 
 States: :class:`~dicom_node.states.CaseState` (``waiting -> queued -> done | failed``);
-the images were chosen as :class:`~dicom_node.states.CaseMode` says.
+the images were chosen as :class:`~dicom_node.states.CaseMode` says. The prompt copy is
+recorded relative to ``data_dir`` (:func:`dicom_node.rows.index_path`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import Database
 from dicom_node.durable import publish
 from dicom_node.logs import event, get_logger
-from dicom_node.rows import CaseRow
+from dicom_node.rows import CaseRow, index_path
 from dicom_node.states import ACTIVE_CASE_STATES, CaseMode, CaseState
 from dicom_node.store import IMAGE_MODALITIES, Store
 from dicom_node.uids import is_valid_uid
@@ -203,7 +204,7 @@ class CaseAssembler:
                     CaseState.WAITING,
                     uid,
                     digest,
-                    str(prompt_path),
+                    index_path(prompt_path, self.db.data_dir),
                     inst["study_uid"],
                     inst["patient_ref"],
                     json.dumps(series),

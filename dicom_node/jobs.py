@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.db import Database
-from dicom_node.rows import CaseRow, DeliveryRow, JobRow, JobSummary, deliveries_of, get_case, get_job
+from dicom_node.rows import CaseRow, DeliveryRow, JobRow, JobSummary, deliveries_of, get_case, get_job, index_path
 from dicom_node.states import CaseState, DeliveryKind, DeliveryState, JobState
 
 __all__ = [
@@ -117,7 +117,10 @@ def complete_job(
     detail: dict[str, Any],
     deliveries: list[tuple[str, DeliveryKind]],
 ) -> bool:
-    """Mark the job done and create its delivery rows; False if the lease was lost."""
+    """Mark the job done and create its delivery rows; False if the lease was lost.
+
+    ``result_path`` (a file under ``data_dir``) is recorded relative to ``data_dir``.
+    """
     now = time.time()
     with db.tx() as c:
         n = c.execute(
@@ -128,7 +131,7 @@ def complete_job(
             (
                 JobState.DONE,
                 now,
-                str(result_path),
+                index_path(result_path, db.data_dir),
                 result_sop_uid,
                 result_series_uid,
                 engine,

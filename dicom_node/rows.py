@@ -7,20 +7,24 @@ sender, retention, the CLI) pass these instead of ``sqlite3.Row`` or ``dict``:
 database stores as text: states and other vocabularies become the enums of
 :mod:`dicom_node.states`, JSON columns are parsed, and file paths are resolved.
 
-**Paths in the index.** :func:`resolve_path` turns a stored path into the file it names:
-a relative one is under the configured ``data_dir``, an absolute one stays as it is.
-``instances.path`` is relative to ``<data_dir>/store`` and is resolved by
-:class:`dicom_node.store.Store`.
+**Paths in the index.** Files under ``data_dir`` (prompt copies, results) are recorded
+relative to ``data_dir`` (schema 2, :mod:`dicom_node.migrations`), so that ``data_dir`` can
+be moved; :func:`index_path` makes the stored form and :func:`resolve_path` turns it back
+into a path under the configured ``data_dir``. A stored absolute path (outside
+``data_dir``; should not happen) stays as it is. ``instances.path`` is relative to
+``<data_dir>/store`` and is resolved by :class:`dicom_node.store.Store`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.logs import event, get_logger
 from dicom_node.states import CaseMode, CaseState, DeliveryKind, DeliveryState, InstanceSource, JobState
 
 if TYPE_CHECKING:
@@ -31,6 +35,7 @@ __all__ = [
     "JobRow",
     "DeliveryRow",
     "JobSummary",
+    "index_path",
     "resolve_path",
     "get_case",
     "get_job",
@@ -38,8 +43,33 @@ __all__ = [
     "deliveries_of",
 ]
 
+log = get_logger(__name__)
+
 #: the prefix of a folder delivery's ``sends.destination``
 FOLDER_PREFIX = "folder:"
+
+
+def index_path(path: Path | str, data_dir: Path) -> str:
+    """How a file under ``data_dir`` is recorded in the index: relative to ``data_dir``.
+
+    A relative ``path`` is taken as relative to ``data_dir`` already. An absolute path
+    outside ``data_dir`` is recorded as it is, with a warning (it cannot move with
+    ``data_dir``).
+    """
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    if p.is_relative_to(data_dir):
+        return p.relative_to(data_dir).as_posix()
+    event(
+        log,
+        "index_path_outside_data_dir",
+        level=logging.WARNING,
+        path=str(p),
+        data_dir=str(data_dir),
+        note="recorded as an absolute path; it will not follow a move of data_dir",
+    )
+    return str(p)
 
 
 def resolve_path(stored: str, data_dir: Path) -> Path:

@@ -39,8 +39,13 @@ def _config_option(parser) -> None:
 
 
 def open_db(args):
+    """The node's configuration and database, for every command that reads or changes the queue.
+
+    An older schema is migrated (unless a node is running on it), a newer one refused,
+    exactly as the node does at start.
+    """
     from dicom_node.config import ConfigError, load_config
-    from dicom_node.db import Database
+    from dicom_node.db import Database, SchemaError
 
     try:
         cfg = load_config(getattr(args, "config", None))
@@ -48,7 +53,10 @@ def open_db(args):
         raise CommandError(str(exc)) from None
     if not cfg.db_path.exists():
         raise CommandError(f"no node database at {cfg.db_path} (has the node run with this configuration?)")
-    return cfg, Database(cfg.db_path)
+    try:
+        return cfg, Database(cfg.db_path)
+    except SchemaError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _t(ts) -> str:

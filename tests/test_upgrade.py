@@ -1,0 +1,228 @@
+"""Schema versions and migrations: opening an older, the current and a newer database."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from node_helpers import CLI, wait_for, write_config
+
+from dicom_node import migrations
+from dicom_node.cli import main as cli_main
+from dicom_node.db import _SCHEMA, SCHEMA_VERSION, Database, SchemaError
+from dicom_node.migrations import NODE_LOCK, backup_path
+from dicom_node.rows import get_case, get_job
+from dicom_node.states import CaseState, DeliveryKind, DeliveryState
+
+
+# ======================================================================================
+# A schema 1 database, made by hand (the unit tests need no git)
+# ======================================================================================
+def make_v1(data_dir: Path, outside: Path | None = None) -> dict:
+    """A schema 1 database with one done case (prompt and result files, absolute paths).
+
+    Schema 1 has the same tables as schema 2 (migration 2 changes only data), so today's
+    DDL builds it. ``outside``: a second case whose prompt lies outside data_dir.
+    """
+    data_dir.mkdir(parents=True)
+    prompt = data_dir / "prompts" / "abc.dcm"
+    result = data_dir / "results" / "1" / "RS.1.2.3.dcm"
+    for path, text in ((prompt, "prompt"), (result, "result")):
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+    conn = sqlite3.connect(data_dir / "node.db", isolation_level=None)
+    conn.executescript(_SCHEMA)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    now = time.time()
+    for n, path in enumerate([prompt] + ([outside] if outside else []), start=1):
+        conn.execute(
+            """INSERT INTO cases (state, rtstruct_uid, rtstruct_sha256, prompt_path, n_refs, created_at,
+                   last_progress_at, ref_series_uids, mode, source) VALUES ('done', ?, ?, ?, 1, ?, ?, '["1.5"]',
+                   'references', 'dicom')""",
+            (f"1.2.{n}", f"h{n}", str(path), now, now),
+        )
+    conn.execute(
+        """INSERT INTO jobs (case_id, state, rule, action, explanation, created_at, result_path, result_sop_uid,
+               detail) VALUES (1, 'done', 'r', '{"engine": "classic", "destinations": []}', '["why"]', ?, ?,
+               '1.2.3', '{"rois": "GTV_AI"}')""",
+        (now, str(result)),
+    )
+    conn.close()
+    return {"db": data_dir / "node.db", "prompt": prompt, "result": result}
+
+
+def dump(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def version_of(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+# ======================================================================================
+# The machinery
+# ======================================================================================
+def test_a_new_database_has_the_current_schema(tmp_path):
+    db = Database(tmp_path / "node.db")
+    assert db.migration is None
+    assert db.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+    assert not list(tmp_path.glob("*.bak"))
+
+
+def test_schema_1_is_migrated_in_place_after_a_backup(tmp_path, caplog):
+    v1 = make_v1(tmp_path / "data", outside=Path("/srv/elsewhere/prompt.dcm"))
+    before = dump(v1["db"])
+    with caplog.at_level("WARNING", logger="dicom_node.migrations"):
+        db = Database(v1["db"])
+    report = db.migration
+    assert (report.from_version, report.to_version) == (1, 2)
+    assert report.counts == {"paths_made_relative": 2, "paths_kept_absolute": 1}
+    assert db.get_meta("schema_version") == "2"
+    rows = {r["id"]: r["prompt_path"] for r in db.query("SELECT id, prompt_path FROM cases")}
+    assert rows == {1: "prompts/abc.dcm", 2: "/srv/elsewhere/prompt.dcm"}  # outside data_dir: kept, with a warning
+    assert db.one("SELECT result_path FROM jobs")["result_path"] == "results/1/RS.1.2.3.dcm"
+    (warning,) = [r for r in caplog.records if r.getMessage() == "migration_path_outside_data_dir"]
+    assert warning.levelname == "WARNING" and warning.fields["path"] == "/srv/elsewhere/prompt.dcm"
+    # the backup is the schema 1 database as it was, one self-contained file
+    backup = report.backup
+    assert backup == backup_path(v1["db"], 1) == tmp_path / "data" / "node.db.v1.bak"
+    assert dump(backup) == before
+    assert not Path(f"{backup}-wal").exists() and not list(backup.parent.glob("*.tmp"))
+    # readers get paths under data_dir, decoded rows
+    case, job = get_case(db, 1), get_job(db, 1)
+    assert case.prompt_path == v1["prompt"] and case.prompt_path.read_text() == "prompt"
+    assert case.state == CaseState.DONE and case.ref_series_uids == ("1.5",)
+    assert job.result_path == v1["result"] and job.action["engine"] == "classic" and job.detail == {"rois": "GTV_AI"}
+
+
+def test_migrating_twice_is_a_no_op(tmp_path):
+    v1 = make_v1(tmp_path / "data")
+    Database(v1["db"]).close()
+    backup = backup_path(v1["db"], 1)
+    stamp, after = backup.stat().st_mtime_ns, dump(v1["db"])
+    db = Database(v1["db"])
+    assert db.migration is None and migrations.upgrade(db) is None
+    assert dump(v1["db"]) == after and backup.stat().st_mtime_ns == stamp
+
+
+def test_a_newer_schema_is_refused_by_the_node_and_the_cli(tmp_path, capsys):
+    config = write_config(tmp_path / "node")
+    data = tmp_path / "node" / "data"
+    Database(data / "node.db").close()
+    conn = sqlite3.connect(data / "node.db")
+    with conn:
+        conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    conn.close()
+    before = dump(data / "node.db")
+    expected = "this database was written by a newer release (schema 3); this release reads schema 2: upgrade the node"
+    with pytest.raises(SchemaError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        Database(data / "node.db")
+    out = subprocess.run([*CLI, "serve", "-c", str(config)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and expected in out.stderr, out.stderr
+    assert cli_main(["jobs", "-c", str(config), "list"]) == 2
+    assert expected in capsys.readouterr().err
+    assert dump(data / "node.db") == before
+
+
+def test_the_refusal_names_the_backup_of_this_release(tmp_path):
+    db_path = tmp_path / "node.db"
+    Database(db_path).close()
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    conn.close()
+    backup_path(db_path, 2).write_bytes(b"")  # what a newer release would leave before its migration
+    with pytest.raises(SchemaError, match=r"restore the backup .*node\.db\.v2\.bak.*remove node\.db-wal"):
+        Database(db_path)
+
+
+def test_a_failed_migration_leaves_the_database_untouched(tmp_path, monkeypatch):
+    v1 = make_v1(tmp_path / "data")
+    before = dump(v1["db"])
+
+    def broken(conn, data_dir):
+        migrations.paths_relative_to_data_dir(conn, data_dir)  # changes rows, then fails
+        conn.execute("UPDATE cases SET state = 'changed'")
+        raise RuntimeError("simulated failure in the middle of the step")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [broken])
+    with pytest.raises(SchemaError) as info:
+        Database(v1["db"])
+    message = str(info.value)
+    assert "migrating the database from schema 1 to 2 failed at the step 1 -> 2" in message
+    assert "simulated failure" in message and "unchanged (rolled back)" in message
+    assert dump(v1["db"]) == before  # rolled back: schema 1, absolute paths
+    assert dump(backup_path(v1["db"], 1)) == before
+    monkeypatch.undo()
+    assert Database(v1["db"]).migration is not None  # the real migration then succeeds
+
+
+def test_a_cli_does_not_migrate_under_a_running_node(tmp_path, capsys):
+    config = write_config(tmp_path / "node")
+    v1 = make_v1(tmp_path / "node" / "data")
+    lock = tmp_path / "node" / "data" / NODE_LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a node of the previous release is running
+        assert cli_main(["jobs", "-c", str(config), "list"]) == 2
+        err = capsys.readouterr().err
+        assert "is at schema 1 and this release needs schema 2, but a node" in err and "restart the service" in err
+        assert version_of(v1["db"]) == "1" and not backup_path(v1["db"], 1).exists()
+    finally:
+        os.close(fd)
+    assert cli_main(["jobs", "-c", str(config), "list", "--json"]) == 0  # no node: the CLI migrates
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "done"
+    assert version_of(v1["db"]) == "2" and backup_path(v1["db"], 1).exists()
+
+
+def test_a_data_dir_moved_after_the_migration_still_works(tmp_path):
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from dicom_node.audit import AuditLog
+    from dicom_node.config import config_from_data
+    from dicom_node.jobs import job_detail
+    from dicom_node.sender import Sender
+
+    v1 = make_v1(tmp_path / "old")
+    Database(v1["db"]).close()
+    moved = tmp_path / "bigger-disk" / "stardust"
+    shutil.copytree(tmp_path / "old", moved)
+    shutil.rmtree(tmp_path / "old")  # nothing may still point there
+    export = tmp_path / "export"
+    cfg = config_from_data({"access": {"calling_aets": ["X"]}, "data_dir": str(moved)})
+    db = Database(cfg.db_path)
+    detail = job_detail(db, 1)
+    assert detail.case.prompt_path == moved / "prompts" / "abc.dcm" and detail.case.prompt_path.read_text() == "prompt"
+    assert detail.job.result_path == moved / "results" / "1" / "RS.1.2.3.dcm" and detail.job.result_path.exists()
+    # the sender finds the result at its new place
+    with db.tx() as c:
+        c.execute(
+            "INSERT INTO sends (job_id, destination, kind, state, next_attempt_at) VALUES (1, ?, ?, ?, 0)",
+            (f"folder:{export}", DeliveryKind.FOLDER, DeliveryState.PENDING),
+        )
+    scheduler = BackgroundScheduler()
+    scheduler.start()
+    sender = Sender(cfg, db, AuditLog(moved / "audit.jsonl"), scheduler)
+    try:
+        sender.start()
+        wait_for(lambda: db.one("SELECT state FROM sends")["state"] == DeliveryState.SENT, 30, what="the export")
+    finally:
+        sender.stop()
+        scheduler.shutdown(wait=False)
+    assert (export / "RS.1.2.3.dcm").read_text() == "result"
