@@ -24,6 +24,10 @@ done, it is ignored (no duplicate result).
 
 A ready case gets its image list frozen, the rules decide what to do with it, and a job is
 queued in the same transaction (:mod:`dicom_node.jobs`).
+
+States: :class:`~dicom_node.states.CaseState` (``waiting -> queued -> done | failed``);
+the images were chosen as :class:`~dicom_node.states.CaseMode` says. The prompt copy is
+recorded relative to ``data_dir`` (:func:`dicom_node.rows.index_path`).
 """
 
 from __future__ import annotations
@@ -44,20 +48,21 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import Database
 from dicom_node.durable import publish
 from dicom_node.logs import event, get_logger
-from dicom_node.store import IMAGE_MODALITIES, Store
+from dicom_node.rows import CaseRow, index_path
+from dicom_node.states import ACTIVE_CASE_STATES, CaseMode, CaseState
+from dicom_node.store import Store
 from dicom_node.uids import is_valid_uid
+from rtstruct.headers import IMAGE_MODALITIES
 
-__all__ = ["CaseAssembler", "Decision", "RTSTRUCT_SOP_CLASS", "ACTIVE_CASE_STATES"]
+__all__ = ["CaseAssembler", "Routing"]
 
 log = get_logger(__name__)
 
-RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
-ACTIVE_CASE_STATES = ("waiting", "queued")
 _IMAGE_SQL = "(" + ",".join(f"'{m}'" for m in IMAGE_MODALITIES) + ")"
 
 
 @dataclass
-class Decision:
+class Routing:
     """What the rules decided for a ready case (``action`` None: not processed)."""
 
     rule: str | None
@@ -65,8 +70,8 @@ class Decision:
     explanation: list[str]
 
 
-#: decide(case_row, image_paths, prompt_path) -> Decision
-Decider = Callable[[dict, list[Path], Path], Decision]
+#: decide(case, image_paths, prompt_path) -> Routing
+Decider = Callable[[CaseRow, list[Path], Path], Routing]
 
 
 class CaseAssembler:
@@ -168,7 +173,7 @@ class CaseAssembler:
             "SELECT id, state, rtstruct_sha256 FROM cases WHERE rtstruct_uid = ? ORDER BY id", (uid,)
         )
         for prev in previous:
-            if prev["rtstruct_sha256"] == digest and prev["state"] in ("waiting", "queued", "done"):
+            if prev["rtstruct_sha256"] == digest and prev["state"] in (*ACTIVE_CASE_STATES, CaseState.DONE):
                 event(
                     log,
                     "prompt_resent_unchanged",
@@ -188,20 +193,18 @@ class CaseAssembler:
         now = time.time()
         with self.db.tx() as c:
             for prev in previous:
-                if prev["state"] == "waiting" and prev["rtstruct_sha256"] != digest:
-                    c.execute(
-                        "UPDATE cases SET state='failed', reason=?, finished_at=? WHERE id=? AND state='waiting'",
-                        ("superseded by a changed version of the same RTSTRUCT", now, prev["id"]),
-                    )
+                if prev["state"] == CaseState.WAITING and prev["rtstruct_sha256"] != digest:
+                    self._set_failed(c, prev["id"], "superseded by a changed version of the same RTSTRUCT", now)
             cur = c.execute(
                 """INSERT INTO cases (state, rtstruct_uid, rtstruct_sha256, prompt_path, study_uid, patient_ref,
                        ref_series_uids, frame_of_reference_uid, n_refs, source, calling_aet, called_aet,
                        created_at, last_progress_at)
-                   VALUES ('waiting', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
+                    CaseState.WAITING,
                     uid,
                     digest,
-                    str(prompt_path),
+                    index_path(prompt_path, self.db.data_dir),
                     inst["study_uid"],
                     inst["patient_ref"],
                     json.dumps(series),
@@ -220,7 +223,7 @@ class CaseAssembler:
                 [(case_id, u) for u in refs],
             )
         for prev in previous:
-            if prev["state"] == "waiting" and prev["rtstruct_sha256"] != digest:
+            if prev["state"] == CaseState.WAITING and prev["rtstruct_sha256"] != digest:
                 self.audit.write("case_failed", case=prev["id"], reason="superseded", by_case=case_id)
         event(
             log,
@@ -259,11 +262,11 @@ class CaseAssembler:
 
     # -- readiness -----------------------------------------------------------------------
     def evaluate_waiting(self, now: float | None = None) -> None:
-        for case in self.db.query("SELECT * FROM cases WHERE state = 'waiting' ORDER BY id"):
+        for row in self.db.query("SELECT * FROM cases WHERE state = ? ORDER BY id", (CaseState.WAITING,)):
             try:
-                self._evaluate(dict(case), now if now is not None else time.time())
+                self._evaluate(CaseRow.from_row(row, self.db.data_dir), now if now is not None else time.time())
             except Exception:
-                log.exception("cannot evaluate case %s", case["id"])
+                log.exception("cannot evaluate case %s", row["id"])
 
     def _images_of_series(self, series_uid: str) -> list:
         return self.db.query(
@@ -272,25 +275,23 @@ class CaseAssembler:
             (series_uid,),
         )
 
-    def _evaluate(self, case: dict, now: float) -> None:
-        cid = case["id"]
-        rt = self.db.one(
-            "SELECT received_at, assoc_id FROM instances WHERE sop_instance_uid = ?", (case["rtstruct_uid"],)
-        )
-        rt_piece = (rt["received_at"], rt["assoc_id"]) if rt else (case["created_at"], None)
+    def _evaluate(self, case: CaseRow, now: float) -> None:
+        cid = case.id
+        rt = self.db.one("SELECT received_at, assoc_id FROM instances WHERE sop_instance_uid = ?", (case.rtstruct_uid,))
+        rt_piece = (rt["received_at"], rt["assoc_id"]) if rt else (case.created_at, None)
         present = self.db.query(
             f"""SELECT i.sop_instance_uid, i.series_uid, i.received_at, i.assoc_id
                 FROM case_refs r JOIN instances i ON i.sop_instance_uid = r.sop_instance_uid
                 WHERE r.case_id = ? AND i.modality IN {_IMAGE_SQL}""",
             (cid,),
         )
-        n_refs = case["n_refs"]
-        mode = None
+        n_refs = case.n_refs
+        mode: CaseMode | None = None
         images: list = []
         pieces = [rt_piece]
         wait_for_quiet = self.cfg.cases.settle_seconds
         if n_refs and len(present) == n_refs:
-            mode = "references"
+            mode = CaseMode.REFERENCES
             series_uid = Counter(r["series_uid"] for r in present).most_common(1)[0][0]
             images = self._images_of_series(series_uid)
             pieces += [(r["received_at"], r["assoc_id"]) for r in present]
@@ -304,13 +305,15 @@ class CaseAssembler:
             pieces += [(r["received_at"], r["assoc_id"]) for r in present]
 
         last_time, last_assoc = max(pieces, key=lambda p: p[0])
-        progress = max(case["last_progress_at"], last_time)
-        if progress > case["last_progress_at"]:
-            self.db.execute("UPDATE cases SET last_progress_at = ? WHERE id = ? AND state = 'waiting'", (progress, cid))
+        progress = max(case.last_progress_at, last_time)
+        if progress > case.last_progress_at:
+            self.db.execute(
+                "UPDATE cases SET last_progress_at = ? WHERE id = ? AND state = ?", (progress, cid, CaseState.WAITING)
+            )
 
         if mode is not None and images:
             released = not self.is_open(last_assoc)
-            if mode == "references":
+            if mode == CaseMode.REFERENCES:
                 ready = released or now - last_time >= self.cfg.cases.settle_seconds
             else:  # fallback: the last association over *and* a quiet time
                 ready = released and now - last_time >= wait_for_quiet
@@ -329,44 +332,59 @@ class CaseAssembler:
             reason += f" after {self.cfg.cases.incomplete_timeout_seconds:g} s"
             self._fail(cid, reason, now)
 
-    def _fallback_series(self, case: dict) -> tuple[str | None, str | None]:
-        for series_uid in json.loads(case["ref_series_uids"] or "[]"):
+    def _fallback_series(self, case: CaseRow) -> tuple[str | None, CaseMode | None]:
+        for series_uid in case.ref_series_uids:
             if self._images_of_series(series_uid):
-                return series_uid, "series-fallback"
-        if case["frame_of_reference_uid"]:
+                return series_uid, CaseMode.SERIES_FALLBACK
+        if case.frame_of_reference_uid:
             rows = self.db.query(
                 f"""SELECT series_uid, count(*) AS n, max(received_at) AS last FROM instances
                     WHERE frame_of_reference_uid = ? AND modality IN {_IMAGE_SQL}
                     GROUP BY series_uid ORDER BY n DESC, last DESC""",
-                (case["frame_of_reference_uid"],),
+                (case.frame_of_reference_uid,),
             )
             if rows:
-                return rows[0]["series_uid"], "frame-of-reference-fallback"
+                return rows[0]["series_uid"], CaseMode.FRAME_OF_REFERENCE_FALLBACK
         return None, None
+
+    @staticmethod
+    def _set_failed(c, cid: int, reason: str, now: float) -> int:
+        """A waiting case fails (inside the caller's transaction); 1 if it was waiting."""
+        return c.execute(
+            "UPDATE cases SET state=?, reason=?, finished_at=? WHERE id=? AND state=?",
+            (CaseState.FAILED, reason, now, cid, CaseState.WAITING),
+        ).rowcount
 
     def _fail(self, cid: int, reason: str, now: float) -> None:
         with self.db.tx() as c:
-            changed = c.execute(
-                "UPDATE cases SET state='failed', reason=?, finished_at=? WHERE id=? AND state='waiting'",
-                (reason, now, cid),
-            ).rowcount
+            changed = self._set_failed(c, cid, reason, now)
         if changed:
             event(log, "case_failed", level=logging.WARNING, case=cid, reason=reason)
             self.audit.write("case_failed", case=cid, reason=reason)
 
-    def _make_ready(self, case: dict, mode: str, series_uid: str, images: list, now: float, last_time: float) -> None:
-        cid = case["id"]
+    def _make_ready(
+        self, case: CaseRow, mode: CaseMode, series_uid: str, images: list, now: float, last_time: float
+    ) -> None:
+        cid = case.id
         image_paths = [self.store.abspath(r["path"]) for r in images]
         try:
-            decision = self.decide(case, image_paths, Path(case["prompt_path"]))
+            decision = self.decide(case, image_paths, case.prompt_path)
         except Exception as exc:
             log.exception("rules evaluation failed for case %s", cid)
-            decision = Decision(None, None, [f"rules evaluation failed: {type(exc).__name__}: {exc}"])
+            decision = Routing(None, None, [f"rules evaluation failed: {type(exc).__name__}: {exc}"])
         with self.db.tx() as c:
             changed = c.execute(
                 """UPDATE cases SET state=?, mode=?, image_series_uid=?, n_images=?, ready_at=?
-                   WHERE id=? AND state='waiting'""",
-                ("queued" if decision.action is not None else "failed", mode, series_uid, len(images), now, cid),
+                   WHERE id=? AND state=?""",
+                (
+                    CaseState.QUEUED if decision.action is not None else CaseState.FAILED,
+                    mode,
+                    series_uid,
+                    len(images),
+                    now,
+                    cid,
+                    CaseState.WAITING,
+                ),
             ).rowcount
             if not changed:
                 return

@@ -8,6 +8,11 @@ Durability: ``synchronous=NORMAL`` in WAL mode keeps every committed transaction
 a process crash (``kill -9``); after a power loss the last transactions may be missing,
 which :meth:`dicom_node.store.Store.reconcile` repairs for the instance index from the
 fsync'ed files.
+
+The schema is versioned (``meta.schema_version``): opening a database of an older release
+migrates it, a newer one is refused (:mod:`dicom_node.migrations`). File paths in the index
+are relative to the folder of the database file, which is ``data_dir``
+(:attr:`Database.data_dir`, :mod:`dicom_node.rows`).
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Database", "SCHEMA_VERSION"]
+from dicom_node import migrations
+from dicom_node.migrations import NODE_LOCK, SCHEMA_VERSION, MigrationReport, SchemaError
 
-SCHEMA_VERSION = 1
+__all__ = ["Database", "SCHEMA_VERSION", "SchemaError", "NODE_LOCK"]
+
+# The current schema (new databases); an older one is migrated (dicom_node.migrations).
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -64,7 +72,7 @@ CREATE TABLE IF NOT EXISTS cases (
     reason TEXT,
     rtstruct_uid TEXT NOT NULL,
     rtstruct_sha256 TEXT NOT NULL,
-    prompt_path TEXT NOT NULL,       -- frozen copy (hard link) of the prompt RTSTRUCT
+    prompt_path TEXT NOT NULL,       -- frozen copy (hard link) of the prompt RTSTRUCT, relative to data_dir
     study_uid TEXT,
     patient_ref TEXT,
     ref_series_uids TEXT,            -- JSON list
@@ -112,7 +120,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     error TEXT,
-    result_path TEXT,
+    result_path TEXT,                -- relative to data_dir
     result_sop_uid TEXT,
     result_series_uid TEXT,
     engine TEXT,
@@ -139,16 +147,42 @@ CREATE INDEX IF NOT EXISTS sends_due ON sends(state, next_attempt_at);
 
 
 class Database:
-    """Thread-local SQLite connections to one database file."""
+    """Thread-local SQLite connections to one database file.
 
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+    Opening it creates the schema in an empty file, migrates an older schema in place or
+    refuses a newer one (:class:`SchemaError`; :func:`dicom_node.migrations.upgrade`).
+    ``holds_node_lock``: the caller holds ``data_dir/node.lock`` (``dicom-node serve``);
+    anyone else migrates only when no node is running there. :attr:`migration` tells what
+    was migrated (None: nothing).
+    """
+
+    def __init__(self, path: Path, timeout: float = 30.0, *, holds_node_lock: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
         self._local = threading.local()
-        conn = self.conn
-        conn.executescript(_SCHEMA)
-        conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        self.migration: MigrationReport | None = None
+        try:
+            if migrations.read_version(self.conn) is None:
+                self._create()
+            else:
+                self.migration = migrations.upgrade(self, holds_node_lock=holds_node_lock)
+        except BaseException:
+            self.close()
+            raise
+
+    def _create(self) -> None:
+        """The current schema in an empty file, with its version, in one transaction."""
+        self.conn.executescript(
+            "BEGIN IMMEDIATE;\n"
+            + _SCHEMA
+            + f"INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');\nCOMMIT;"
+        )
+
+    @property
+    def data_dir(self) -> Path:
+        """The folder of the database file, ``data_dir``: paths in the index are relative to it."""
+        return self.path.parent
 
     @property
     def conn(self) -> sqlite3.Connection:

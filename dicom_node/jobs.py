@@ -12,6 +12,10 @@ and creates one ``sends`` row per destination (DICOM node or export folder). The
 marks each row ``sent`` once the peer answered Success, so a restart never sends a result
 again; rows that fail are retried with capped exponential backoff and end ``dead`` after
 ``send.max_attempts`` (``dicom-node resend JOB`` revives them).
+
+The states are :class:`~dicom_node.states.JobState` and
+:class:`~dicom_node.states.DeliveryState`; rows come back as the types of
+:mod:`dicom_node.rows`.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ import json
 import socket
 import sqlite3
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dicom_node.db import Database
+from dicom_node.rows import CaseRow, DeliveryRow, JobRow, JobSummary, deliveries_of, get_case, get_job, index_path
+from dicom_node.states import CaseState, DeliveryKind, DeliveryState, JobState
 
 __all__ = [
     "create_job",
@@ -37,8 +45,11 @@ __all__ = [
     "resend_job",
     "job_detail",
     "list_jobs",
+    "running_owners",
+    "has_pending_jobs",
     "backoff_seconds",
     "JobError",
+    "JobDetail",
 ]
 
 
@@ -61,34 +72,34 @@ def create_job(
     """Insert a pending job for ``case_id`` inside the caller's transaction."""
     cur = c.execute(
         """INSERT INTO jobs (case_id, state, rule, action, explanation, created_at)
-           VALUES (?, 'pending', ?, ?, ?, ?)""",
-        (case_id, rule, json.dumps(action), json.dumps(explanation), now or time.time()),
+           VALUES (?, ?, ?, ?, ?, ?)""",
+        (case_id, JobState.PENDING, rule, json.dumps(action), json.dumps(explanation), now or time.time()),
     )
     return int(cur.lastrowid)
 
 
-def claim_job(db: Database, owner: str, lease_seconds: float) -> dict | None:
+def claim_job(db: Database, owner: str, lease_seconds: float) -> JobRow | None:
     """Atomically take the oldest pending job (running, attempts+1, leased to ``owner``)."""
     now = time.time()
     with db.tx() as c:
-        row = c.execute("SELECT id FROM jobs WHERE state = 'pending' ORDER BY id LIMIT 1").fetchone()
+        row = c.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (JobState.PENDING,)).fetchone()
         if row is None:
             return None
         c.execute(
-            """UPDATE jobs SET state='running', attempts=attempts+1, lease_owner=?, lease_expires=?,
-                   started_at=?, error=NULL WHERE id=? AND state='pending'""",
-            (owner, now + lease_seconds, now, row["id"]),
+            """UPDATE jobs SET state=?, attempts=attempts+1, lease_owner=?, lease_expires=?,
+                   started_at=?, error=NULL WHERE id=? AND state=?""",
+            (JobState.RUNNING, owner, now + lease_seconds, now, row["id"], JobState.PENDING),
         )
         job = c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-    return dict(job)
+    return JobRow.from_row(job, db.data_dir)
 
 
 def renew_lease(db: Database, job_id: int, owner: str, lease_seconds: float) -> bool:
     """Extend the lease; False when the job is no longer ours (it was handed to another worker)."""
     with db.tx() as c:
         n = c.execute(
-            "UPDATE jobs SET lease_expires=? WHERE id=? AND state='running' AND lease_owner=?",
-            (time.time() + lease_seconds, job_id, owner),
+            "UPDATE jobs SET lease_expires=? WHERE id=? AND state=? AND lease_owner=?",
+            (time.time() + lease_seconds, job_id, JobState.RUNNING, owner),
         ).rowcount
     return n == 1
 
@@ -98,31 +109,36 @@ def complete_job(
     job_id: int,
     owner: str,
     *,
-    result_path: str,
+    result_path: Path | str,
     result_sop_uid: str,
     result_series_uid: str,
     engine: str,
     inference_seconds: float,
     detail: dict[str, Any],
-    deliveries: list[tuple[str, str]],
+    deliveries: list[tuple[str, DeliveryKind]],
 ) -> bool:
-    """Mark the job done and create its delivery rows; False if the lease was lost."""
+    """Mark the job done and create its delivery rows; False if the lease was lost.
+
+    ``result_path`` (a file under ``data_dir``) is recorded relative to ``data_dir``.
+    """
     now = time.time()
     with db.tx() as c:
         n = c.execute(
-            """UPDATE jobs SET state='done', finished_at=?, lease_owner=NULL, lease_expires=NULL,
+            """UPDATE jobs SET state=?, finished_at=?, lease_owner=NULL, lease_expires=NULL,
                    result_path=?, result_sop_uid=?, result_series_uid=?, engine=?, inference_seconds=?,
                    detail=?, error=NULL
-               WHERE id=? AND state='running' AND lease_owner=?""",
+               WHERE id=? AND state=? AND lease_owner=?""",
             (
+                JobState.DONE,
                 now,
-                result_path,
+                index_path(result_path, db.data_dir),
                 result_sop_uid,
                 result_series_uid,
                 engine,
                 inference_seconds,
                 json.dumps(detail),
                 job_id,
+                JobState.RUNNING,
                 owner,
             ),
         ).rowcount
@@ -131,84 +147,105 @@ def complete_job(
         for destination, kind in deliveries:
             c.execute(
                 """INSERT OR IGNORE INTO sends (job_id, destination, kind, state, next_attempt_at)
-                   VALUES (?, ?, ?, 'pending', ?)""",
-                (job_id, destination, kind, now),
+                   VALUES (?, ?, ?, ?, ?)""",
+                (job_id, destination, DeliveryKind(kind), DeliveryState.PENDING, now),
             )
         c.execute(
-            "UPDATE cases SET state='done', finished_at=? WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
-            (now, job_id),
+            "UPDATE cases SET state=?, finished_at=? WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
+            (CaseState.DONE, now, job_id),
         )
     return True
 
 
-def fail_job(db: Database, job_id: int, owner: str, error: str, retryable: bool, max_attempts: int) -> str:
-    """Record a failure: back to ``pending`` (retryable, attempts left) or ``failed``; the new state."""
+def _fail_case_of_job(c: sqlite3.Connection, job_id: int, reason: str, now: float) -> None:
+    c.execute(
+        "UPDATE cases SET state=?, reason=?, finished_at=? WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
+        (CaseState.FAILED, reason, now, job_id),
+    )
+
+
+def fail_job(db: Database, job_id: int, owner: str, error: str, retryable: bool, max_attempts: int) -> JobState | None:
+    """Record a failure: back to ``pending`` (retryable, attempts left) or ``failed``.
+
+    Returns the job's state after the call (None: there is no such job); a job that is
+    not running under ``owner`` any more is left as it is.
+    """
     now = time.time()
     with db.tx() as c:
         job = c.execute("SELECT attempts, state, lease_owner FROM jobs WHERE id=?", (job_id,)).fetchone()
-        if job is None or job["state"] != "running" or job["lease_owner"] != owner:
-            return job["state"] if job else "unknown"
-        state = "pending" if retryable and job["attempts"] < max_attempts else "failed"
+        if job is None:
+            return None
+        if job["state"] != JobState.RUNNING or job["lease_owner"] != owner:
+            return JobState(job["state"])
+        state = JobState.PENDING if retryable and job["attempts"] < max_attempts else JobState.FAILED
         c.execute(
-            """UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL,
-                   finished_at=CASE WHEN ?='failed' THEN ? ELSE NULL END WHERE id=?""",
-            (state, error, state, now, job_id),
+            """UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, finished_at=? WHERE id=?""",
+            (state, error, now if state == JobState.FAILED else None, job_id),
         )
-        if state == "failed":
-            c.execute(
-                "UPDATE cases SET state='failed', reason=?, finished_at=? WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
-                (error, now, job_id),
-            )
+        if state == JobState.FAILED:
+            _fail_case_of_job(c, job_id, error, now)
     return state
 
 
-def release_owner(db: Database, owner: str, why: str, max_attempts: int) -> list[tuple[int, str]]:
+def release_owner(db: Database, owner: str, why: str, max_attempts: int) -> list[tuple[int, JobState]]:
     """A worker is gone: its running jobs go back to pending (or fail after max attempts)."""
     out = []
     now = time.time()
     with db.tx() as c:
         for job in c.execute(
-            "SELECT id, attempts FROM jobs WHERE state='running' AND lease_owner=?", (owner,)
+            "SELECT id, attempts FROM jobs WHERE state=? AND lease_owner=?", (JobState.RUNNING, owner)
         ).fetchall():
             if job["attempts"] >= max_attempts:
                 error = f"{why}; gave up after {job['attempts']} attempts"
                 c.execute(
-                    "UPDATE jobs SET state='failed', error=?, lease_owner=NULL, lease_expires=NULL, "
-                    "finished_at=? WHERE id=?",
-                    (error, now, job["id"]),
+                    "UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, finished_at=? WHERE id=?",
+                    (JobState.FAILED, error, now, job["id"]),
                 )
-                c.execute(
-                    "UPDATE cases SET state='failed', reason=?, finished_at=? "
-                    "WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
-                    (error, now, job["id"]),
-                )
-                out.append((job["id"], "failed"))
+                _fail_case_of_job(c, job["id"], error, now)
+                out.append((job["id"], JobState.FAILED))
             else:
                 c.execute(
-                    "UPDATE jobs SET state='pending', error=?, lease_owner=NULL, lease_expires=NULL WHERE id=?",
-                    (why, job["id"]),
+                    "UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL WHERE id=?",
+                    (JobState.PENDING, why, job["id"]),
                 )
-                out.append((job["id"], "pending"))
+                out.append((job["id"], JobState.PENDING))
     return out
+
+
+def running_owners(db: Database, prefix: str = "") -> list[str]:
+    """Lease owners of running jobs whose name starts with ``prefix`` (SQL LIKE)."""
+    rows = db.query(
+        "SELECT DISTINCT lease_owner FROM jobs WHERE state=? AND lease_owner LIKE ?", (JobState.RUNNING, prefix + "%")
+    )
+    return [r["lease_owner"] for r in rows if r["lease_owner"]]
+
+
+def has_pending_jobs(db: Database) -> bool:
+    return db.one("SELECT 1 FROM jobs WHERE state=? LIMIT 1", (JobState.PENDING,)) is not None
 
 
 def expired_owners(db: Database, now: float | None = None) -> list[str]:
     """Owners of running jobs whose lease has expired (a hung worker)."""
     now = now or time.time()
-    rows = db.query("SELECT DISTINCT lease_owner FROM jobs WHERE state='running' AND lease_expires < ?", (now,))
+    rows = db.query(
+        "SELECT DISTINCT lease_owner FROM jobs WHERE state=? AND lease_expires < ?", (JobState.RUNNING, now)
+    )
     return [r["lease_owner"] for r in rows if r["lease_owner"]]
 
 
 def recover_on_start(db: Database, max_attempts: int) -> dict[str, int]:
     """At node start no worker is alive: running jobs return to pending, 'sending' rows to pending."""
     counts = {"jobs_requeued": 0, "jobs_failed": 0, "sends_requeued": 0}
-    owners = [r["lease_owner"] for r in db.query("SELECT DISTINCT lease_owner FROM jobs WHERE state='running'")]
+    owners = [
+        r["lease_owner"] for r in db.query("SELECT DISTINCT lease_owner FROM jobs WHERE state=?", (JobState.RUNNING,))
+    ]
     for owner in owners:
         for _job, state in release_owner(db, owner, "the node stopped while this job was running", max_attempts):
-            counts["jobs_requeued" if state == "pending" else "jobs_failed"] += 1
+            counts["jobs_requeued" if state == JobState.PENDING else "jobs_failed"] += 1
     with db.tx() as c:
         counts["sends_requeued"] = c.execute(
-            "UPDATE sends SET state='pending', next_attempt_at=? WHERE state='sending'", (time.time(),)
+            "UPDATE sends SET state=?, next_attempt_at=? WHERE state=?",
+            (DeliveryState.PENDING, time.time(), DeliveryState.SENDING),
         ).rowcount
     return counts
 
@@ -219,14 +256,15 @@ def retry_job(db: Database, job_id: int) -> None:
         job = c.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
         if job is None:
             raise JobError(f"no job {job_id}")
-        if job["state"] != "failed":
-            hint = " (use 'dicom-node resend' to deliver its result again)" if job["state"] == "done" else ""
+        if job["state"] != JobState.FAILED:
+            hint = " (use 'dicom-node resend' to deliver its result again)" if job["state"] == JobState.DONE else ""
             raise JobError(f"job {job_id} is {job['state']}; only failed jobs can be retried{hint}")
-        c.execute("UPDATE jobs SET state='pending', attempts=0, error=NULL, finished_at=NULL WHERE id=?", (job_id,))
         c.execute(
-            "UPDATE cases SET state='queued', reason=NULL, finished_at=NULL "
-            "WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
-            (job_id,),
+            "UPDATE jobs SET state=?, attempts=0, error=NULL, finished_at=NULL WHERE id=?", (JobState.PENDING, job_id)
+        )
+        c.execute(
+            "UPDATE cases SET state=?, reason=NULL, finished_at=NULL WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
+            (CaseState.QUEUED, job_id),
         )
 
 
@@ -236,7 +274,7 @@ def resend_job(db: Database, job_id: int, destination: str | None = None) -> int
         job = c.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
         if job is None:
             raise JobError(f"no job {job_id}")
-        if job["state"] != "done":
+        if job["state"] != JobState.DONE:
             raise JobError(f"job {job_id} is {job['state']}: it has no result to send")
         rows = c.execute("SELECT id, destination, state FROM sends WHERE job_id=?", (job_id,)).fetchall()
         if destination is not None:
@@ -245,13 +283,13 @@ def resend_job(db: Database, job_id: int, destination: str | None = None) -> int
                 raise JobError(f"job {job_id} has no delivery to {destination!r}")
         if not rows:
             raise JobError(f"job {job_id} has no destinations (its rule names none)")
-        busy = [r["destination"] for r in rows if r["state"] == "sending"]
+        busy = [r["destination"] for r in rows if r["state"] == DeliveryState.SENDING]
         if busy:
             raise JobError(f"job {job_id} is being sent to {', '.join(busy)} right now; try again in a moment")
         for r in rows:
             c.execute(
-                "UPDATE sends SET state='pending', attempts=0, next_attempt_at=?, last_error=NULL WHERE id=?",
-                (time.time(), r["id"]),
+                "UPDATE sends SET state=?, attempts=0, next_attempt_at=?, last_error=NULL WHERE id=?",
+                (DeliveryState.PENDING, time.time(), r["id"]),
             )
     return len(rows)
 
@@ -261,7 +299,7 @@ def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
     return min(maximum, initial * (2 ** max(0, attempt - 1)))
 
 
-def list_jobs(db: Database, limit: int = 50, state: str | None = None) -> list[dict]:
+def list_jobs(db: Database, limit: int = 50, state: JobState | str | None = None) -> list[JobSummary]:
     sql = """SELECT j.id, j.case_id, j.state, j.rule, j.attempts, j.created_at, j.started_at, j.finished_at,
                     j.error, j.engine, j.inference_seconds, c.patient_ref, c.n_images, c.mode,
                     (SELECT group_concat(s.destination || '=' || s.state, ', ') FROM sends s WHERE s.job_id=j.id)
@@ -270,22 +308,25 @@ def list_jobs(db: Database, limit: int = 50, state: str | None = None) -> list[d
     params: tuple = ()
     if state:
         sql += " WHERE j.state = ?"
-        params = (state,)
+        params = (JobState(state),)
     sql += " ORDER BY j.id DESC LIMIT ?"
-    return [dict(r) for r in db.query(sql, params + (limit,))]
+    return [JobSummary.from_row(r) for r in db.query(sql, params + (limit,))]
 
 
-def job_detail(db: Database, job_id: int) -> dict:
-    job = db.one("SELECT * FROM jobs WHERE id=?", (job_id,))
+@dataclass(frozen=True)
+class JobDetail:
+    """A job with its case and its deliveries (``dicom-node jobs show``)."""
+
+    job: JobRow
+    case: CaseRow
+    sends: list[DeliveryRow]
+
+
+def job_detail(db: Database, job_id: int) -> JobDetail:
+    job = get_job(db, job_id)
     if job is None:
         raise JobError(f"no job {job_id}")
-    out = dict(job)
-    out["case"] = dict(db.one("SELECT * FROM cases WHERE id=?", (job["case_id"],)))
-    out["sends"] = [dict(r) for r in db.query("SELECT * FROM sends WHERE job_id=? ORDER BY id", (job_id,))]
-    for key in ("action", "explanation", "detail"):
-        if out.get(key):
-            try:
-                out[key] = json.loads(out[key])
-            except ValueError:
-                pass
-    return out
+    case = get_case(db, job.case_id)
+    if case is None:  # jobs.case_id references cases(id); only a damaged database gets here
+        raise JobError(f"job {job_id} refers to case {job.case_id}, which is not in the database")
+    return JobDetail(job, case, deliveries_of(db, job_id))

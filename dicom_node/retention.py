@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
 from dicom_node.logs import event, get_logger
+from dicom_node.rows import resolve_path
+from dicom_node.states import ACTIVE_CASE_STATES, OPEN_DELIVERY_STATES, JobState
 from dicom_node.store import Store
 
 __all__ = ["run_retention"]
@@ -32,10 +33,10 @@ _PROTECTED_INSTANCES = """
 SELECT i.sop_instance_uid FROM instances i
 WHERE i.received_at < :cutoff
   AND NOT EXISTS (SELECT 1 FROM case_refs r JOIN cases c ON c.id = r.case_id
-                  WHERE r.sop_instance_uid = i.sop_instance_uid AND c.state IN ('waiting', 'queued'))
+                  WHERE r.sop_instance_uid = i.sop_instance_uid AND c.state IN (:active1, :active2))
   AND NOT EXISTS (SELECT 1 FROM case_images ci JOIN cases c ON c.id = ci.case_id
-                  WHERE ci.sop_instance_uid = i.sop_instance_uid AND c.state IN ('waiting', 'queued'))
-  AND NOT EXISTS (SELECT 1 FROM cases c WHERE c.state IN ('waiting', 'queued') AND (
+                  WHERE ci.sop_instance_uid = i.sop_instance_uid AND c.state IN (:active1, :active2))
+  AND NOT EXISTS (SELECT 1 FROM cases c WHERE c.state IN (:active1, :active2) AND (
                       c.rtstruct_uid = i.sop_instance_uid
                       OR c.image_series_uid = i.series_uid
                       OR (c.frame_of_reference_uid IS NOT NULL AND c.frame_of_reference_uid = i.frame_of_reference_uid)
@@ -48,27 +49,31 @@ def run_retention(
 ) -> dict[str, int]:
     now = now if now is not None else time.time()
     cutoff = now - cfg.storage.retention_days * 86400
-    uids = [r["sop_instance_uid"] for r in db.query(_PROTECTED_INSTANCES, {"cutoff": cutoff})]
+    active = dict(zip(("active1", "active2"), ACTIVE_CASE_STATES, strict=True))
+    uids = [r["sop_instance_uid"] for r in db.query(_PROTECTED_INSTANCES, {"cutoff": cutoff, **active})]
     counts = {"instances": store.delete_instances(uids), "results": 0, "prompts": 0, "arrivals": 0}
 
     # results: job finished before the cutoff and no delivery still pending/sending
     for job in db.query(
         """SELECT j.id, j.result_path FROM jobs j
-           WHERE j.state = 'done' AND j.finished_at < ? AND j.result_path IS NOT NULL
-             AND NOT EXISTS (SELECT 1 FROM sends s WHERE s.job_id = j.id AND s.state IN ('pending', 'sending'))""",
-        (cutoff,),
+           WHERE j.state = ? AND j.finished_at < ? AND j.result_path IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM sends s WHERE s.job_id = j.id AND s.state IN (?, ?))""",
+        (JobState.DONE, cutoff, *OPEN_DELIVERY_STATES),
     ):
-        folder = Path(job["result_path"]).parent
+        folder = resolve_path(job["result_path"], db.data_dir).parent
         if folder.exists() and cfg.results_dir in folder.parents:
             shutil.rmtree(folder, ignore_errors=True)
             counts["results"] += 1
 
     # prompt copies of finished cases
-    keep = {r["prompt_path"] for r in db.query("SELECT prompt_path FROM cases WHERE state IN ('waiting', 'queued')")}
+    keep = {
+        resolve_path(r["prompt_path"], db.data_dir)
+        for r in db.query("SELECT prompt_path FROM cases WHERE state IN (?, ?)", ACTIVE_CASE_STATES)
+    }
     prompts_dir = cfg.data_dir / "prompts"
     if prompts_dir.exists():
         for path in prompts_dir.glob("*.dcm"):
-            if str(path) not in keep and path.stat().st_mtime < cutoff:
+            if path not in keep and path.stat().st_mtime < cutoff:
                 path.unlink(missing_ok=True)
                 counts["prompts"] += 1
 

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeConfig, TlsServer
 from dicom_node.logs import event, get_logger
+from dicom_node.states import InstanceSource
 from dicom_node.store import Origin, Store, StoreError
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
@@ -285,7 +286,7 @@ class StorageSCP:
         data = req.DataSet.getbuffer() if hasattr(req.DataSet, "getbuffer") else req.DataSet
         try:
             origin = Origin(
-                source="dicom",
+                source=InstanceSource.DICOM,
                 assoc_id=info.id,
                 calling_aet=info.calling_aet,
                 called_aet=info.called_aet,

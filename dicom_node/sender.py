@@ -12,6 +12,10 @@ A row is marked ``sending`` before the attempt and ``sent`` right after the peer
 Success, so a restart never sends a result that was delivered (a crash in the middle of
 the C-STORE itself re-sends the same SOP Instance, which the peer treats as the same
 object).
+
+Rows are :class:`~dicom_node.rows.DeliveryRow` in the states of
+:class:`~dicom_node.states.DeliveryState`; the result file is the job's
+:attr:`~dicom_node.rows.JobRow.result_path`, resolved against ``data_dir``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Destination, NodeConfig, TlsClient
@@ -35,6 +41,8 @@ from dicom_node.db import Database
 from dicom_node.durable import publish
 from dicom_node.jobs import backoff_seconds
 from dicom_node.logs import event, get_logger
+from dicom_node.rows import DeliveryRow, JobRow, get_case, get_delivery, get_job
+from dicom_node.states import DeliveryKind, DeliveryState
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 __all__ = ["Sender", "c_store_files", "c_echo", "client_ssl_context", "export_file", "DeliveryError"]
@@ -79,7 +87,7 @@ def c_echo(
 ) -> int:
     """C-ECHO; returns the status (raises :class:`DeliveryError` when no association)."""
     ae = _requestor_ae(calling_aet, timeout)
-    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context(Verification)
     assoc = _associate(ae, host, port, called_aet, tls)
     if not assoc.is_established:
         raise DeliveryError(_assoc_failure(assoc, host, port, called_aet))
@@ -167,9 +175,9 @@ def c_store_files(
             results.append((path, None, f"not readable as DICOM: {type(exc).__name__}: {exc}"))
             continue
         sop_class = str(ds.get("SOPClassUID", ""))
-        ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1"))
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
         syntaxes = contexts.setdefault(sop_class, [])
-        for t in (ts, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"):
+        for t in (ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             if t not in syntaxes:
                 syntaxes.append(t)
         datasets.append((path, ds))
@@ -251,14 +259,15 @@ class Sender:
         with self._pump_lock:
             now = time.time()
             rows = self.db.query(
-                "SELECT id FROM sends WHERE state='pending' AND next_attempt_at <= ? ORDER BY id LIMIT 100", (now,)
+                "SELECT id FROM sends WHERE state=? AND next_attempt_at <= ? ORDER BY id LIMIT 100",
+                (DeliveryState.PENDING, now),
             )
             claimed = []
             for row in rows:
                 with self.db.tx() as c:
                     n = c.execute(
-                        "UPDATE sends SET state='sending', attempts=attempts+1 WHERE id=? AND state='pending'",
-                        (row["id"],),
+                        "UPDATE sends SET state=?, attempts=attempts+1 WHERE id=? AND state=?",
+                        (DeliveryState.SENDING, row["id"], DeliveryState.PENDING),
                     ).rowcount
                 if n:
                     claimed.append(row["id"])
@@ -270,49 +279,50 @@ class Sender:
         return len(claimed)
 
     def _deliver(self, send_id: int) -> None:
-        row = self.db.one(
-            """SELECT s.*, j.result_path, j.result_sop_uid, j.case_id, c.ready_at
-               FROM sends s JOIN jobs j ON j.id = s.job_id JOIN cases c ON c.id = j.case_id
-               WHERE s.id = ?""",
-            (send_id,),
-        )
-        if row is None:
+        row = get_delivery(self.db, send_id)
+        job = get_job(self.db, row.job_id) if row is not None else None
+        if row is None or job is None:
             return
         start = time.time()
         try:
-            if row["kind"] == "folder":
-                folder = Path(row["destination"].split(":", 1)[1])
-                where = export_file(Path(row["result_path"]), folder, Path(row["result_path"]).name)
+            if job.result_path is None:
+                raise DeliveryError(f"job {job.id} has no result file recorded")
+            if row.kind == DeliveryKind.FOLDER:
+                where = export_file(job.result_path, row.folder, job.result_path.name)
                 detail = str(where)
             else:
-                dest = self.cfg.destinations.get(row["destination"])
+                dest = self.cfg.destinations.get(row.destination)
                 if dest is None:
-                    raise DeliveryError(f"destination {row['destination']!r} is not defined in the configuration")
-                detail = self._c_store(dest, Path(row["result_path"]))
+                    raise DeliveryError(f"destination {row.destination!r} is not defined in the configuration")
+                detail = self._c_store(dest, job.result_path)
         except Exception as exc:
-            self._failed(row, exc)
+            self._failed(row, job, exc)
             return
         now = time.time()
         with self.db.tx() as c:
-            c.execute("UPDATE sends SET state='sent', sent_at=?, last_error=NULL WHERE id=?", (now, send_id))
+            c.execute(
+                "UPDATE sends SET state=?, sent_at=?, last_error=NULL WHERE id=?", (DeliveryState.SENT, now, send_id)
+            )
+        case = get_case(self.db, job.case_id)
+        ready_at = case.ready_at if case is not None else None
         event(
             log,
             "sent",
-            job=row["job_id"],
-            case=row["case_id"],
-            destination=row["destination"],
-            attempt=row["attempts"],
+            job=row.job_id,
+            case=job.case_id,
+            destination=row.destination,
+            attempt=row.attempts,
             seconds=f"{now - start:.3f}",
         )
         self.audit.write(
             "sent",
-            case=row["case_id"],
-            job=row["job_id"],
-            destination=row["destination"],
-            attempt=row["attempts"],
-            result=row["result_sop_uid"],
+            case=job.case_id,
+            job=row.job_id,
+            destination=row.destination,
+            attempt=row.attempts,
+            result=job.result_sop_uid,
             detail=detail,
-            since_ready=round(now - row["ready_at"], 3) if row["ready_at"] else None,
+            since_ready=round(now - ready_at, 3) if ready_at else None,
         )
 
     def _c_store(self, dest: Destination, path: Path) -> str:
@@ -334,27 +344,27 @@ class Sender:
             )
         return f"{dest.ae_title}@{dest.host}:{dest.port} status 0x{status:04X}"
 
-    def _failed(self, row, exc: Exception) -> None:
-        attempts = row["attempts"]
+    def _failed(self, row: DeliveryRow, job: JobRow, exc: Exception) -> None:
+        attempts = row.attempts
         reason = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
         if attempts >= self.cfg.send.max_attempts:
             with self.db.tx() as c:
-                c.execute("UPDATE sends SET state='dead', last_error=? WHERE id=?", (reason, row["id"]))
+                c.execute("UPDATE sends SET state=?, last_error=? WHERE id=?", (DeliveryState.DEAD, reason, row.id))
             event(
                 log,
                 "delivery_dead",
                 level=logging.ERROR,
-                job=row["job_id"],
-                destination=row["destination"],
+                job=row.job_id,
+                destination=row.destination,
                 attempts=attempts,
                 reason=reason,
-                hint=f"dicom-node resend {row['job_id']}",
+                hint=f"dicom-node resend {row.job_id}",
             )
             self.audit.write(
                 "delivery_failed",
-                case=row["case_id"],
-                job=row["job_id"],
-                destination=row["destination"],
+                case=job.case_id,
+                job=row.job_id,
+                destination=row.destination,
                 attempts=attempts,
                 reason=reason,
                 dead=True,
@@ -364,15 +374,15 @@ class Sender:
         next_at = time.time() + delay
         with self.db.tx() as c:
             c.execute(
-                "UPDATE sends SET state='pending', last_error=?, next_attempt_at=? WHERE id=?",
-                (reason, next_at, row["id"]),
+                "UPDATE sends SET state=?, last_error=?, next_attempt_at=? WHERE id=?",
+                (DeliveryState.PENDING, reason, next_at, row.id),
             )
         event(
             log,
             "delivery_retry",
             level=logging.WARNING,
-            job=row["job_id"],
-            destination=row["destination"],
+            job=row.job_id,
+            destination=row.destination,
             attempt=attempts,
             reason=reason,
             retry_in=f"{delay:g}s",

@@ -1,9 +1,10 @@
 """``dicom-node serve``: the node process, wiring every part together.
 
-Start order: lock the data directory (one node per data directory), open the database,
-reconcile the store with the index (after a crash or power loss), return interrupted jobs
-and deliveries to their queues, start the case assembler, the inference workers, the
-sender, the retention schedule, the watch folder, and last the DICOM listener. Stop order
+Start order: lock the data directory (one node per data directory), open the database
+(migrating an older schema, refusing a newer one: :mod:`dicom_node.migrations`), reconcile
+the store with the index (after a crash or power loss), return interrupted jobs and
+deliveries to their queues, start the case assembler, the inference workers, the sender,
+the retention schedule, the watch folder, and last the DICOM listener. Stop order
 is the reverse; SIGTERM and SIGINT stop the node cleanly (a job running in a worker is
 handed back and resumes at the next start).
 """
@@ -23,12 +24,13 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from dicom_node.audit import AuditLog
-from dicom_node.cases import CaseAssembler, Decision
+from dicom_node.cases import CaseAssembler, Routing
 from dicom_node.config import ConfigError, NodeConfig
-from dicom_node.db import Database
+from dicom_node.db import NODE_LOCK, Database, SchemaError
 from dicom_node.jobs import recover_on_start
 from dicom_node.logs import event, get_logger, load_secret
 from dicom_node.retention import run_retention
+from dicom_node.rows import CaseRow
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import Sender
 from dicom_node.store import Store
@@ -88,12 +90,12 @@ class Node:
         self.started = False
 
     # -- decisions -----------------------------------------------------------------------
-    def decide(self, case: dict, image_paths: list[Path], prompt_path: Path) -> Decision:
+    def decide(self, case: CaseRow, image_paths: list[Path], prompt_path: Path) -> Routing:
         return decide_with_rules(self.rules.current(), case, image_paths, prompt_path)
 
     # -- lifecycle -----------------------------------------------------------------------
     def _lock(self) -> None:
-        path = self.cfg.data_dir / "node.lock"
+        path = self.cfg.data_dir / NODE_LOCK
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -115,8 +117,21 @@ class Node:
         self._lock()
         t0 = time.time()
         self.secret = load_secret(cfg.data_dir)
-        self.db = Database(cfg.db_path)
+        try:
+            self.db = Database(cfg.db_path, holds_node_lock=True)
+        except SchemaError as exc:
+            raise NodeError(str(exc)) from None
         self.audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
+        if self.db.migration is not None:
+            m = self.db.migration
+            self.audit.write(
+                "schema_migrated",
+                from_version=m.from_version,
+                to_version=m.to_version,
+                backup=str(m.backup),
+                seconds=m.seconds,
+                **m.counts,
+            )
         self.store = Store(
             cfg.store_dir,
             self.db,
@@ -240,22 +255,20 @@ class Node:
             self.stop()
 
 
-def decide_with_rules(ruleset, case: dict, image_paths: list[Path], prompt_path: Path) -> Decision:
+def decide_with_rules(ruleset, case: CaseRow, image_paths: list[Path], prompt_path: Path) -> Routing:
     """Evaluate the rules for a ready case (``ruleset`` None: the built-in default action)."""
     from dicom_node.rules import Action, RuleContext
 
     if ruleset is None:
         action = Action(engine="classic")
-        return Decision(
+        return Routing(
             "built-in default (no rules file configured)",
             action.model_dump(mode="json"),
             ["no rules file: classic engine, no destinations"],
         )
-    ctx = RuleContext.from_files(
-        image_paths[:1], prompt_path, calling_aet=case.get("calling_aet"), called_aet=case.get("called_aet")
-    )
+    ctx = RuleContext.from_files(image_paths[:1], prompt_path, calling_aet=case.calling_aet, called_aet=case.called_aet)
     decision = ruleset.evaluate(ctx)
-    return Decision(
+    return Routing(
         decision.rule.name if decision.rule is not None else None,
         decision.action.model_dump(mode="json") if decision.action is not None else None,
         list(decision.explanation),

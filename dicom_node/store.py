@@ -43,6 +43,7 @@ from dicom_node.part10 import (
     read_part10,
     scan_dataset,
 )
+from dicom_node.states import InstanceSource
 from dicom_node.uids import clean_uid
 from rtstruct.headers import IMAGE_MODALITIES
 
@@ -64,7 +65,7 @@ log = get_logger(__name__)
 class Origin:
     """Where an instance came from (recorded in the index)."""
 
-    source: str = "dicom"  # dicom | watch | reconcile
+    source: InstanceSource = InstanceSource.DICOM
     assoc_id: str | None = None
     calling_aet: str | None = None
     called_aet: str | None = None
@@ -308,7 +309,7 @@ class Store:
                     continue
                 digest = _sha256(dataset) if header.modality not in IMAGE_MODALITIES else None
                 stored = StoredInstance(header, full, len(raw), digest, full.stat().st_mtime, False)
-                self._index(stored, Origin(source="reconcile", calling_aet=source_aet))
+                self._index(stored, Origin(source=InstanceSource.RECONCILE, calling_aet=source_aet))
                 counts["indexed"] += 1
         return counts
 

@@ -25,6 +25,7 @@ from watchdog.observers import Observer
 
 from dicom_node.config import NodeConfig
 from dicom_node.logs import event, get_logger
+from dicom_node.states import InstanceSource
 from dicom_node.store import Origin, OutOfSpace, Store, StoreError
 
 __all__ = ["WatchFolder"]
@@ -156,7 +157,9 @@ class WatchFolder:
     def _import(self, path: Path, st: os.stat_result) -> bool:
         rel = path.relative_to(self.root) if path.is_relative_to(self.root) else path
         try:
-            stored = self.store.import_file(path, Origin(source="watch", calling_aet=self.cfg.watch.calling_aet))
+            stored = self.store.import_file(
+                path, Origin(source=InstanceSource.WATCH, calling_aet=self.cfg.watch.calling_aet)
+            )
         except OutOfSpace as exc:
             event(log, "watch_deferred", level=logging.WARNING, file=str(rel), why=str(exc))
             with self._lock:  # try again later

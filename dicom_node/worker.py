@@ -21,7 +21,6 @@ Logs go to stderr (inherited).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import select
@@ -38,12 +37,28 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
 from dicom_node.durable import publish
-from dicom_node.jobs import claim_job, complete_job, fail_job, owner_name, release_owner, renew_lease
+from dicom_node.jobs import (
+    claim_job,
+    complete_job,
+    fail_job,
+    has_pending_jobs,
+    owner_name,
+    release_owner,
+    renew_lease,
+    running_owners,
+)
 from dicom_node.logs import event, get_logger
+from dicom_node.rows import CaseRow, JobRow, get_case
+from dicom_node.states import CaseMode, DeliveryKind, InstanceSource, JobState
 
 __all__ = ["WorkerSupervisor", "run_worker", "resolve_devices", "main", "PermanentJobError"]
 
 log = get_logger("dicom_node.worker")
+
+#: what run_job reports when the job was taken from this worker (its result is discarded)
+LOST = "lost"
+#: the words a worker writes to its stdout (``<word> <job id>``)
+_REPORTS = (JobState.DONE, JobState.FAILED, JobState.PENDING, LOST)
 
 
 class PermanentJobError(Exception):
@@ -139,48 +154,51 @@ class _LeaseKeeper(threading.Thread):
                 log.exception("lease renewal failed")
 
 
-def _deliveries(cfg: NodeConfig, action: dict, case: dict) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = [(name, "dicom") for name in action.get("destinations") or []]
+def _deliveries(cfg: NodeConfig, action: dict, case: CaseRow) -> list[tuple[str, DeliveryKind]]:
+    out: list[tuple[str, DeliveryKind]] = [(name, DeliveryKind.DICOM) for name in action.get("destinations") or []]
     folders = []
     if action.get("export_folder"):
         folders.append(str(action["export_folder"]))
-    if case.get("source") == "watch" and cfg.watch.export_dir is not None:
+    if case.source == InstanceSource.WATCH and cfg.watch.export_dir is not None:
         folders.append(str(cfg.watch.export_dir))
     for folder in dict.fromkeys(folders):
-        out.append((f"folder:{folder}", "folder"))
+        out.append((f"folder:{folder}", DeliveryKind.FOLDER))
     return out
 
 
-def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: str, device: str) -> str:
-    """Process one claimed job; returns its new state."""
-    job_id, case_id = job["id"], job["case_id"]
-    case = dict(db.one("SELECT * FROM cases WHERE id = ?", (case_id,)))
+def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner: str, device: str) -> str:
+    """Process one claimed job; returns its new state (a :class:`JobState`), or :data:`LOST`."""
+    job_id, case_id = job.id, job.case_id
+    case = get_case(db, case_id)
+    if case is None:  # jobs.case_id references cases(id); only a damaged database gets here
+        raise RuntimeError(f"job {job_id} refers to case {case_id}, which is not in the database")
     images = db.query(
         """SELECT i.path FROM case_images ci JOIN instances i ON i.sop_instance_uid = ci.sop_instance_uid
            WHERE ci.case_id = ?""",
         (case_id,),
     )
     image_paths = [cfg.store_dir / r["path"] for r in images]
-    action = json.loads(job["action"])
+    action = job.action
     keeper = _LeaseKeeper(db, job_id, owner, cfg.jobs.lease_seconds)
     keeper.start()
     start = time.time()
-    audit.write("inference_start", case=case_id, job=job_id, attempt=job["attempts"], worker=owner, device=device)
-    event(log, "inference_start", job=job_id, case=case_id, images=len(image_paths), attempt=job["attempts"])
+    audit.write("inference_start", case=case_id, job=job_id, attempt=job.attempts, worker=owner, device=device)
+    event(log, "inference_start", job=job_id, case=case_id, images=len(image_paths), attempt=job.attempts)
     try:
-        if len(image_paths) != case["n_images"]:
+        if len(image_paths) != case.n_images:
             raise PermanentJobError(
-                f"{case['n_images'] - len(image_paths)} of the case's {case['n_images']} images are no longer in the store"
+                f"{(case.n_images or 0) - len(image_paths)} of the case's {case.n_images} images are no longer "
+                "in the store"
             )
         from dicom_node.rules import Action
 
         ds, info = segment_for_job(
-            Path(case["prompt_path"]),
+            case.prompt_path,
             image_paths,
-            case["image_series_uid"],
+            case.image_series_uid,
             Action.model_validate(action),
             device,
-            allow_frame_of_reference_only=case["mode"] != "references",
+            allow_frame_of_reference_only=case.mode != CaseMode.REFERENCES,
         )
         result_path = cfg.results_dir / str(job_id) / f"RS.{ds.SOPInstanceUID}.dcm"
         _atomic_write_dataset(ds, result_path)
@@ -189,7 +207,7 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
         state = fail_job(db, job_id, owner, str(exc), retryable=False, max_attempts=cfg.jobs.max_attempts)
         event(log, "job_failed", level=logging.WARNING, job=job_id, case=case_id, reason=str(exc))
         audit.write("job_failed", case=case_id, job=job_id, reason=str(exc), state=state)
-        return state
+        return state or LOST
     except Exception as exc:
         keeper.stop_event.set()
         reason = f"{type(exc).__name__}: {exc}"
@@ -205,7 +223,7 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
         db,
         job_id,
         owner,
-        result_path=str(result_path),
+        result_path=result_path,
         result_sop_uid=str(ds.SOPInstanceUID),
         result_series_uid=str(ds.SeriesInstanceUID),
         engine=str(info.get("engine", action.get("engine"))),
@@ -222,7 +240,7 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
             note="another worker owns the job now; this result is discarded",
         )
         shutil.rmtree(result_path.parent, ignore_errors=True)
-        return "lost"
+        return LOST
     audit.write(
         "inference_end",
         case=case_id,
@@ -240,7 +258,7 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: dict, owner: st
         engine=info.get("engine"),
         rois=info.get("rois"),
     )
-    return "done"
+    return JobState.DONE
 
 
 def warm_up(cfg: NodeConfig, device: str) -> float:
@@ -316,7 +334,7 @@ def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str],
             continue
         state = run_job(cfg, db, audit, job, owner, device)
         if notify is not None:
-            notify(f"{state} {job['id']}")
+            notify(f"{state} {job.id}")
     event(log, "worker_stopped", worker=owner)
     return 0
 
@@ -432,8 +450,8 @@ class WorkerSupervisor:
         assert proc.stdout is not None
         for raw in proc.stdout:
             parts = raw.decode("utf-8", "replace").split()
-            if len(parts) == 2 and parts[0] in ("done", "failed", "pending", "lost"):
-                if parts[0] == "done" and self.on_done is not None:
+            if len(parts) == 2 and parts[0] in _REPORTS:
+                if parts[0] == JobState.DONE and self.on_done is not None:
                     try:
                         self.on_done(int(parts[1]))
                     except Exception:
@@ -477,24 +495,17 @@ class WorkerSupervisor:
                     self.audit.write("worker_died", worker=w.index, status=code, jobs=released)
                 if w.proc is None and not self._stop.is_set() and now >= w.next_start:
                     self._spawn(w)
-                    if self._pending_jobs():
+                    if has_pending_jobs(self.db):
                         self.wake()
             try:
                 self._check_leases(now)
             except Exception:
                 log.exception("lease check failed")
 
-    def _pending_jobs(self) -> bool:
-        return self.db.one("SELECT 1 FROM jobs WHERE state='pending' LIMIT 1") is not None
-
-    def _release(self, w: _WorkerHandle, why: str) -> list[tuple[int, str]]:
+    def _release(self, w: _WorkerHandle, why: str) -> list[tuple[int, JobState]]:
         out = []
-        owners = self.db.query(
-            "SELECT DISTINCT lease_owner FROM jobs WHERE state='running' AND lease_owner LIKE ?",
-            (w.owner_prefix + "%",),
-        )
-        for row in owners:
-            out += release_owner(self.db, row["lease_owner"], why, self.cfg.jobs.max_attempts)
+        for owner in running_owners(self.db, w.owner_prefix):
+            out += release_owner(self.db, owner, why, self.cfg.jobs.max_attempts)
         return out
 
     def _check_leases(self, now: float) -> None:

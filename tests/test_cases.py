@@ -185,7 +185,10 @@ def test_resent_prompt_unchanged_is_ignored_changed_makes_a_new_case(tmp_path, p
         cases[1]["rtstruct_uid"] == cases[0]["rtstruct_uid"]
         and cases[1]["rtstruct_sha256"] != cases[0]["rtstruct_sha256"]
     )
-    assert Path(cases[0]["prompt_path"]).read_bytes() != Path(cases[1]["prompt_path"]).read_bytes()
+    # each case has its own frozen prompt copy, recorded relative to data_dir
+    prompts = [h.cfg.data_dir / c["prompt_path"] for c in cases]
+    assert not any(Path(c["prompt_path"]).is_absolute() for c in cases)
+    assert prompts[0].read_bytes() != prompts[1].read_bytes()
 
 
 def test_stale_references_fall_back_to_the_series(tmp_path, phantoms):

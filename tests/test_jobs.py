@@ -48,7 +48,7 @@ def test_claim_is_exclusive_and_ordered(tmp_path):
             if job is None:
                 return
             with lock:
-                claimed.append(job["id"])
+                claimed.append(job.id)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
     for t in threads:
@@ -73,12 +73,12 @@ def test_lease_renewal_completion_and_lost_lease(tmp_path):
     db = make_db(tmp_path)
     add_case_and_job(db, {"destinations": ["tps"]})
     job = q.claim_job(db, "w1", 30)
-    assert q.renew_lease(db, job["id"], "w1", 30)
-    assert not q.renew_lease(db, job["id"], "w2", 30)
+    assert q.renew_lease(db, job.id, "w1", 30)
+    assert not q.renew_lease(db, job.id, "w2", 30)
     # the worker died: its job goes back to pending, another worker takes it
-    assert q.release_owner(db, "w1", "worker crashed", max_attempts=3) == [(job["id"], "pending")]
+    assert q.release_owner(db, "w1", "worker crashed", max_attempts=3) == [(job.id, "pending")]
     again = q.claim_job(db, "w2", 30)
-    assert again["id"] == job["id"] and again["attempts"] == 2
+    assert again.id == job.id and again.attempts == 2
     # the first worker's late completion is refused (it lost the lease)
     kw = dict(
         result_path="/r.dcm",
@@ -89,9 +89,9 @@ def test_lease_renewal_completion_and_lost_lease(tmp_path):
         detail={},
         deliveries=[("tps", "dicom")],
     )
-    assert not q.complete_job(db, job["id"], "w1", **kw)
-    assert q.complete_job(db, job["id"], "w2", **kw)
-    assert not q.complete_job(db, job["id"], "w2", **kw)  # once only
+    assert not q.complete_job(db, job.id, "w1", **kw)
+    assert q.complete_job(db, job.id, "w2", **kw)
+    assert not q.complete_job(db, job.id, "w2", **kw)  # once only
     sends = db.query("SELECT * FROM sends")
     assert len(sends) == 1 and sends[0]["destination"] == "tps" and sends[0]["state"] == "pending"
     assert db.one("SELECT state FROM cases")["state"] == "done"
@@ -102,7 +102,7 @@ def test_crash_loop_gives_up_after_max_attempts(tmp_path):
     jid = add_case_and_job(db)
     for attempt in range(1, 4):
         job = q.claim_job(db, f"w{attempt}", 30)
-        assert job["id"] == jid
+        assert job.id == jid
         state = q.release_owner(db, f"w{attempt}", "worker exited with status -9", max_attempts=3)
     assert state == [(jid, "failed")]
     row = db.one("SELECT state, error FROM jobs WHERE id=?", (jid,))
@@ -122,7 +122,7 @@ def test_recover_on_start(tmp_path):
         c.execute(
             "INSERT INTO sends (job_id, destination, kind, state, attempts, next_attempt_at) "
             "VALUES (?, 'tps', 'dicom', 'sending', 1, 0)",
-            (job["id"],),
+            (job.id,),
         )
     counts = q.recover_on_start(db, max_attempts=3)
     assert counts == {"jobs_requeued": 1, "jobs_failed": 0, "sends_requeued": 1}
@@ -179,7 +179,7 @@ class SenderHarness:
         ds = pydicom.dcmread(result)
         assert q.complete_job(
             self.db,
-            job["id"],
+            job.id,
             "w",
             result_path=str(result),
             result_sop_uid=ds.SOPInstanceUID,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 from dicom_node.cli import CommandError
+from dicom_node.states import JobState
 
 
 def register(sub) -> None:
@@ -14,7 +16,7 @@ def register(sub) -> None:
     jsub = p.add_subparsers(dest="jobs_command", metavar="ACTION")
     jsub.required = True
     ls = jsub.add_parser("list", help="recent jobs with their deliveries")
-    ls.add_argument("--state", choices=["pending", "running", "done", "failed"])
+    ls.add_argument("--state", choices=[s.value for s in JobState])
     ls.add_argument("-n", "--limit", type=int, default=30)
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=run_list)
@@ -37,8 +39,13 @@ def _config_option(parser) -> None:
 
 
 def open_db(args):
+    """The node's configuration and database, for every command that reads or changes the queue.
+
+    An older schema is migrated (unless a node is running on it), a newer one refused,
+    exactly as the node does at start.
+    """
     from dicom_node.config import ConfigError, load_config
-    from dicom_node.db import Database
+    from dicom_node.db import Database, SchemaError
 
     try:
         cfg = load_config(getattr(args, "config", None))
@@ -46,7 +53,10 @@ def open_db(args):
         raise CommandError(str(exc)) from None
     if not cfg.db_path.exists():
         raise CommandError(f"no node database at {cfg.db_path} (has the node run with this configuration?)")
-    return cfg, Database(cfg.db_path)
+    try:
+        return cfg, Database(cfg.db_path)
+    except SchemaError as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _t(ts) -> str:
@@ -59,20 +69,20 @@ def run_list(args) -> int:
     _cfg, db = open_db(args)
     rows = list_jobs(db, args.limit, args.state)
     if args.json:
-        print(json.dumps(rows, indent=1, default=str))
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=1, default=str))
         return 0
     if not rows:
         print("no jobs")
         return 0
     print(f"{'job':>5} {'case':>5} {'state':8} {'tries':>5} {'created':19} {'secs':>6} {'rule':18} deliveries / error")
     for r in rows:
-        secs = f"{r['inference_seconds']:.1f}" if r["inference_seconds"] else "-"
-        tail = r["deliveries"] or ""
-        if r["error"]:
-            tail = (tail + " | " if tail else "") + r["error"][:80]
+        secs = f"{r.inference_seconds:.1f}" if r.inference_seconds else "-"
+        tail = r.deliveries or ""
+        if r.error:
+            tail = (tail + " | " if tail else "") + r.error[:80]
         print(
-            f"{r['id']:>5} {r['case_id']:>5} {r['state']:8} {r['attempts']:>5} {_t(r['created_at']):19} "
-            f"{secs:>6} {str(r['rule'] or '-')[:18]:18} {tail}"
+            f"{r.id:>5} {r.case_id:>5} {r.state:8} {r.attempts:>5} {_t(r.created_at):19} "
+            f"{secs:>6} {str(r.rule or '-')[:18]:18} {tail}"
         )
     return 0
 
@@ -85,36 +95,35 @@ def run_show(args) -> int:
         d = job_detail(db, args.id)
     except JobError as exc:
         raise CommandError(str(exc)) from None
-    case = d["case"]
-    print(f"job {d['id']}: {d['state']} (attempts {d['attempts']})")
+    job, case = d.job, d.case
+    print(f"job {job.id}: {job.state} (attempts {job.attempts})")
     print(
-        f"  case {case['id']}: {case['state']}, patient {case['patient_ref']}, {case['n_images'] or 0} images "
-        f"({case['mode'] or '-'}), prompt RTSTRUCT {case['rtstruct_uid']}"
+        f"  case {case.id}: {case.state}, patient {case.patient_ref}, {case.n_images or 0} images "
+        f"({case.mode or '-'}), prompt RTSTRUCT {case.rtstruct_uid}"
     )
     print(
-        f"  from {case['calling_aet'] or '-'} via {case['source']}; created {_t(case['created_at'])}, "
-        f"ready {_t(case['ready_at'])}"
+        f"  from {case.calling_aet or '-'} via {case.source}; created {_t(case.created_at)}, ready {_t(case.ready_at)}"
     )
-    print(f"  rule: {d['rule'] or '-'}")
-    for line in d.get("explanation") or []:
+    print(f"  rule: {job.rule or '-'}")
+    for line in job.explanation:
         print(f"    {line}")
-    action = d.get("action") or {}
+    action = job.action
     print(
         f"  action: engine {action.get('engine')}, mode {action.get('mode')}, "
         f"destinations {', '.join(action.get('destinations') or []) or 'none'}"
     )
-    if d.get("error"):
-        print(f"  error: {d['error']}")
-    if d.get("result_path"):
+    if job.error:
+        print(f"  error: {job.error}")
+    if job.result_path is not None:
         print(
-            f"  result: {d['result_path']} (SOP {d['result_sop_uid']}), engine {d['engine']}, "
-            f"{d['inference_seconds']:.2f} s"
+            f"  result: {job.result_path} (SOP {job.result_sop_uid}), engine {job.engine}, "
+            f"{job.inference_seconds or 0:.2f} s"
         )
-    for s in d["sends"]:
-        extra = f", last error: {s['last_error']}" if s["last_error"] else ""
+    for s in d.sends:
+        extra = f", last error: {s.last_error}" if s.last_error else ""
         print(
-            f"  delivery {s['destination']}: {s['state']} after {s['attempts']} attempt(s)"
-            f"{', at ' + _t(s['sent_at']) if s['sent_at'] else ''}{extra}"
+            f"  delivery {s.destination}: {s.state} after {s.attempts} attempt(s)"
+            f"{', at ' + _t(s.sent_at) if s.sent_at else ''}{extra}"
         )
     return 0
 
