@@ -74,7 +74,7 @@ def get_engine(name: str, **config) -> Engine:
     """The process-wide engine for ``name`` and ``config`` (built on first use).
 
     ``config`` must be hashable values (paths as strings). Known names: ``classic``,
-    ``sam2``.
+    ``sam2``, ``litemedsam``.
     """
     key = (name, tuple(sorted(config.items())))
     with _engines_lock:
@@ -88,7 +88,11 @@ def get_engine(name: str, **config) -> Engine:
                 from inference.engines.sam2 import Sam2Engine
 
                 engine = Sam2Engine(**config)
+            elif name == "litemedsam":
+                from inference.engines.litemedsam import LiteMedSamEngine
+
+                engine = LiteMedSamEngine(**config)
             else:
-                raise ValueError(f"unknown engine {name!r} (known: classic, sam2)")
+                raise ValueError(f"unknown engine {name!r} (known: classic, sam2, litemedsam)")
             _engines[key] = engine
         return engine
