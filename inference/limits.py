@@ -31,10 +31,8 @@ class WalkLimits:
     max_extent_mm: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.margin_mm < 0 or self.min_area_mm2 < 0:
-            raise ValueError(f"margin_mm and min_area_mm2 must not be negative: {self}")
-        if not self.max_extent_mm > 0:
-            raise ValueError(f"max_extent_mm must be positive, got {self.max_extent_mm}")
+        if self.margin_mm < 0 or self.min_area_mm2 < 0 or self.max_extent_mm < 0:
+            raise ValueError(f"margin_mm, min_area_mm2 and max_extent_mm must not be negative: {self}")
         if not 0 <= self.min_area_fraction <= 1:
             raise ValueError(f"min_area_fraction must be within [0, 1], got {self.min_area_fraction}")
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""LiteMedSAM preprocessing choices against the truth, with a box from the truth on every slice.
+
+For every slice of the tumour the box is the bounding box of the ground truth on that slice
+(an *oracle*: what a perfect walk would hand the model), and the per-slice Dice of the mask
+against the truth is reported (median, mean and minimum over the slices) for each choice:
+
+* ``resize``: ``bilinear`` (no antialiasing), ``area`` (MedSAM's ``cv2.INTER_AREA``),
+  ``bilinear-antialias``;
+* ``box``: ``index`` (indices times the scale, MedSAM's), ``centre``, ``edge``
+  (:func:`inference.litemedsam.box_to_model`);
+* ``mask``: ``logits`` (upsample logits, threshold 0; MedSAM's), ``probabilities``,
+  ``low-res`` (:func:`inference.litemedsam.mask_from_logits`);
+* for CT also the window (default 40/400 against a lung window -600/1500).
+
+One choice is varied at a time from the default (bilinear, index, logits). Cases (from
+``../shared/data``, skipped with a note where absent): LUNG1-001 ``GTV-1`` (CT 512x512),
+STS-001 MR T1 ``GTV_Mass`` (512x512) and STS-001 MR T2 ``GTV_Mass`` (384x384: the only one
+where 256 is not an exact halving, so the resize methods differ).
+
+    .venv/bin/python benchmarks/litemedsam_preprocess.py [--runtime openvino|eager] [--per-slice]
+
+The encoder runs through OpenVINO f32 by default (its embeddings match the eager model's
+to about 4e-6); ``--runtime eager`` uses the package's PyTorch model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from inference import litemedsam as lm  # noqa: E402
+from inference.preprocess import prepare  # noqa: E402
+from inference.propagation import bounding_box  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+CASES = [
+    ("LUNG1-001 GTV-1 (CT)", "lung1-001-ct", "CT", "RTSTRUCT", "GTV-1"),
+    ("STS-001 T1 GTV_Mass (MR)", "sts-001-mr/MR_T1", "IMAGES", "RTSTRUCT", "GTV_Mass"),
+    ("STS-001 T2 GTV_Mass (MR 384)", "sts-001-mr/MR_T2", "IMAGES", "RTSTRUCT", "GTV_Mass"),
+]
+DEFAULT = {"resize": "bilinear", "box": "index", "mask": "logits", "window": None}
+
+
+def load_case(root: Path, images: str, rtstruct: str, roi: str):
+    from rtstruct import rasterize_roi, read_rtstruct
+    from rtstruct.series import load_series
+
+    vol = load_series(root / images)
+    (rs_file,) = sorted((root / rtstruct).glob("*.dcm"))
+    truth = rasterize_roi(read_rtstruct(rs_file).roi(roi), vol.geometry)
+    return vol, truth
+
+
+def dice2d(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
+
+
+def variants(modality: str):
+    yield "default (bilinear, index, logits)", dict(DEFAULT)
+    for r in lm.RESIZE_METHODS:
+        if r != DEFAULT["resize"]:
+            yield f"resize {r}", dict(DEFAULT, resize=r)
+    for b in lm.BOX_CONVENTIONS:
+        if b != DEFAULT["box"]:
+            yield f"box {b}", dict(DEFAULT, box=b)
+    for m in lm.MASK_METHODS:
+        if m != DEFAULT["mask"]:
+            yield f"mask {m}", dict(DEFAULT, mask=m)
+    if modality == "CT":
+        yield "window -600/1500 (lung)", dict(DEFAULT, window=(-600.0, 1500.0))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runtime", choices=["openvino", "eager"], default="openvino")
+    ap.add_argument("--cache-dir", default=None, help="OpenVINO IR cache (default: the engine's)")
+    ap.add_argument("--per-slice", action="store_true", help="print every slice's Dice of the default")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    model, info = lm.load_model()
+    if args.runtime == "openvino":
+        runtime = lm.OpenVinoRuntime(model, info.sha256, cache_root=args.cache_dir, precision="f32")
+    else:
+        runtime = lm.EagerRuntime(model)
+    print(f"LiteMedSAM {info.short}, {lm.PACKAGE} {info.package_version}, runtime {runtime.name}")
+    print(f"{'case':30} {'variant':32} {'median':>7} {'mean':>7} {'min':>7} {'slices':>6}")
+    for label, folder, images, rtstruct, roi in CASES:
+        root = SHARED / folder
+        if not root.exists():
+            print(f"{label:30} skipped: {root} not found")
+            continue
+        vol, truth = load_case(root, images, rtstruct, roi)
+        ks = [int(k) for k in np.flatnonzero(truth.any(axis=(1, 2)))]
+        lb = lm.Letterbox.for_shape(vol.shape[1:])
+        embeddings: dict[tuple, np.ndarray] = {}
+        for name, v in variants(vol.modality):
+            key = (v["resize"], v["window"])
+            if key not in embeddings:
+                gray = prepare(vol, v["window"]).gray
+                embeddings[key] = runtime.encode(lm.to_model_input(gray[ks], lb, v["resize"]))
+            emb = embeddings[key]
+            scores = []
+            for n, k in enumerate(ks):
+                box = bounding_box(truth[k])
+                logits, _ = runtime.decode(emb[n], lm.box_to_model(box, lb, v["box"]))
+                scores.append(dice2d(lm.mask_from_logits(logits, lb, v["mask"]), truth[k]))
+            s = np.array(scores)
+            print(
+                f"{label:30} {name:32} {np.median(s):7.3f} {s.mean():7.3f} {s.min():7.3f} {len(ks):6d}",
+                flush=True,
+            )
+            if args.per_slice and name.startswith("default"):
+                areas = truth[ks].sum(axis=(1, 2))
+                print("   per slice (k: Dice, truth pixels): " + ", ".join(
+                    f"{k}: {d:.3f} ({a})" for k, d, a in zip(ks, scores, areas)
+                ))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
