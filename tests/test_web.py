@@ -303,3 +303,16 @@ def test_the_webhook_payload_has_no_identifiers():
     assert set(body) == {"event", "id", "node", "case", "job", "rule", "destination", "output", "reason", "time"}
     assert body["event"] == "case_failed" and body["reason"] == "12 of 134 referenced images missing"
     json.dumps(body)
+
+
+def test_a_rules_outputs_are_checked():
+    from pydantic import ValidationError
+
+    from dicom_node.rules import Action
+
+    assert Action().outputs == ["rtstruct"] and Action(outputs="seg").outputs == ["seg"]
+    assert Action(outputs=["rtstruct", "seg", "overlay"]).outputs == ["rtstruct", "seg", "overlay"]
+    for bad, message in (("png", "Input should be 'rtstruct', 'seg' or 'overlay'"), (["seg", "seg"], "listed twice"),
+                         ([], "list at least one")):  # fmt: skip
+        with pytest.raises(ValidationError, match=message):
+            Action(outputs=bad)
