@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:  make demo   and   make test
 # Both create/update .venv and install what they need. As root, the DICOM peers used by
-# the tests (dcmtk, dicom3tools, Orthanc) and the checkers of deploy/ (shellcheck,
-# systemd-analyze) come from Debian via apt-get; otherwise the tests that need them skip
+# the tests (dcmtk, dicom3tools, Orthanc), the checkers of deploy/ (shellcheck,
+# systemd-analyze) and headless Chromium (the web page's browser tests) come from Debian
+# via apt-get; otherwise the tests that need them skip
 # and say how to install them.
 
 PYTHON ?= python3
@@ -35,6 +36,7 @@ system-deps:
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
 	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian packages:$$missing"; \

@@ -47,9 +47,11 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
 from dicom_node.durable import publish
+from dicom_node.failures import record_failure
 from dicom_node.logs import event, get_logger
+from dicom_node.metrics import metrics
 from dicom_node.rows import CaseRow, index_path
-from dicom_node.states import ACTIVE_CASE_STATES, CaseMode, CaseState
+from dicom_node.states import ACTIVE_CASE_STATES, CaseMode, CaseState, NotificationKind
 from dicom_node.store import Store
 from dicom_node.uids import is_valid_uid
 from rtstruct.headers import IMAGE_MODALITIES
@@ -84,6 +86,8 @@ class CaseAssembler:
         decide: Decider,
         is_open: Callable[[str | None], bool],
         on_queued: Callable[[int], None] | None = None,
+        closed_at: Callable[[str | None], float | None] | None = None,
+        on_failed: Callable[[], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.db = db
@@ -92,6 +96,8 @@ class CaseAssembler:
         self.decide = decide
         self.is_open = is_open
         self.on_queued = on_queued
+        self.closed_at = closed_at  # when an association was released (the metric release -> ready)
+        self.on_failed = on_failed  # a failure was recorded (wakes the failure webhook)
         self.prompts_dir = cfg.data_dir / "prompts"
         self.prompts_dir.mkdir(parents=True, exist_ok=True)
         self._wake = threading.Event()
@@ -318,7 +324,9 @@ class CaseAssembler:
             else:  # fallback: the last association over *and* a quiet time
                 ready = released and now - last_time >= wait_for_quiet
             if ready:
+                released_at = self.closed_at(last_assoc) if released and self.closed_at is not None else None
                 self._make_ready(case, mode, series_uid, images, now, last_time)
+                metrics().release_to_ready.observe(max(0.0, now - max(last_time, released_at or 0.0)))
                 return
         if now - progress >= self.cfg.cases.incomplete_timeout_seconds:
             if n_refs:
@@ -358,6 +366,10 @@ class CaseAssembler:
     def _fail(self, cid: int, reason: str, now: float) -> None:
         with self.db.tx() as c:
             changed = self._set_failed(c, cid, reason, now)
+            if changed:
+                record_failure(c, NotificationKind.CASE_FAILED, reason, case_id=cid, now=now)
+        if changed and self.on_failed is not None:
+            self.on_failed()
         if changed:
             event(log, "case_failed", level=logging.WARNING, case=cid, reason=reason)
             self.audit.write("case_failed", case=cid, reason=reason)
@@ -395,6 +407,7 @@ class CaseAssembler:
             if decision.action is None:
                 reason = decision.explanation[-1] if decision.explanation else "no rule matched"
                 c.execute("UPDATE cases SET reason=?, finished_at=? WHERE id=?", (reason, now, cid))
+                record_failure(c, NotificationKind.CASE_FAILED, reason, case_id=cid, now=now)
             else:
                 from dicom_node.jobs import create_job
 
@@ -414,6 +427,8 @@ class CaseAssembler:
         if decision.action is None:
             event(log, "case_not_processed", level=logging.WARNING, case=cid, why=" | ".join(decision.explanation))
             self.audit.write("case_failed", case=cid, reason="no rule matched")
+            if self.on_failed is not None:
+                self.on_failed()
             return
         event(
             log,

@@ -27,6 +27,8 @@ __all__ = [
     "Destination",
     "TlsServer",
     "TlsClient",
+    "Web",
+    "Webhook",
     "load_config",
     "config_from_data",
     "default_config_path",
@@ -334,6 +336,85 @@ class Audit(_Model):
     fsync: bool = False
 
 
+class Web(_Model):
+    """The operator's web page and ``/metrics`` (:mod:`dicom_node.web`), off by default."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8104, ge=1, le=65535)
+    #: HTTP basic authentication against this file of ``user:bcrypt-hash`` lines (htpasswd -B)
+    password_file: Path | None = None
+    tls: TlsServer = Field(default_factory=TlsServer)
+    show_patient_identity: bool = False
+    cases_per_page: int = Field(default=100, ge=10, le=1000)
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address (127.0.0.1: this server only)") from None
+        return value
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.bind).is_loopback
+
+    @property
+    def client_certificates(self) -> bool:
+        return self.tls.enabled and self.tls.require_client_cert
+
+    @property
+    def authenticates(self) -> bool:
+        """Requests come from a known user (password or client certificate)."""
+        return self.password_file is not None or self.client_certificates
+
+    @model_validator(mode="after")
+    def _safe(self) -> Web:
+        if not self.enabled or self.loopback:
+            return self
+        if not self.authenticates:
+            raise ValueError(
+                f"bind {self.bind} is reachable from other hosts and the page has no authentication: set "
+                "password_file (HTTP basic, with tls.enabled) or tls.require_client_cert (client certificates), "
+                "or keep bind 127.0.0.1 and open it through an SSH tunnel"
+            )
+        if not self.tls.enabled:
+            raise ValueError(
+                f"bind {self.bind} with password_file needs tls.enabled: HTTP basic sends the password in clear text"
+            )
+        return self
+
+
+class Webhook(_Model):
+    """The failure notification: a JSON POST per failed case, failed job or dead letter."""
+
+    url: str | None = None
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_initial_seconds: float = Field(default=5.0, gt=0)
+    backoff_max_seconds: float = Field(default=600.0, gt=0)
+    #: CA bundle for an https URL signed by the hospital's own CA (default: system CAs)
+    ca_file: Path | None = None
+    #: name of an environment variable whose value is sent as ``Authorization: Bearer ...``
+    token_env: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("put no credentials in the URL: use token_env")
+        return value.strip()
+
+
 class NodeConfig(_Model):
     """The whole node configuration (see ``config/node.yaml`` for every key)."""
 
@@ -352,6 +433,8 @@ class NodeConfig(_Model):
     watch: Watch = Field(default_factory=Watch)
     logging: Logging = Field(default_factory=Logging)
     audit: Audit = Field(default_factory=Audit)
+    web: Web = Field(default_factory=Web)
+    webhook: Webhook = Field(default_factory=Webhook)
 
     #: where the file was read from (not a YAML key)
     source: Path | None = Field(default=None, exclude=True)
@@ -397,22 +480,26 @@ class NodeConfig(_Model):
 
         self.data_dir = fix(self.data_dir)  # type: ignore[assignment]
         self.rules = fix(self.rules)
-        for obj in (self.tls, *(d.tls for d in self.destinations.values())):
+        for obj in (self.tls, self.web.tls, *(d.tls for d in self.destinations.values())):
             for key in ("cert_file", "key_file", "ca_file", "key_password_file"):
                 setattr(obj, key, fix(getattr(obj, key)))
         self.watch.import_dir = fix(self.watch.import_dir)
         self.watch.export_dir = fix(self.watch.export_dir)
         self.logging.file = fix(self.logging.file)
         self.audit.file = fix(self.audit.file)
+        self.web.password_file = fix(self.web.password_file)
+        self.webhook.ca_file = fix(self.webhook.ca_file)
         return self
 
     def problems(self) -> list[str]:
         """Checks that need the file system or the rules file (``config check`` prints them)."""
         problems: list[str] = []
-        for where, tls in [("tls", self.tls)] + [
+        for where, tls in [("tls", self.tls), ("web.tls", self.web.tls)] + [
             (f"destinations.{n}.tls", d.tls) for n, d in self.destinations.items()
         ]:
-            if where == "tls" and not tls.enabled:
+            if where in ("tls", "web.tls") and not tls.enabled:
+                continue
+            if where == "web.tls" and not self.web.enabled:
                 continue
             for key in ("cert_file", "key_file", "ca_file"):
                 path = getattr(tls, key)
@@ -424,6 +511,15 @@ class NodeConfig(_Model):
                 problems.append(f"{where}.{exc}")
         if self.watch.enabled and self.watch.import_dir is not None and self.watch.import_dir == self.data_dir:
             problems.append("watch.import_dir must not be data_dir")
+        if self.web.enabled and self.web.password_file is not None:
+            from dicom_node.web.auth import PasswordFileError, read_password_file
+
+            try:
+                read_password_file(self.web.password_file)
+            except PasswordFileError as exc:
+                problems.append(f"web.password_file: {exc}")
+        if self.webhook.ca_file is not None and not Path(self.webhook.ca_file).is_file():
+            problems.append(f"webhook.ca_file: {self.webhook.ca_file} is not a readable file")
         if self.rules is not None:
             problems.extend(self._rules_problems())
         return problems

@@ -129,7 +129,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 
--- deliveries of a job's result: one row per destination (DICOM node or export folder)
+-- deliveries of a job's result: one row per destination (DICOM node or export folder) and output
 CREATE TABLE IF NOT EXISTS sends (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id INTEGER NOT NULL REFERENCES jobs(id),
@@ -140,9 +140,30 @@ CREATE TABLE IF NOT EXISTS sends (
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
     sent_at REAL,
-    UNIQUE (job_id, destination)
+    output TEXT NOT NULL DEFAULT 'rtstruct',  -- rtstruct | seg | overlay
+    UNIQUE (job_id, destination, output)
 );
 CREATE INDEX IF NOT EXISTS sends_due ON sends(state, next_attempt_at);
+
+-- failures to report (case failed, job failed, delivery dead-lettered): the failure
+-- webhook's outbox, and the health page's "last errors"
+CREATE TABLE IF NOT EXISTS notifications (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,              -- case_failed | job_failed | delivery_dead
+    case_id INTEGER,
+    job_id INTEGER,
+    rule TEXT,
+    destination TEXT,
+    output TEXT,
+    reason TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    state TEXT NOT NULL,             -- pending | sending | sent | dead | unsent
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    sent_at REAL
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, next_attempt_at);
 """
 
 

@@ -8,7 +8,8 @@ while it works; a job whose worker died (crash, ``kill -9``, lost lease) goes ba
 never segmented twice concurrently.
 
 A worker finishes a job with :func:`complete_job`, which in one transaction marks it done
-and creates one ``sends`` row per destination (DICOM node or export folder). The sender
+and creates one ``sends`` row per destination (DICOM node or export folder) and output of
+the rule (``rtstruct``, ``seg``, ``overlay``: each delivered on its own). The sender
 marks each row ``sent`` once the peer answered Success, so a restart never sends a result
 again; rows that fail are retried with capped exponential backoff and end ``dead`` after
 ``send.max_attempts`` (``dicom-node resend JOB`` revives them).
@@ -29,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.db import Database
+from dicom_node.failures import record_failure
 from dicom_node.rows import CaseRow, DeliveryRow, JobRow, JobSummary, deliveries_of, get_case, get_job, index_path
-from dicom_node.states import CaseState, DeliveryKind, DeliveryState, JobState
+from dicom_node.states import CaseState, DeliveryKind, DeliveryState, JobState, NotificationKind, OutputKind
 
 __all__ = [
     "create_job",
@@ -116,10 +118,12 @@ def complete_job(
     inference_seconds: float,
     detail: dict[str, Any],
     deliveries: list[tuple[str, DeliveryKind]],
+    outputs: tuple[OutputKind | str, ...] = (OutputKind.RTSTRUCT,),
 ) -> bool:
     """Mark the job done and create its delivery rows; False if the lease was lost.
 
-    ``result_path`` (a file under ``data_dir``) is recorded relative to ``data_dir``.
+    ``result_path`` (a file under ``data_dir``) is recorded relative to ``data_dir``. One
+    delivery row per destination and output (``detail["files"]`` lists each output's files).
     """
     now = time.time()
     with db.tx() as c:
@@ -145,11 +149,12 @@ def complete_job(
         if n != 1:
             return False
         for destination, kind in deliveries:
-            c.execute(
-                """INSERT OR IGNORE INTO sends (job_id, destination, kind, state, next_attempt_at)
-                   VALUES (?, ?, ?, ?, ?)""",
-                (job_id, destination, DeliveryKind(kind), DeliveryState.PENDING, now),
-            )
+            for output in outputs:
+                c.execute(
+                    """INSERT OR IGNORE INTO sends (job_id, destination, kind, state, next_attempt_at, output)
+                       VALUES (?, ?, ?, ?, ?, ?)""",
+                    (job_id, destination, DeliveryKind(kind), DeliveryState.PENDING, now, OutputKind(output)),
+                )
         c.execute(
             "UPDATE cases SET state=?, finished_at=? WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
             (CaseState.DONE, now, job_id),
@@ -161,6 +166,10 @@ def _fail_case_of_job(c: sqlite3.Connection, job_id: int, reason: str, now: floa
     c.execute(
         "UPDATE cases SET state=?, reason=?, finished_at=? WHERE id=(SELECT case_id FROM jobs WHERE id=?)",
         (CaseState.FAILED, reason, now, job_id),
+    )
+    job = c.execute("SELECT case_id, rule FROM jobs WHERE id=?", (job_id,)).fetchone()
+    record_failure(
+        c, NotificationKind.JOB_FAILED, reason, case_id=job["case_id"], job_id=job_id, rule=job["rule"], now=now
     )
 
 
@@ -302,7 +311,8 @@ def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
 def list_jobs(db: Database, limit: int = 50, state: JobState | str | None = None) -> list[JobSummary]:
     sql = """SELECT j.id, j.case_id, j.state, j.rule, j.attempts, j.created_at, j.started_at, j.finished_at,
                     j.error, j.engine, j.inference_seconds, c.patient_ref, c.n_images, c.mode,
-                    (SELECT group_concat(s.destination || '=' || s.state, ', ') FROM sends s WHERE s.job_id=j.id)
+                    (SELECT group_concat(s.destination || CASE WHEN s.output = 'rtstruct' THEN '' ELSE '/' || s.output END
+                             || '=' || s.state, ', ') FROM sends s WHERE s.job_id=j.id)
                         AS deliveries
              FROM jobs j JOIN cases c ON c.id = j.case_id"""
     params: tuple = ()

@@ -108,9 +108,74 @@ def paths_relative_to_data_dir(conn: sqlite3.Connection, data_dir: Path) -> dict
     return counts
 
 
+def deliveries_per_output_and_notifications(conn: sqlite3.Connection, data_dir: Path) -> dict[str, int]:
+    """Schema 2 -> 3: a delivery row per destination *and output*; the failure outbox.
+
+    A rule may now send more than the RTSTRUCT (``outputs: [rtstruct, seg, overlay]``), and
+    each output is delivered, retried and dead-lettered on its own (a TPS that refuses
+    DICOM SEG must not hold back the RTSTRUCT). ``sends`` gets the column ``output``
+    (``rtstruct`` | ``seg`` | ``overlay``) and its uniqueness becomes
+    ``UNIQUE(job_id, destination, output)``. SQLite cannot change a table's constraints, so
+    the table is rebuilt: renamed aside, created anew, every row copied with its id, state,
+    attempts and times unchanged and ``output = 'rtstruct'`` (the only output schema 2
+    delivered), then the old table and its index dropped and the index created again.
+    No other table references ``sends``.
+
+    New table ``notifications``: one row per failure to report (a case failed, a job
+    failed, a delivery was dead-lettered), the outbox of the failure webhook and the
+    health page's list of last errors. It starts empty: failures before the upgrade
+    are not reported.
+    """
+    conn.execute("ALTER TABLE sends RENAME TO sends_schema2")
+    conn.execute(
+        """CREATE TABLE sends (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id INTEGER NOT NULL REFERENCES jobs(id),
+            destination TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_error TEXT,
+            sent_at REAL,
+            output TEXT NOT NULL DEFAULT 'rtstruct',
+            UNIQUE (job_id, destination, output)
+        )"""
+    )
+    copied = conn.execute(
+        """INSERT INTO sends (id, job_id, destination, kind, state, attempts, next_attempt_at, last_error,
+                              sent_at, output)
+           SELECT id, job_id, destination, kind, state, attempts, next_attempt_at, last_error, sent_at, 'rtstruct'
+           FROM sends_schema2 ORDER BY id"""
+    ).rowcount
+    conn.execute("DROP TABLE sends_schema2")
+    conn.execute("CREATE INDEX sends_due ON sends(state, next_attempt_at)")
+    conn.execute(
+        """CREATE TABLE notifications (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,
+            case_id INTEGER,
+            job_id INTEGER,
+            rule TEXT,
+            destination TEXT,
+            output TEXT,
+            reason TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_error TEXT,
+            sent_at REAL
+        )"""
+    )
+    conn.execute("CREATE INDEX notifications_due ON notifications(state, next_attempt_at)")
+    return {"deliveries_copied": copied}
+
+
 #: one function per version step, in order
 MIGRATIONS: list[Callable[[sqlite3.Connection, Path], dict[str, int] | None]] = [
     paths_relative_to_data_dir,  # 1 -> 2
+    deliveries_per_output_and_notifications,  # 2 -> 3
 ]
 
 #: the schema this release reads and writes

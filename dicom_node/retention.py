@@ -9,7 +9,8 @@ Run by the scheduler (``storage.cleanup_cron``). An item older than
 * a prompt copy belongs to an unfinished case.
 
 Dead-lettered deliveries do not hold results forever: after the retention period they go
-too (the audit trail keeps the record).
+too (the audit trail keeps the record), and so do recorded failures (``notifications``)
+that the webhook has reported or could not report.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.db import Database
 from dicom_node.logs import event, get_logger
 from dicom_node.rows import resolve_path
-from dicom_node.states import ACTIVE_CASE_STATES, OPEN_DELIVERY_STATES, JobState
+from dicom_node.states import ACTIVE_CASE_STATES, OPEN_DELIVERY_STATES, JobState, NotificationState
 from dicom_node.store import Store
 
 __all__ = ["run_retention"]
@@ -82,6 +83,11 @@ def run_retention(
     with db.tx() as c:
         counts["arrivals"] = c.execute(
             "DELETE FROM arrivals WHERE seq <= ? AND received_at < ?", (cursor, cutoff)
+        ).rowcount
+        # reported (or unreportable) failures: the audit trail keeps the record
+        counts["notifications"] = c.execute(
+            "DELETE FROM notifications WHERE created_at < ? AND state NOT IN (?, ?)",
+            (cutoff, NotificationState.PENDING, NotificationState.SENDING),
         ).rowcount
     event(log, "retention", **counts, retention_days=cfg.storage.retention_days)
     if audit is not None:

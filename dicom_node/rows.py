@@ -20,12 +20,22 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.logs import event, get_logger
-from dicom_node.states import CaseMode, CaseState, DeliveryKind, DeliveryState, InstanceSource, JobState
+from dicom_node.states import (
+    CaseMode,
+    CaseState,
+    DeliveryKind,
+    DeliveryState,
+    InstanceSource,
+    JobState,
+    NotificationKind,
+    NotificationState,
+    OutputKind,
+)
 
 if TYPE_CHECKING:
     from dicom_node.db import Database
@@ -35,6 +45,7 @@ __all__ = [
     "JobRow",
     "DeliveryRow",
     "JobSummary",
+    "NotificationRow",
     "index_path",
     "resolve_path",
     "get_case",
@@ -153,18 +164,35 @@ class JobRow:
     engine: str | None
     inference_seconds: float | None
     detail: dict[str, Any] | None  # the worker's facts about the result (JSON in the database)
+    #: the files of each output (``detail["files"]``, resolved against data_dir; not a column)
+    files: dict[str, tuple[Path, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row, data_dir: Path) -> JobRow:
-        values = _columns(cls, row)
+        values = {f.name: row[f.name] for f in fields(cls) if f.name != "files"}
+        detail = _json(row["detail"], None)
+        listed = (detail or {}).get("files") or {}
         values.update(
             state=JobState(row["state"]),
             action=_json(row["action"], {}),
             explanation=tuple(_json(row["explanation"], [])),
             result_path=None if row["result_path"] is None else resolve_path(row["result_path"], data_dir),
-            detail=_json(row["detail"], None),
+            detail=detail,
+            files={str(k): tuple(resolve_path(p, data_dir) for p in v) for k, v in listed.items()},
         )
         return cls(**values)
+
+    def output_files(self, output: OutputKind | str) -> list[Path]:
+        """The files of one output of the result (written by the worker, listed in ``detail``).
+
+        For results of earlier releases, which listed no files, the RTSTRUCT is
+        :attr:`result_path`. Empty when the result has no such output.
+        """
+        if str(output) in self.files:
+            return list(self.files[str(output)])
+        if not self.files and OutputKind(output) == OutputKind.RTSTRUCT and self.result_path is not None:
+            return [self.result_path]
+        return []
 
 
 @dataclass(frozen=True)
@@ -180,6 +208,7 @@ class DeliveryRow:
     next_attempt_at: float
     last_error: str | None
     sent_at: float | None
+    output: OutputKind  # which output of the result this row delivers
 
     @property
     def folder(self) -> Path | None:
@@ -191,7 +220,35 @@ class DeliveryRow:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> DeliveryRow:
         values = _columns(cls, row)
-        values.update(kind=DeliveryKind(row["kind"]), state=DeliveryState(row["state"]))
+        values.update(
+            kind=DeliveryKind(row["kind"]), state=DeliveryState(row["state"]), output=OutputKind(row["output"])
+        )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class NotificationRow:
+    """One ``notifications`` row: a failure, and its delivery to the failure webhook."""
+
+    id: int
+    kind: NotificationKind
+    case_id: int | None
+    job_id: int | None
+    rule: str | None
+    destination: str | None
+    output: str | None
+    reason: str
+    created_at: float
+    state: NotificationState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    sent_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> NotificationRow:
+        values = _columns(cls, row)
+        values.update(kind=NotificationKind(row["kind"]), state=NotificationState(row["state"]))
         return cls(**values)
 
 

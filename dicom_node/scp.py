@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import NodeConfig, TlsServer
 from dicom_node.logs import event, get_logger
+from dicom_node.metrics import metrics
 from dicom_node.states import InstanceSource
 from dicom_node.store import Origin, Store, StoreError
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -54,6 +55,10 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,  # retired, still sent by old systems
 ]
+
+
+#: modalities counted by name in the metrics (any other value, which the peer chooses, is "other")
+_MODALITY_LABELS = frozenset({"CT", "MR", "RTSTRUCT", "PT", "RTPLAN", "RTDOSE", "REG", "SEG"})
 
 
 class _LazyHandshakeContext(ssl.SSLContext):
@@ -148,6 +153,7 @@ class StorageSCP:
         self._counter = itertools.count(1)
         self._prefix = f"{int(time.time()):x}"
         self.open: dict[str, AssociationInfo] = {}
+        self._closed: dict[str, float] = {}  # association id -> when it closed (the most recent ones)
         self._lock = threading.Lock()
         self.close_listeners: list[Callable[[AssociationInfo], None]] = []
         self._networks = cfg.access.network_objects()
@@ -230,6 +236,17 @@ class StorageSCP:
         with self._lock:
             return assoc_id in self.open
 
+    def closed_at(self, assoc_id: str | None) -> float | None:
+        """When a recent association of this process closed (None: unknown or still open)."""
+        if assoc_id is None:
+            return None
+        with self._lock:
+            return self._closed.get(assoc_id)
+
+    @property
+    def listening(self) -> bool:
+        return self.server is not None
+
     # -- handlers ------------------------------------------------------------------------
     def _on_requested(self, ev) -> None:
         assoc = ev.assoc
@@ -260,6 +277,7 @@ class StorageSCP:
             peer=f"{address}:{assoc.requestor.port}",
             reason=reason,
         )
+        metrics().associations.labels("rejected", {1: "network", 3: "calling_aet", 7: "called_aet"}[rsd[2]]).inc()
         assoc.acse.send_reject(*rsd)
         assoc.is_rejected = True
         evt.trigger(assoc, evt.EVT_REJECTED, {})
@@ -300,6 +318,7 @@ class StorageSCP:
                 expected_sop_instance=req.AffectedSOPInstanceUID,
             )
         except StoreError as exc:
+            metrics().instances_refused.labels(f"0x{exc.status:04X}").inc()
             with info.lock:
                 info.failures += 1
             event(
@@ -313,6 +332,7 @@ class StorageSCP:
             )
             return _status(exc.status, str(exc))
         except Exception as exc:  # never let a bug take the association down silently
+            metrics().instances_refused.labels("0xC001").inc()
             with info.lock:
                 info.failures += 1
             event(log, "store_failed", level=logging.ERROR, assoc=info.id, why=repr(exc), exc_info=True)
@@ -323,6 +343,10 @@ class StorageSCP:
         with info.lock:
             info.instances += 1
             info.bytes += stored.size
+        counted = metrics()
+        modality = stored.header.modality if stored.header.modality in _MODALITY_LABELS else "other"
+        counted.instances_received.labels(modality).inc()
+        counted.bytes_received.inc(stored.size)
         event(
             log,
             "stored",
@@ -341,7 +365,11 @@ class StorageSCP:
         with self._lock:
             if self.open.pop(info.id, None) is None:
                 return  # already reported
-        info.closed_at = time.time()
+            info.closed_at = time.time()
+            self._closed[info.id] = info.closed_at
+            while len(self._closed) > 1000:
+                self._closed.pop(next(iter(self._closed)))
+        metrics().associations.labels(how, "").inc()
         info.how = how
         event(
             log,

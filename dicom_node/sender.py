@@ -1,12 +1,15 @@
 """Delivery of results: C-STORE to DICOM destinations, atomic writes to export folders.
 
-Each delivery is a ``sends`` row (see :mod:`dicom_node.jobs`). The :class:`Sender` runs in
+Each delivery is a ``sends`` row (see :mod:`dicom_node.jobs`): one output of a result
+(the RTSTRUCT, the SEG, or the Secondary Capture series of the QA pictures) to one
+destination, all of its files in one association. The :class:`Sender` runs in
 the receiving process on an apscheduler ``BackgroundScheduler``: a short interval job
 picks up due rows (also those revived by ``dicom-node resend`` from another process),
 :meth:`Sender.wake` runs it at once when a worker reports a result, and a failed attempt
 schedules a one-off run at its retry time. Delays grow as
 ``backoff_initial_seconds * 2^(attempt-1)`` capped at ``backoff_max_seconds``; after
-``send.max_attempts`` the row is ``dead`` (dead letter) until resent by hand.
+``send.max_attempts`` the row is ``dead`` (dead letter) until resent by hand; a dead
+letter is recorded as a failure to report (:mod:`dicom_node.failures`).
 
 A row is marked ``sending`` before the attempt and ``sent`` right after the peer's
 Success, so a restart never sends a result that was delivered (a crash in the middle of
@@ -14,8 +17,8 @@ the C-STORE itself re-sends the same SOP Instance, which the peer treats as the 
 object).
 
 Rows are :class:`~dicom_node.rows.DeliveryRow` in the states of
-:class:`~dicom_node.states.DeliveryState`; the result file is the job's
-:attr:`~dicom_node.rows.JobRow.result_path`, resolved against ``data_dir``.
+:class:`~dicom_node.states.DeliveryState`; the files of a row's output are the job's
+:meth:`~dicom_node.rows.JobRow.output_files`, resolved against ``data_dir``.
 """
 
 from __future__ import annotations
@@ -39,10 +42,12 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import Destination, NodeConfig, TlsClient
 from dicom_node.db import Database
 from dicom_node.durable import publish
+from dicom_node.failures import record_failure
 from dicom_node.jobs import backoff_seconds
 from dicom_node.logs import event, get_logger
+from dicom_node.metrics import metrics
 from dicom_node.rows import DeliveryRow, JobRow, get_case, get_delivery, get_job
-from dicom_node.states import DeliveryKind, DeliveryState
+from dicom_node.states import DeliveryKind, DeliveryState, NotificationKind
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 __all__ = ["Sender", "c_store_files", "c_echo", "client_ssl_context", "export_file", "DeliveryError"]
@@ -229,11 +234,12 @@ def export_file(source: Path, folder: Path, name: str) -> Path:
 
 
 class Sender:
-    def __init__(self, cfg: NodeConfig, db: Database, audit: AuditLog, scheduler) -> None:
+    def __init__(self, cfg: NodeConfig, db: Database, audit: AuditLog, scheduler, on_dead=None) -> None:
         self.cfg = cfg
         self.db = db
         self.audit = audit
         self.scheduler = scheduler
+        self.on_dead = on_dead  # called after a dead letter is recorded (wakes the failure webhook)
         self.pool = ThreadPoolExecutor(max_workers=cfg.send.threads, thread_name_prefix="send")
         self._pump_lock = threading.Lock()
         self._stopped = False
@@ -285,19 +291,21 @@ class Sender:
             return
         start = time.time()
         try:
-            if job.result_path is None:
-                raise DeliveryError(f"job {job.id} has no result file recorded")
+            files = job.output_files(row.output)
+            if not files:
+                raise DeliveryError(f"job {job.id} has no {row.output} file recorded")
             if row.kind == DeliveryKind.FOLDER:
-                where = export_file(job.result_path, row.folder, job.result_path.name)
-                detail = str(where)
+                detail = ", ".join(str(export_file(f, row.folder, f.name)) for f in files)  # type: ignore[arg-type]
             else:
                 dest = self.cfg.destinations.get(row.destination)
                 if dest is None:
                     raise DeliveryError(f"destination {row.destination!r} is not defined in the configuration")
-                detail = self._c_store(dest, job.result_path)
+                detail = self._c_store(dest, files)
         except Exception as exc:
+            metrics().deliveries.labels(str(row.output), "failed").inc()
             self._failed(row, job, exc)
             return
+        metrics().deliveries.labels(str(row.output), "sent").inc()
         now = time.time()
         with self.db.tx() as c:
             c.execute(
@@ -311,6 +319,7 @@ class Sender:
             job=row.job_id,
             case=job.case_id,
             destination=row.destination,
+            output=row.output,
             attempt=row.attempts,
             seconds=f"{now - start:.3f}",
         )
@@ -319,15 +328,17 @@ class Sender:
             case=job.case_id,
             job=row.job_id,
             destination=row.destination,
+            output=row.output,
             attempt=row.attempts,
             result=job.result_sop_uid,
             detail=detail,
             since_ready=round(now - ready_at, 3) if ready_at else None,
         )
 
-    def _c_store(self, dest: Destination, path: Path) -> str:
+    def _c_store(self, dest: Destination, paths: list[Path]) -> str:
+        """Every file of one output in one association; all must be stored for it to count."""
         results = c_store_files(
-            [path],
+            paths,
             dest.host,
             dest.port,
             dest.ae_title,
@@ -335,14 +346,20 @@ class Sender:
             timeout=dest.timeout_seconds,
             tls=dest.tls,
         )
-        _, status, message = results[0]
-        if status is None:
-            raise DeliveryError(message)
-        if status not in _OK_STATUSES:
+        if len(results) < len(paths):
             raise DeliveryError(
-                f"{dest.ae_title} answered status 0x{status:04X}" + (f" ({message})" if message else "")
+                f"{dest.ae_title} took {len(results)} of {len(paths)} files before the association ended"
             )
-        return f"{dest.ae_title}@{dest.host}:{dest.port} status 0x{status:04X}"
+        for path, status, message in results:
+            which = f" for {path.name}" if len(paths) > 1 else ""
+            if status is None:
+                raise DeliveryError(message + which)
+            if status not in _OK_STATUSES:
+                raise DeliveryError(
+                    f"{dest.ae_title} answered status 0x{status:04X}{which}" + (f" ({message})" if message else "")
+                )
+        statuses = sorted({f"0x{status:04X}" for _, status, _ in results})
+        return f"{dest.ae_title}@{dest.host}:{dest.port} status {'/'.join(statuses)} ({len(results)} files)"
 
     def _failed(self, row: DeliveryRow, job: JobRow, exc: Exception) -> None:
         attempts = row.attempts
@@ -350,12 +367,26 @@ class Sender:
         if attempts >= self.cfg.send.max_attempts:
             with self.db.tx() as c:
                 c.execute("UPDATE sends SET state=?, last_error=? WHERE id=?", (DeliveryState.DEAD, reason, row.id))
+                record_failure(
+                    c,
+                    NotificationKind.DELIVERY_DEAD,
+                    f"delivery of the {row.output} to {row.destination} gave up after {attempts} attempts: {reason}",
+                    case_id=job.case_id,
+                    job_id=job.id,
+                    rule=job.rule,
+                    destination=row.destination,
+                    output=row.output,
+                )
+            metrics().dead_letters.labels(str(row.output)).inc()
+            if self.on_dead is not None:
+                self.on_dead()
             event(
                 log,
                 "delivery_dead",
                 level=logging.ERROR,
                 job=row.job_id,
                 destination=row.destination,
+                output=row.output,
                 attempts=attempts,
                 reason=reason,
                 hint=f"dicom-node resend {row.job_id}",
@@ -365,6 +396,7 @@ class Sender:
                 case=job.case_id,
                 job=row.job_id,
                 destination=row.destination,
+                output=row.output,
                 attempts=attempts,
                 reason=reason,
                 dead=True,
@@ -377,12 +409,14 @@ class Sender:
                 "UPDATE sends SET state=?, last_error=?, next_attempt_at=? WHERE id=?",
                 (DeliveryState.PENDING, reason, next_at, row.id),
             )
+        metrics().retries.labels(str(row.output)).inc()
         event(
             log,
             "delivery_retry",
             level=logging.WARNING,
             job=row.job_id,
             destination=row.destination,
+            output=row.output,
             attempt=attempts,
             reason=reason,
             retry_in=f"{delay:g}s",

@@ -1,11 +1,12 @@
 """``dicom-node serve``: the node process, wiring every part together.
 
-Start order: lock the data directory (one node per data directory), open the database
-(migrating an older schema, refusing a newer one: :mod:`dicom_node.migrations`), reconcile
-the store with the index (after a crash or power loss), return interrupted jobs and
-deliveries to their queues, start the case assembler, the inference workers, the sender,
-the retention schedule, the watch folder, and last the DICOM listener. Stop order
-is the reverse; SIGTERM and SIGINT stop the node cleanly (a job running in a worker is
+Start order: lock the data directory (one node per data directory), empty the metrics
+directory (:mod:`dicom_node.metrics`), open the database (migrating an older schema,
+refusing a newer one: :mod:`dicom_node.migrations`), reconcile the store with the index
+(after a crash or power loss), return interrupted jobs and deliveries to their queues,
+start the case assembler, the inference workers, the sender, the failure webhook, the
+retention schedule, the web page (``web.enabled``), the watch folder, and last the DICOM
+listener. Stop order is the reverse; SIGTERM and SIGINT stop the node cleanly (a job running in a worker is
 handed back and resumes at the next start).
 """
 
@@ -29,6 +30,8 @@ from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.db import NODE_LOCK, Database, SchemaError
 from dicom_node.jobs import recover_on_start
 from dicom_node.logs import event, get_logger, load_secret
+from dicom_node.metrics import use_directory
+from dicom_node.notify import Notifier
 from dicom_node.retention import run_retention
 from dicom_node.rows import CaseRow
 from dicom_node.scp import StorageSCP
@@ -115,6 +118,7 @@ class Node:
         if not os.access(cfg.data_dir, os.W_OK):
             raise NodeError(f"data_dir: {cfg.data_dir} is not writable by this user")
         self._lock()
+        use_directory(cfg.data_dir / "run" / "metrics")  # before anything is counted; the workers inherit it
         t0 = time.time()
         self.secret = load_secret(cfg.data_dir)
         try:
@@ -156,7 +160,8 @@ class Node:
 
         self.scheduler = BackgroundScheduler(job_defaults={"misfire_grace_time": 3600, "coalesce": True})
         self.scp = StorageSCP(cfg, self.store)
-        self.sender = Sender(cfg, self.db, self.audit, self.scheduler)
+        self.notifier = Notifier(cfg, self.db, self.scheduler)
+        self.sender = Sender(cfg, self.db, self.audit, self.scheduler, on_dead=self.notifier.wake)
         self.supervisor = WorkerSupervisor(cfg, self.db, self.audit, self.config_json, on_done=self.sender.wake)
         self.assembler = CaseAssembler(
             cfg,
@@ -166,6 +171,8 @@ class Node:
             decide=self.decide,
             is_open=self.scp.is_open,
             on_queued=self.supervisor.wake,
+            closed_at=self.scp.closed_at,
+            on_failed=self.notifier.wake,
         )
         self.store.listeners.append(self.assembler.wake)
         self.scp.close_listeners.append(self.assembler.wake)
@@ -185,6 +192,10 @@ class Node:
         self.assembler.start()
         self.supervisor.start()
         self.sender.start()
+        self.notifier.start()
+        self.web = None
+        if cfg.web.enabled:
+            self._start_web()
         if self.watch is not None:
             self.watch.start()
         try:
@@ -215,6 +226,8 @@ class Node:
         for name, fn in (
             ("scp", lambda: self.scp.stop()),
             ("watch", lambda: self.watch.stop() if self.watch else None),
+            ("web", lambda: self.web.stop() if self.web else None),
+            ("notifier", lambda: self.notifier.stop()),
             ("assembler", lambda: self.assembler.stop()),
             ("supervisor", lambda: self.supervisor.stop()),
             ("sender", lambda: self.sender.stop()),
@@ -236,6 +249,45 @@ class Node:
             self._lock_fd = None
         event(log, "node_stopped")
 
+    def _start_web(self) -> None:
+        from dicom_node.metrics import StateCollector
+        from dicom_node.web.app import Actions, create_app
+        from dicom_node.web.auth import PasswordFileError
+        from dicom_node.web.server import WebError, WebServer
+        from dicom_node.web.views import NodeStatus
+
+        cfg, started = self.cfg, time.time()
+
+        def status() -> NodeStatus:
+            return NodeStatus(
+                listening=self.scp.listening,
+                bind=cfg.network.bind,
+                port=self.scp.port,
+                workers=self.supervisor.status(),
+                started_at=started,
+            )
+
+        state = StateCollector(
+            cfg,
+            self.db,
+            listening=lambda: self.scp.listening,
+            workers=lambda: [(w["worker"], w["device"], w["alive"]) for w in self.supervisor.status()],
+        )
+        try:
+            app = create_app(
+                cfg,
+                self.db,
+                status=status,
+                actions=Actions(wake_workers=self.supervisor.wake, wake_sender=self.sender.wake),
+                state=state,
+            )
+            self.web = WebServer(cfg, app)
+            self.web.start()
+        except (PasswordFileError, WebError, ConfigError) as exc:
+            self.web = None
+            self.stop()
+            raise NodeError(f"web.password_file: {exc}" if isinstance(exc, PasswordFileError) else str(exc)) from None
+
     def serve_forever(self) -> None:
         """Start, then block until SIGTERM/SIGINT."""
         stop = threading.Event()
@@ -248,6 +300,9 @@ class Node:
         signal.signal(signal.SIGINT, _signal)
         self.start()
         print(f"dicom-node: {self.cfg.ae_title} listening on {self.cfg.network.bind}:{self.scp.port}", flush=True)
+        if self.web is not None:
+            scheme = "https" if self.cfg.web.tls.enabled else "http"
+            print(f"dicom-node: web page at {scheme}://{self.cfg.web.bind}:{self.web.port}/", flush=True)
         try:
             while not stop.wait(1.0):
                 pass

@@ -10,6 +10,7 @@ Lifecycles (see :mod:`dicom_node.jobs` and :mod:`dicom_node.cases`)::
     case      waiting -> queued -> done | failed        (waiting -> failed: timeout, no rule)
     job       pending -> running -> done | failed       (running -> pending: lost worker, retry)
     delivery  pending -> sending -> sent | dead         (sending -> pending: failed attempt)
+    notice    pending -> sending -> sent | dead | unsent  (unsent: no webhook configured)
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ __all__ = [
     "InstanceSource",
     "CaseMode",
     "DeliveryKind",
+    "OutputKind",
+    "NotificationKind",
+    "NotificationState",
     "ACTIVE_CASE_STATES",
     "OPEN_DELIVERY_STATES",
 ]
@@ -76,6 +80,32 @@ class DeliveryKind(StrEnum):
 
     DICOM = "dicom"  # C-STORE to a configured destination
     FOLDER = "folder"  # an export folder (``destination`` is ``folder:<path>``)
+
+
+class OutputKind(StrEnum):
+    """``sends.output``: which of a result's outputs a delivery carries (a rule's ``outputs``)."""
+
+    RTSTRUCT = "rtstruct"  # the result RT Structure Set (one instance)
+    SEG = "seg"  # the same masks as a DICOM Segmentation (one instance)
+    OVERLAY = "overlay"  # the QA pictures as a Secondary Capture series (one instance per picture)
+
+
+class NotificationKind(StrEnum):
+    """``notifications.kind``: what failed."""
+
+    CASE_FAILED = "case_failed"  # a case was not processed (images missing, no rule matched)
+    JOB_FAILED = "job_failed"  # its segmentation failed for good
+    DELIVERY_DEAD = "delivery_dead"  # a delivery was dead-lettered after send.max_attempts
+
+
+class NotificationState(StrEnum):
+    """``notifications.state``: the failure webhook's delivery of one failure."""
+
+    PENDING = "pending"  # due at ``next_attempt_at``
+    SENDING = "sending"  # a POST is under way
+    SENT = "sent"  # the webhook answered 2xx
+    DEAD = "dead"  # gave up after webhook.max_attempts
+    UNSENT = "unsent"  # no webhook was configured when it was due (kept for the health page)
 
 
 #: a case in these states still needs its instances and prompt (retention keeps them)

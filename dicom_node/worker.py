@@ -3,9 +3,12 @@
 A worker (``python -m dicom_node.worker``) is a long-lived process per device (one per
 GPU, or one on the CPU). It keeps engines loaded between jobs
 (:func:`inference.engine.get_engine` caches them per process), claims a job with a lease,
-renews the lease while it works, writes the result RTSTRUCT atomically under
-``<data_dir>/results/<job>/`` and completes the job, which creates the delivery rows. It
-never talks DICOM: the receiving process sends results.
+renews the lease while it works, writes the result RTSTRUCT, its QA pictures and the
+rule's other outputs atomically under ``<data_dir>/results/<job>/``
+(:mod:`dicom_node.outputs`) and completes the job, which creates the delivery rows. It
+never talks DICOM: the receiving process sends results. It counts its jobs in the node's
+metrics (:mod:`dicom_node.metrics`) and describes itself (device, engines loaded, current
+job) in ``<data_dir>/run/worker-<index>.json`` for the health page.
 
 The receiving process runs a :class:`WorkerSupervisor`. A worker's crash (CUDA error,
 out of memory, ``kill -9``) therefore cannot stop reception: the supervisor notices the
@@ -21,6 +24,7 @@ Logs go to stderr (inherited).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import select
@@ -36,7 +40,6 @@ from pathlib import Path
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
 from dicom_node.db import Database
-from dicom_node.durable import publish
 from dicom_node.jobs import (
     claim_job,
     complete_job,
@@ -48,6 +51,7 @@ from dicom_node.jobs import (
     running_owners,
 )
 from dicom_node.logs import event, get_logger
+from dicom_node.metrics import mark_process_dead, metrics
 from dicom_node.rows import CaseRow, JobRow, get_case
 from dicom_node.states import CaseMode, DeliveryKind, InstanceSource, JobState
 
@@ -79,13 +83,6 @@ def _set_parent_death_signal() -> None:
         pass
 
 
-def _atomic_write_dataset(ds, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    ds.save_as(tmp, enforce_file_format=True)
-    publish(tmp, path)
-
-
 def segment_for_job(
     prompt_path: Path,
     image_paths: list[Path],
@@ -94,7 +91,7 @@ def segment_for_job(
     device: str,
     allow_frame_of_reference_only: bool,
 ):
-    """Run the segmentation chain for one job's case; returns (RTSTRUCT dataset, info dict).
+    """Run the segmentation chain for one job's case; returns (:class:`~dicom_node.pipeline.CaseResult`, info dict).
 
     The chain is :func:`dicom_node.pipeline.segment_case` (shared with ``dicom-node segment``),
     with the rule's engine (on this worker's device), options, output name and colour.
@@ -117,9 +114,11 @@ def segment_for_job(
     except CaseError as exc:
         raise PermanentJobError(str(exc)) from None
     first = case.targets[0].result
+    _dz, dy, dx = case.volume.spacing
     info = {
         "engine": first.engine,
         "algorithm": first.algorithm_name,
+        "mode": first.mode,
         "rois": ",".join(t.roi_name for t in case.targets),
         "targets": [
             {
@@ -127,6 +126,22 @@ def segment_for_job(
                 "slices": int(t.result.mask.any(axis=(1, 2)).sum()),
                 "voxels": int(t.result.mask.sum()),
                 "seconds": round(t.result.seconds, 3),
+                "prompted_slices": [int(k) for k in t.target.anchor_slices],
+                "stop_reasons": dict(t.result.stop_reasons),
+                # per slice of the result (0-based index -> value): the engine's score, the area delivered
+                "slice_scores": {
+                    str(k): None if v is None else round(float(v), 4) for k, v in sorted(t.result.slice_scores.items())
+                },
+                "slice_areas_mm2": {
+                    str(int(k)): round(float(t.result.mask[k].sum()) * dy * dx, 1)
+                    for k in t.result.mask.any(axis=(1, 2)).nonzero()[0]
+                },
+                "slice_positions_mm": {
+                    str(int(k)): round(
+                        float(case.volume.geometry.slice_position(int(k)) @ case.volume.geometry.normal), 2
+                    )
+                    for k in t.result.mask.any(axis=(1, 2)).nonzero()[0]
+                },
             }
             for t in case.targets
         ],
@@ -134,7 +149,7 @@ def segment_for_job(
         "load_seconds": round(case.load_seconds, 3),
         "slices": case.volume.shape[0],
     }
-    return case.dataset, info
+    return case, info
 
 
 class _LeaseKeeper(threading.Thread):
@@ -168,6 +183,18 @@ def _deliveries(cfg: NodeConfig, action: dict, case: CaseRow) -> list[tuple[str,
 
 def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner: str, device: str) -> str:
     """Process one claimed job; returns its new state (a :class:`JobState`), or :data:`LOST`."""
+    try:
+        state = _run_job(cfg, db, audit, job, owner, device)
+    except Exception:
+        metrics().jobs.labels("error").inc()  # the worker exits; the job runs again in a fresh one
+        raise
+    outcome = {JobState.DONE: "done", JobState.FAILED: "failed", JobState.PENDING: "retry"}.get(state)
+    if outcome is not None:
+        metrics().jobs.labels(outcome).inc()
+    return state
+
+
+def _run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner: str, device: str) -> str:
     job_id, case_id = job.id, job.case_id
     case = get_case(db, case_id)
     if case is None:  # jobs.case_id references cases(id); only a damaged database gets here
@@ -190,18 +217,30 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner: 
                 f"{(case.n_images or 0) - len(image_paths)} of the case's {case.n_images} images are no longer "
                 "in the store"
             )
+        from dicom_node.outputs import write_outputs
         from dicom_node.rules import Action
 
-        ds, info = segment_for_job(
+        rule_action = Action.model_validate(action)
+        result, info = segment_for_job(
             case.prompt_path,
             image_paths,
             case.image_series_uid,
-            Action.model_validate(action),
+            rule_action,
             device,
             allow_frame_of_reference_only=case.mode != CaseMode.REFERENCES,
         )
-        result_path = cfg.results_dir / str(job_id) / f"RS.{ds.SOPInstanceUID}.dcm"
-        _atomic_write_dataset(ds, result_path)
+        ds = result.dataset
+        written = write_outputs(
+            cfg.results_dir / str(job_id),
+            result,
+            list(rule_action.outputs),
+            rule_action.window,
+            image_paths,
+            cfg.data_dir,
+        )
+        result_path = cfg.data_dir / written.files["rtstruct"][0]
+        info.update(files=written.files, qa=written.qa, outputs=list(rule_action.outputs))
+        info["warnings"] = list(info["warnings"]) + written.warnings
     except PermanentJobError as exc:
         keeper.stop_event.set()
         state = fail_job(db, job_id, owner, str(exc), retryable=False, max_attempts=cfg.jobs.max_attempts)
@@ -230,6 +269,7 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner: 
         inference_seconds=seconds,
         detail=info,
         deliveries=_deliveries(cfg, action, case),
+        outputs=tuple(rule_action.outputs),
     )
     if not done or keeper.lost:
         event(
@@ -241,6 +281,12 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner: 
         )
         shutil.rmtree(result_path.parent, ignore_errors=True)
         return LOST
+    engine = str(info.get("engine", action.get("engine")))
+    metrics().inference.labels(engine).observe(seconds)
+    segmented = sum(t["slices"] for t in info["targets"])
+    segment_seconds = sum(t["seconds"] for t in info["targets"])
+    if segmented:
+        metrics().seconds_per_slice.labels(engine).observe(segment_seconds / segmented)
     audit.write(
         "inference_end",
         case=case_id,
@@ -261,11 +307,12 @@ def run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner: 
     return JobState.DONE
 
 
-def warm_up(cfg: NodeConfig, device: str) -> float:
+def warm_up(cfg: NodeConfig, device: str) -> tuple[float, list]:
     """Import the segmentation chain and build the engines the rules use, before any job.
 
     The first case then costs no import or model-loading time. A model that cannot be
-    loaded is logged here and fails its jobs with the same reason later.
+    loaded is logged here and fails its jobs with the same reason later. Returns the
+    seconds it took and the :class:`~inference.engine.EngineSpec` of each engine loaded.
     """
     t0 = time.perf_counter()
     import dicom_node.pipeline  # noqa: F401
@@ -283,6 +330,7 @@ def warm_up(cfg: NodeConfig, device: str) -> float:
         except Exception as exc:
             event(log, "warm_up_rules_unreadable", level=logging.WARNING, why=str(exc))
     built: list = []
+    loaded: list = []
     for action in actions:
         spec = action.engine_spec().on_device(device)
         if spec in built:
@@ -290,6 +338,7 @@ def warm_up(cfg: NodeConfig, device: str) -> float:
         built.append(spec)
         try:
             build(spec)
+            loaded.append(spec)
         except Exception as exc:
             event(
                 log,
@@ -301,9 +350,30 @@ def warm_up(cfg: NodeConfig, device: str) -> float:
             )
     if not built:
         build(EngineSpec(DEFAULT_ENGINE))
+        loaded.append(EngineSpec(DEFAULT_ENGINE))
     seconds = time.perf_counter() - t0
     event(log, "worker_ready", engines=len(built) or 1, seconds=f"{seconds:.2f}")
-    return seconds
+    return seconds, loaded
+
+
+def status_path(cfg: NodeConfig, index: int) -> Path:
+    """Where worker ``index`` describes itself for the health page."""
+    return cfg.data_dir / "run" / f"worker-{index}.json"
+
+
+def _write_status(cfg: NodeConfig, index: int, **facts) -> None:
+    path = status_path(cfg, index)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**facts, "pid": os.getpid(), "updated_at": time.time()}))
+        os.replace(tmp, path)
+    except OSError as exc:  # the health page then shows less; the worker goes on
+        event(log, "worker_status_unwritable", level=logging.WARNING, path=str(path), why=exc.strerror)
+
+
+def _engine_facts(spec) -> dict:
+    return {"engine": spec.name, "checkpoint": spec.checkpoint, "model_cfg": spec.model_cfg, "device": spec.device}
 
 
 def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None) -> int:
@@ -315,8 +385,15 @@ def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str],
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     event(log, "worker_started", worker=owner, device=device)
-    seconds = warm_up(cfg, device)
+    seconds, loaded = warm_up(cfg, device)
     audit.write("worker_ready", worker=owner, device=device, seconds=round(seconds, 3))
+    engines = [_engine_facts(s) for s in loaded]
+    ready_at = time.time()
+
+    def status(job_id: int | None) -> None:
+        _write_status(cfg, index, worker=index, device=device, engines=engines, ready_at=ready_at, job=job_id)
+
+    status(None)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else None
     while not stopping.is_set():
         if os.getppid() != parent:
@@ -332,7 +409,17 @@ def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str],
             else:
                 time.sleep(cfg.workers.poll_seconds)
             continue
+        status(job.id)
         state = run_job(cfg, db, audit, job, owner, device)
+        try:
+            from dicom_node.rules import Action
+
+            used = _engine_facts(Action.model_validate(job.action).engine_spec().on_device(device))
+            if used not in engines:
+                engines.append(used)
+        except Exception:  # a rule the worker could not read: nothing new was loaded
+            pass
+        status(None)
         if notify is not None:
             notify(f"{state} {job.id}")
     event(log, "worker_stopped", worker=owner)
@@ -350,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = NodeConfig.model_validate_json(Path(args.config_json).read_text())
     setup_logging(cfg.logging.level, cfg.logging.format, cfg.logging.file)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines narrate every attribute it copies
     out = sys.stdout
 
     def notify(line: str) -> None:
@@ -389,6 +477,7 @@ class _WorkerHandle:
         self.failures = 0
         self.next_start = 0.0
         self.started_at = 0.0
+        self.restarts = 0
         self.reader: threading.Thread | None = None
 
     @property
@@ -479,6 +568,10 @@ class WorkerSupervisor:
                     with self._lock:
                         w.proc = None
                     released = self._release(w, why)
+                    mark_process_dead(proc.pid)
+                    if not self._stop.is_set():
+                        w.restarts += 1
+                        metrics().worker_restarts.labels(str(w.index)).inc()
                     w.failures = w.failures + 1 if now - w.started_at < 60 else 1
                     delay = min(self.cfg.workers.restart_backoff_max_seconds, 2 ** (w.failures - 1))
                     w.next_start = now + delay
@@ -551,6 +644,35 @@ class WorkerSupervisor:
 
     def alive(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc is not None and w.proc.poll() is None]
+
+    def status(self) -> list[dict]:
+        """Each worker as the health page shows it: device, process, restarts, and what the
+        worker says of itself (engines loaded, current job) once it is ready."""
+        out = []
+        for w in self.workers:
+            proc = w.proc
+            alive = proc is not None and proc.poll() is None
+            facts: dict = {}
+            try:
+                facts = json.loads(status_path(self.cfg, w.index).read_text())
+            except (OSError, ValueError):
+                pass
+            if not alive or facts.get("pid") != proc.pid:  # type: ignore[union-attr]
+                facts = {}  # a previous process's description
+            out.append(
+                {
+                    "worker": w.index,
+                    "device": w.device,
+                    "pid": proc.pid if alive else None,  # type: ignore[union-attr]
+                    "alive": alive,
+                    "ready": bool(facts),
+                    "started_at": w.started_at or None,
+                    "restarts": w.restarts,
+                    "engines": facts.get("engines", []),
+                    "job": facts.get("job"),
+                }
+            )
+        return out
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -51,6 +51,8 @@ class SegmentationResult:
     mode: str
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    #: why the walk ended at each end ("up": increasing slice index, "down"), when the engine walks
+    stop_reasons: dict[str, str] = field(default_factory=dict)
 
 
 class Engine(abc.ABC):

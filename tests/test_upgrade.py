@@ -47,11 +47,32 @@ OLD_RELEASE = "8c478e1"
 # ======================================================================================
 # A schema 1 database, made by hand (the unit tests need no git)
 # ======================================================================================
-def make_v1(data_dir: Path, outside: Path | None = None) -> dict:
+#: ``sends`` as schemas 1 and 2 had it (schema 3 adds ``output``; it has no ``notifications``)
+SENDS_SCHEMA_2 = """
+DROP TABLE notifications;
+DROP TABLE sends;
+CREATE TABLE sends (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    sent_at REAL,
+    UNIQUE (job_id, destination)
+);
+CREATE INDEX sends_due ON sends(state, next_attempt_at);
+"""
+
+
+def make_v1(data_dir: Path, outside: Path | None = None, version: int = 1) -> dict:
     """A schema 1 database with one done case (prompt and result files, absolute paths).
 
-    Schema 1 has the same tables as schema 2 (migration 2 changes only data), so today's
-    DDL builds it. ``outside``: a second case whose prompt lies outside data_dir.
+    Schema 1 has the same tables as schema 2 (migration 2 changes only data): today's DDL
+    with ``sends`` as it was (:data:`SENDS_SCHEMA_2`) builds it. ``outside``: a second case
+    whose prompt lies outside data_dir. ``version`` 2: the same rows with relative paths.
     """
     data_dir.mkdir(parents=True)
     prompt = data_dir / "prompts" / "abc.dcm"
@@ -61,20 +82,21 @@ def make_v1(data_dir: Path, outside: Path | None = None) -> dict:
         path.write_text(text)
     conn = sqlite3.connect(data_dir / "node.db", isolation_level=None)
     conn.executescript(_SCHEMA)
-    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    conn.executescript(SENDS_SCHEMA_2)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(version),))
     now = time.time()
     for n, path in enumerate([prompt] + ([outside] if outside else []), start=1):
         conn.execute(
             """INSERT INTO cases (state, rtstruct_uid, rtstruct_sha256, prompt_path, n_refs, created_at,
                    last_progress_at, ref_series_uids, mode, source) VALUES ('done', ?, ?, ?, 1, ?, ?, '["1.5"]',
                    'references', 'dicom')""",
-            (f"1.2.{n}", f"h{n}", str(path), now, now),
+            (f"1.2.{n}", f"h{n}", str(path) if version == 1 else str(path.relative_to(data_dir)), now, now),
         )
     conn.execute(
         """INSERT INTO jobs (case_id, state, rule, action, explanation, created_at, result_path, result_sop_uid,
                detail) VALUES (1, 'done', 'r', '{"engine": "classic", "destinations": []}', '["why"]', ?, ?,
                '1.2.3', '{"rois": "GTV_AI"}')""",
-        (now, str(result)),
+        (now, str(result) if version == 1 else str(result.relative_to(data_dir))),
     )
     conn.close()
     return {"db": data_dir / "node.db", "prompt": prompt, "result": result}
@@ -122,7 +144,7 @@ def version_of(path: Path) -> str:
 def test_a_new_database_has_the_current_schema(tmp_path):
     db = Database(tmp_path / "node.db")
     assert db.migration is None
-    assert db.get_meta("schema_version") == str(SCHEMA_VERSION) == "2"
+    assert db.get_meta("schema_version") == str(SCHEMA_VERSION) == "3"
     assert not list(tmp_path.glob("*.bak"))
 
 
@@ -132,9 +154,9 @@ def test_schema_1_is_migrated_in_place_after_a_backup(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dicom_node.migrations"):
         db = Database(v1["db"])
     report = db.migration
-    assert (report.from_version, report.to_version) == (1, 2)
-    assert report.counts == {"paths_made_relative": 2, "paths_kept_absolute": 1}
-    assert db.get_meta("schema_version") == "2"
+    assert (report.from_version, report.to_version) == (1, 3)
+    assert report.counts == {"paths_made_relative": 2, "paths_kept_absolute": 1, "deliveries_copied": 0}
+    assert db.get_meta("schema_version") == "3"
     rows = {r["id"]: r["prompt_path"] for r in db.query("SELECT id, prompt_path FROM cases")}
     assert rows == {1: "prompts/abc.dcm", 2: "/srv/elsewhere/prompt.dcm"}  # outside data_dir: kept, with a warning
     assert db.one("SELECT result_path FROM jobs")["result_path"] == "results/1/RS.1.2.3.dcm"
@@ -162,16 +184,55 @@ def test_migrating_twice_is_a_no_op(tmp_path):
     assert dump(v1["db"]) == after and backup.stat().st_mtime_ns == stamp
 
 
+def test_schema_2_deliveries_become_rtstruct_deliveries(tmp_path):
+    v2 = make_v1(tmp_path / "data", version=2)
+    conn = sqlite3.connect(v2["db"])
+    with conn:
+        for n, (dest, state) in enumerate([("tps", "sent"), ("folder:/x", "dead"), ("pacs", "pending")], start=3):
+            conn.execute(
+                """INSERT INTO sends (id, job_id, destination, kind, state, attempts, next_attempt_at, last_error,
+                       sent_at) VALUES (?, 1, ?, 'dicom', ?, ?, 5.0, ?, ?)""",
+                (n, dest, state, n, None if state == "sent" else "refused", 7.0 if state == "sent" else None),
+            )
+    before = [r[:9] for r in sqlite3.connect(v2["db"]).execute("SELECT * FROM sends ORDER BY id")]
+    db = Database(v2["db"])
+    assert (db.migration.from_version, db.migration.to_version) == (2, 3)
+    assert db.migration.counts == {"deliveries_copied": 3}
+    rows = [tuple(r) for r in db.query("SELECT * FROM sends ORDER BY id")]
+    assert [r[:9] for r in rows] == before and [r[9] for r in rows] == ["rtstruct"] * 3  # ids, states, times kept
+    fresh = tmp_path / "fresh.db"
+    Database(fresh).close()
+    assert schema_of(v2["db"]) == schema_of(fresh)
+    # the new uniqueness: a second output for the same destination is a new row, the same output is not
+    with db.tx() as c:
+        c.execute(
+            "INSERT INTO sends (job_id, destination, kind, state, next_attempt_at, output) "
+            "VALUES (1, 'tps', 'dicom', 'pending', 0, 'seg')"
+        )
+        with pytest.raises(sqlite3.IntegrityError):
+            c.execute(
+                "INSERT INTO sends (job_id, destination, kind, state, next_attempt_at) "
+                "VALUES (1, 'tps', 'dicom', 'pending', 0)"
+            )
+    assert db.query("SELECT count(*) AS n FROM notifications")[0]["n"] == 0
+    with db.tx() as c:  # ids go on after the copied rows
+        new_id = c.execute(
+            "INSERT INTO sends (job_id, destination, kind, state, next_attempt_at) "
+            "VALUES (1, 'other', 'dicom', 'pending', 0)"
+        ).lastrowid
+    assert new_id > 5
+
+
 def test_a_newer_schema_is_refused_by_the_node_and_the_cli(tmp_path, capsys):
     config = write_config(tmp_path / "node")
     data = tmp_path / "node" / "data"
     Database(data / "node.db").close()
     conn = sqlite3.connect(data / "node.db")
     with conn:
-        conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+        conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
     conn.close()
     before = dump(data / "node.db")
-    expected = "this database was written by a newer release (schema 3); this release reads schema 2: upgrade the node"
+    expected = "this database was written by a newer release (schema 4); this release reads schema 3: upgrade the node"
     with pytest.raises(SchemaError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         Database(data / "node.db")
     out = subprocess.run([*CLI, "serve", "-c", str(config)], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -186,10 +247,10 @@ def test_the_refusal_names_the_backup_of_this_release(tmp_path):
     Database(db_path).close()
     conn = sqlite3.connect(db_path)
     with conn:
-        conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+        conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
     conn.close()
-    backup_path(db_path, 2).write_bytes(b"")  # what a newer release would leave before its migration
-    with pytest.raises(SchemaError, match=r"restore the backup .*node\.db\.v2\.bak.*remove node\.db-wal"):
+    backup_path(db_path, 3).write_bytes(b"")  # what a newer release would leave before its migration
+    with pytest.raises(SchemaError, match=r"restore the backup .*node\.db\.v3\.bak.*remove node\.db-wal"):
         Database(db_path)
 
 
@@ -206,7 +267,7 @@ def test_a_failed_migration_leaves_the_database_untouched(tmp_path, monkeypatch)
     with pytest.raises(SchemaError) as info:
         Database(v1["db"])
     message = str(info.value)
-    assert "migrating the database from schema 1 to 2 failed at the step 1 -> 2" in message
+    assert "migrating the database from schema 1 to 3 failed at the step 1 -> 2" in message
     assert "simulated failure" in message and "unchanged (rolled back)" in message
     assert dump(v1["db"]) == before  # rolled back: schema 1, absolute paths
     assert dump(backup_path(v1["db"], 1)) == before
@@ -223,13 +284,13 @@ def test_a_cli_does_not_migrate_under_a_running_node(tmp_path, capsys):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a node of the previous release is running
         assert cli_main(["jobs", "-c", str(config), "list"]) == 2
         err = capsys.readouterr().err
-        assert "is at schema 1 and this release needs schema 2, but a node" in err and "restart the service" in err
+        assert "is at schema 1 and this release needs schema 3, but a node" in err and "restart the service" in err
         assert version_of(v1["db"]) == "1" and not backup_path(v1["db"], 1).exists()
     finally:
         os.close(fd)
     assert cli_main(["jobs", "-c", str(config), "list", "--json"]) == 0  # no node: the CLI migrates
     assert json.loads(capsys.readouterr().out)[0]["state"] == "done"
-    assert version_of(v1["db"]) == "2" and backup_path(v1["db"], 1).exists()
+    assert version_of(v1["db"]) == "3" and backup_path(v1["db"], 1).exists()
 
 
 def test_a_data_dir_moved_after_the_migration_still_works(tmp_path):

@@ -1,11 +1,11 @@
 """What a rule does with a matching case: :class:`Action` (engine, model, options, window,
-output naming and colour, destinations)."""
+output naming and colour, outputs, destinations)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,6 +40,8 @@ class Action(BaseModel):
     output_roi_name: str | None = None
     output_color: tuple[int, int, int] | None = None
     destinations: list[str] = Field(default_factory=list)
+    #: what is delivered: the RTSTRUCT, a DICOM SEG of the same masks, the QA pictures as Secondary Capture
+    outputs: list[Literal["rtstruct", "seg", "overlay"]] = Field(default_factory=lambda: ["rtstruct"])
     export_folder: Path | None = None
     margin_mm: float = Field(default=_LIMITS.margin_mm, ge=0)
     min_area_mm2: float = Field(default=_LIMITS.min_area_mm2, ge=0)
@@ -102,6 +104,16 @@ class Action(BaseModel):
             raise ValueError(f"a destination is listed twice: {value}")
         return [v.strip() for v in value]
 
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs(cls, value: Any) -> Any:
+        value = as_list(value)
+        if not isinstance(value, list) or not value:
+            raise ValueError("outputs: list at least one of rtstruct, seg, overlay")
+        if len(set(map(str, value))) != len(value):
+            raise ValueError(f"an output is listed twice: {value}")
+        return value
+
     @field_validator("engine_options")
     @classmethod
     def _engine_options(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +170,7 @@ class Action(BaseModel):
             parts.append(f"model_cfg {self.model_cfg}")
         parts.append("window " + (f"{self.window[0]:g}/{self.window[1]:g}" if self.window else "default"))
         parts.append(f"output {self.output_roi_name or 'default name'}")
+        parts.append("outputs " + ", ".join(self.outputs))
         parts.append("destinations " + (", ".join(self.destinations) if self.destinations else "none"))
         if self.export_folder is not None:
             parts.append(f"export folder {self.export_folder}")

@@ -537,4 +537,5 @@ class ClassicEngine(Engine):
             mode="box2d",
             seconds=time.perf_counter() - t0,
             warnings=warnings,
+            stop_reasons=dict(result.stop_reasons),
         )

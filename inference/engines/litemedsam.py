@@ -204,4 +204,5 @@ class LiteMedSamEngine(Engine):
             mode=options.mode,
             seconds=seconds,
             warnings=list(self.warnings) + list(result.warnings),
+            stop_reasons=dict(result.stop_reasons),
         )

@@ -239,6 +239,7 @@ class Sam2Engine(Engine):
             mode=options.mode,
             seconds=seconds,
             warnings=warnings,
+            stop_reasons=dict(stops),
         )
 
     def _segment_2d(self, gray: np.ndarray, volume: Volume, prompts: TargetPrompts, options: SegmentOptions):

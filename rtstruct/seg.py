@@ -1,0 +1,105 @@
+"""Write the result masks as a DICOM Segmentation (SEG) instance, built with highdicom.
+
+:func:`write_seg` makes one binary SEG on the source image series of a
+:class:`~inference.volume.Volume`: one segment per :class:`~rtstruct.writer.RoiMask`
+(label = the ROI name, property category "Morphologically Abnormal Structure", type
+"Neoplasm", algorithm type AUTOMATIC with the algorithm's name and version as in the
+RTSTRUCT, the ROI colour as its recommended display colour), frames only where a segment
+is present, each frame referencing its source slice. highdicom takes patient, study and
+frame of reference from the source images' headers, which are read (without pixel data)
+from the image files and put in the volume's slice order. The SEG is a new series and a
+new instance. A mask of the wrong shape, an empty mask or an image file that is not a
+slice of the volume is refused with :class:`~rtstruct.reader.RTStructError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom
+import numpy as np
+from highdicom.color import CIELabColor
+from highdicom.seg import SegmentAlgorithmTypeValues, Segmentation, SegmentationTypeValues, SegmentDescription
+from pydicom.sr.codedict import codes
+
+from inference.volume import Volume
+from rtstruct.headers import read_header
+from rtstruct.reader import RTStructError
+from rtstruct.writer import RoiMask, _software_version
+
+__all__ = ["write_seg"]
+
+log = logging.getLogger(__name__)
+
+
+def _source_images(volume: Volume, image_paths: Sequence[str | Path]) -> list:
+    by_uid = {}
+    for path in image_paths:
+        ds = read_header(path)
+        by_uid[str(ds.SOPInstanceUID)] = ds
+    missing = [uid for uid in volume.sop_instance_uids if uid not in by_uid]
+    if missing:
+        raise RTStructError(f"{len(missing)} of the volume's {len(volume.sop_instance_uids)} slices have no image file")
+    return [by_uid[uid] for uid in volume.sop_instance_uids]
+
+
+def write_seg(
+    volume: Volume,
+    image_paths: Sequence[str | Path],
+    rois: Sequence[RoiMask],
+    *,
+    series_description: str = "STARDUST AI segmentation",
+    series_number: int = 902,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+) -> Segmentation:
+    """A binary DICOM SEG of ``rois`` on the images of ``volume`` (``image_paths``: its files)."""
+    if not rois:
+        raise RTStructError("no ROIs to write")
+    shape = volume.geometry.shape
+    planes = np.zeros((shape[0], shape[1], shape[2], len(rois)), dtype=bool)
+    descriptions = []
+    for number, roi in enumerate(rois, start=1):
+        mask = np.asarray(roi.mask)
+        if mask.shape != shape:
+            raise RTStructError(f"mask of ROI {roi.name!r} has shape {mask.shape}, the volume {shape}")
+        if not mask.any():
+            raise RTStructError(f"mask of ROI {roi.name!r} is empty: nothing to write")
+        planes[..., number - 1] = mask.astype(bool, copy=False)
+        descriptions.append(
+            SegmentDescription(
+                segment_number=number,
+                segment_label=roi.name[:64],
+                segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+                segmented_property_type=codes.SCT.Neoplasm,
+                algorithm_type=SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=highdicom.AlgorithmIdentificationSequence(
+                    name=roi.algorithm_name[:64],
+                    family=codes.cid7162.ArtificialIntelligence,
+                    version=roi.algorithm_version[:64],
+                ),
+                display_color=CIELabColor.from_rgb(*(int(v) for v in roi.color)),
+            )
+        )
+    sources = _source_images(volume, image_paths)
+    seg = Segmentation(
+        source_images=sources,
+        pixel_array=planes,
+        segmentation_type=SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid or highdicom.UID(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or highdicom.UID(),
+        instance_number=1,
+        manufacturer="STARDUST",
+        manufacturer_model_name="STARDUST DICOM node",
+        software_versions=_software_version(),
+        device_serial_number="0",
+        content_label="STARDUST_AI",
+        content_description=series_description[:64],
+    )
+    seg.SeriesDescription = series_description
+    log.debug("SEG: %d segments on %d frames", len(rois), int(seg.NumberOfFrames))
+    return seg
