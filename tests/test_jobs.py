@@ -9,8 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from conftest import free_port
-from node_helpers import StoreSCP, wait_for
+from helpers import StoreSCP, free_port, wait_for
 from test_store import tiny_ct
 
 from dicom_node import jobs as q

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import NodeProcess, StoreSCP, echoscu, image_files, phantom, storescu, wait_for, write_config
+from helpers import NodeProcess, StoreSCP, echoscu, image_files, phantom, storescu, wait_for, write_config
 from pydicom.uid import generate_uid
 from test_scp import _raw_store, _with_payload, dataset_bytes, write_files
 from test_store import tiny_ct

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import (
+from helpers import (
     CLI,
     NodeProcess,
     Orthanc,

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import require_tool
-from node_helpers import (
+from helpers import (
     NodeProcess,
     StoreSCP,
     delivered,
     image_files,
     phantom,
+    require_tool,
     stored_successes,
     storescu,
     wait_for,

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import REPO
-from node_helpers import (
+from helpers import (
     CLI,
     PY,
+    REPO,
     NodeProcess,
     StoreSCP,
     image_files,
