@@ -86,10 +86,16 @@ def write_config(
 # the node
 # --------------------------------------------------------------------------------------
 class NodeProcess:
-    """``dicom-node serve -c CONFIG`` in its own process group."""
+    """``dicom-node serve -c CONFIG`` in its own process group.
 
-    def __init__(self, config: Path) -> None:
+    ``tree``: run the code of another checkout (a previous release taken from git history)
+    instead of this one: from that folder and with it on ``PYTHONPATH``, so that the
+    workers, which import from the node's working directory, run it too.
+    """
+
+    def __init__(self, config: Path, tree: Path | None = None) -> None:
         self.config = Path(config)
+        self.tree = Path(tree) if tree is not None else None
         data = yaml.safe_load(self.config.read_text())
         self.port = int(data["network"]["port"])
         self.data_dir = Path(data["data_dir"])
@@ -103,7 +109,8 @@ class NodeProcess:
             [*CLI, "serve", "-c", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            cwd=str(REPO),
+            cwd=str(self.tree or REPO),
+            env={**os.environ, "PYTHONPATH": str(self.tree)} if self.tree is not None else None,
             start_new_session=True,
         )
         wait_for(lambda: self.proc.poll() is not None or port_open(self.port), timeout, 0.1, "the node to listen")
