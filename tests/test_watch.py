@@ -61,21 +61,26 @@ def test_a_case_copied_in_subfolders_is_imported_and_removed(watched, small_ct):
 
 def test_non_dicom_is_ignored_with_a_log_line(watched, small_ct, caplog):
     cfg, store, watch = watched
-    caplog.set_level(logging.WARNING, logger="dicom_node.watch")
+    caplog.set_level(logging.DEBUG, logger="dicom_node.watch")
     (cfg.watch.import_dir / "README.txt").write_text("scanned requisition, not DICOM")
     good = cfg.watch.import_dir / "one.dcm"
     shutil.copy(image_files(small_ct)[0], good)
     wait_for(lambda: count(store) == 1, 30, what="the DICOM file")
-    wait_for(
-        lambda: any(
-            "watch_ignored" in r.getMessage() and "README.txt" in str(getattr(r, "fields", "")) for r in caplog.records
-        ),
-        30,
-        what="the log line for README.txt",
-    )
+
+    def about_readme(name: str) -> int:  # log records ``name`` about README.txt
+        return sum(name in r.getMessage() and "README.txt" in str(getattr(r, "fields", "")) for r in caplog.records)
+
+    wait_for(lambda: about_readme("watch_ignored"), 30, what="the log line for README.txt")
     assert (cfg.watch.import_dir / "README.txt").exists()  # left alone
     n = sum("watch_ignored" in r.getMessage() for r in caplog.records)
-    time.sleep(1.5)
+    for scan in (1, 2):  # full rescans (every minute, or on a new folder) look at README.txt again
+        passed = about_readme("watch_unchanged")
+        watch.request_rescan()
+        wait_for(
+            lambda passed=passed: about_readme("watch_unchanged") > passed or about_readme("watch_ignored") > 1,
+            30,
+            what=f"rescan {scan} to pass README.txt",
+        )
     assert sum("watch_ignored" in r.getMessage() for r in caplog.records) == n  # logged once, not every scan
 
 
