@@ -84,6 +84,15 @@ class StoreSCP:
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if p.is_file()) if self.folder.exists() else []
 
+    def received(self) -> dict[str, Path]:
+        """The received files by SOP Instance UID, in the order of :meth:`files`.
+
+        storescp names a file after its instance, so an instance received twice is one
+        file: the node's audit (``sent`` events) counts deliveries."""
+        import pydicom
+
+        return {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in self.files()}
+
     def destination(self) -> dict:
         return {"host": "127.0.0.1", "port": self.port, "ae_title": self.aet}
 
