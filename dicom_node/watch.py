@@ -6,7 +6,8 @@ each file once its size and modification time have not changed for
 :meth:`dicom_node.store.Store.import_file`, the same checks and durable write as a
 C-STORE, with ``source='watch'`` and the calling AE title ``watch.calling_aet`` for the
 rules. Imported files are removed (``delete_after_import``). Files that are not DICOM (or
-are broken) are left in place with one log line each and not retried until they change.
+are broken) are left in place with one log line each and not retried until they change
+(a rescan that finds such a file unchanged says so at DEBUG: ``watch_unchanged``).
 Hidden files (names starting with ``.``) are ignored: copy tools use them for partial
 files. A full rescan runs at start and every minute, in case the OS dropped events.
 """
@@ -148,14 +149,24 @@ class WatchFolder:
             if self._ignored.get(path) == (st.st_size, st.st_mtime):
                 with self._lock:
                     self._candidates.pop(path, None)
+                event(
+                    log,
+                    "watch_unchanged",
+                    level=logging.DEBUG,
+                    file=str(self._rel(path)),
+                    note="not read again until it changes",
+                )
                 continue
             if self._import(path, st):
                 imported += 1
         if imported and self.on_import is not None:
             self.on_import()
 
+    def _rel(self, path: Path) -> Path:
+        return path.relative_to(self.root) if path.is_relative_to(self.root) else path
+
     def _import(self, path: Path, st: os.stat_result) -> bool:
-        rel = path.relative_to(self.root) if path.is_relative_to(self.root) else path
+        rel = self._rel(path)
         try:
             stored = self.store.import_file(
                 path, Origin(source=InstanceSource.WATCH, calling_aet=self.cfg.watch.calling_aet)

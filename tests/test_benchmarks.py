@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO, require_tool
+from helpers import REPO, require_tool
 
 
 def run(*args: str, timeout: float = 600) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import write_rules
+from helpers import image_files, phantom, write_rules
 from pydicom.uid import generate_uid
 
 from dicom_node.audit import AuditLog
@@ -20,14 +20,8 @@ from dicom_node.store import Origin, Store
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    from dicom_node.phantom import write_phantom
-
-    root = tmp_path_factory.mktemp("phantoms")
-    return {
-        seed: write_phantom(root / f"p{seed}", "CT", seed, shape=(24, 128, 128), spacing=(2.5, 3.0, 3.0))
-        for seed in (1, 2)
-    }
+def phantoms():
+    return {seed: phantom(seed, "CT", shape=(24, 128, 128), spacing=(2.5, 3.0, 3.0)) for seed in (1, 2)}
 
 
 class Harness:
@@ -80,14 +74,10 @@ class Harness:
         return [dict(r) for r in self.db.query("SELECT * FROM cases ORDER BY id")]
 
 
-def images(p) -> list[Path]:
-    return sorted(Path(p["images"]).glob("*.dcm"))
-
-
 def test_one_association_ready_at_release_without_quiet_time(tmp_path, phantoms):
     h = Harness(tmp_path, settle_seconds=3600)  # a settle time would never elapse here
     p = phantoms[1]
-    h.send(images(p) + [p["prompt"]], "A", close=False)
+    h.send(image_files(p) + [p["prompt"]], "A", close=False)
     (case,) = h.step()
     assert case["state"] == "waiting"  # complete, but the association is still open
     h.close("A")
@@ -105,7 +95,7 @@ def test_rtstruct_first_images_later_in_another_association(tmp_path, phantoms):
     p = phantoms[1]
     h.send([p["prompt"]], "A")
     assert h.step()[0]["state"] == "waiting"
-    files = images(p)
+    files = image_files(p)
     h.send(files[:10], "B", close=False)
     assert h.step()[0]["state"] == "waiting"
     h.send(files[10:], "B", close=False)
@@ -117,7 +107,7 @@ def test_rtstruct_first_images_later_in_another_association(tmp_path, phantoms):
 def test_settle_time_when_the_association_stays_open(tmp_path, phantoms):
     h = Harness(tmp_path, settle_seconds=2)
     p = phantoms[1]
-    h.send(images(p) + [p["prompt"]], "A", close=False)
+    h.send(image_files(p) + [p["prompt"]], "A", close=False)
     now = time.time()
     assert h.step(now)[0]["state"] == "waiting"
     assert h.step(now + 2.5)[0]["state"] == "queued"
@@ -126,25 +116,25 @@ def test_settle_time_when_the_association_stays_open(tmp_path, phantoms):
 def test_two_patients_interleaved(tmp_path, phantoms):
     h = Harness(tmp_path)
     a, b = phantoms[1], phantoms[2]
-    mixed = [f for pair in zip(images(a), images(b)) for f in pair]
+    mixed = [f for pair in zip(image_files(a), image_files(b)) for f in pair]
     h.send([b["prompt"]] + mixed[:20], "A", close=False)
     h.send(mixed[20:] + [a["prompt"]], "A")
     cases = h.step()
     assert [c["state"] for c in cases] == ["queued", "queued"]
     for case, p in zip(cases, (b, a)):
-        series = pydicom.dcmread(images(p)[0]).SeriesInstanceUID
+        series = pydicom.dcmread(image_files(p)[0]).SeriesInstanceUID
         assert case["image_series_uid"] == series and case["n_images"] == 24
         uids = {
             r["sop_instance_uid"]
             for r in h.db.query("SELECT sop_instance_uid FROM case_images WHERE case_id=?", (case["id"],))
         }
-        assert uids == {pydicom.dcmread(f).SOPInstanceUID for f in images(p)}
+        assert uids == {pydicom.dcmread(f).SOPInstanceUID for f in image_files(p)}
 
 
 def test_missing_images_fail_after_the_timeout_with_the_count(tmp_path, phantoms):
     h = Harness(tmp_path, incomplete_timeout_seconds=30)
     p = phantoms[1]
-    h.send(images(p)[3:] + [p["prompt"]], "A")
+    h.send(image_files(p)[3:] + [p["prompt"]], "A")
     now = time.time()
     assert h.step(now + 10)[0]["state"] == "waiting"
     (case,) = h.step(now + 31)
@@ -161,7 +151,7 @@ def test_progress_extends_the_timeout(tmp_path, phantoms):
     h.send([p["prompt"]], "A")
     start = time.time()
     assert h.step(start + 20)[0]["state"] == "waiting"
-    h.send(images(p)[:5], "B")  # more pieces arrive: the clock restarts
+    h.send(image_files(p)[:5], "B")  # more pieces arrive: the clock restarts
     assert h.step(time.time() + 20)[0]["state"] == "waiting"
     assert h.step(time.time() + 31)[0]["state"] == "failed"
 
@@ -169,7 +159,7 @@ def test_progress_extends_the_timeout(tmp_path, phantoms):
 def test_resent_prompt_unchanged_is_ignored_changed_makes_a_new_case(tmp_path, phantoms):
     h = Harness(tmp_path)
     p = phantoms[1]
-    h.send(images(p) + [p["prompt"]], "A")
+    h.send(image_files(p) + [p["prompt"]], "A")
     assert [c["state"] for c in h.step()] == ["queued"]
     h.send([p["prompt"]], "B")  # the same bytes again (e.g. the TPS retried)
     assert [c["state"] for c in h.step()] == ["queued"]
@@ -197,7 +187,7 @@ def test_stale_references_fall_back_to_the_series(tmp_path, phantoms):
     # the TPS re-exported the images with new SOP Instance UIDs: the prompt's references are stale
     out = tmp_path / "reexport"
     out.mkdir()
-    for f in images(p):
+    for f in image_files(p):
         ds = pydicom.dcmread(f)
         ds.SOPInstanceUID = generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -212,14 +202,14 @@ def test_stale_references_fall_back_to_the_series(tmp_path, phantoms):
 def test_rtstruct_without_prompts_makes_no_case(tmp_path, phantoms):
     h = Harness(tmp_path)
     p = phantoms[1]
-    h.send(images(p) + [p["truth"]], "A")  # a clinician's GTV, no BOX_/POS_ ROI
+    h.send(image_files(p) + [p["truth"]], "A")  # a clinician's GTV, no BOX_/POS_ ROI
     assert h.step() == []
 
 
 def test_restart_resumes_from_the_arrival_log(tmp_path, phantoms):
     h = Harness(tmp_path)
     p = phantoms[1]
-    h.send(images(p) + [p["prompt"]], "A")
+    h.send(image_files(p) + [p["prompt"]], "A")
     # the node dies before the assembler saw the arrivals; a new one picks them up
     h2 = Harness(tmp_path)
     assert [c["state"] for c in h2.step()] == ["queued"]

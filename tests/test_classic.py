@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from helpers import make_volume, phantom, shared_path
 from scipy import ndimage
 
 from inference.engine import SegmentationError, SegmentOptions, get_engine
 from inference.engines.classic import ALGORITHM_NAME, ClassicEngine
-from inference.geometry import Geometry
 from inference.metrics import dice, evaluate
 from inference.preprocess import (
     DEFAULT_CT_WINDOW,
@@ -24,21 +23,6 @@ from inference.preprocess import (
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
 from inference.propagation import bounding_box
 from inference.volume import Volume
-
-
-def make_volume(array: np.ndarray, spacing=(3.0, 1.0, 1.0), modality="CT") -> Volume:
-    geometry = Geometry(shape=array.shape, spacing=spacing, origin=np.zeros(3), direction=np.eye(3)[::-1])
-    return Volume(
-        array=array,
-        geometry=geometry,
-        sop_instance_uids=tuple(f"1.2.3.{k + 1}" for k in range(array.shape[0])),
-        modality=modality,
-        series_instance_uid="1.2.3",
-        study_instance_uid="1.2",
-        frame_of_reference_uid="1.2.4",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-    )
-
 
 # -- preprocessing ------------------------------------------------------------------
 
@@ -172,13 +156,12 @@ def test_classic_on_phantoms(modality, seed):
 
 
 @pytest.mark.parametrize("modality,seed", [("CT", 7), ("MR", 3)])
-def test_classic_on_written_phantom_against_truth_dcm(tmp_path, modality, seed):
+def test_classic_on_written_phantom_against_truth_dcm(modality, seed):
     """Through the files: images + prompt.dcm in, scored against truth.dcm rasterised."""
-    from dicom_node.phantom import write_phantom
     from rtstruct import extract_prompts, rasterize_roi, read_rtstruct
     from rtstruct.series import load_series
 
-    paths = write_phantom(tmp_path, modality, seed)
+    paths = phantom(seed, modality)
     vol = load_series(paths["images"])
     (prompts,) = extract_prompts(read_rtstruct(paths["prompt"]), vol)
     truth = rasterize_roi(read_rtstruct(paths["truth"]).roi("GTV"), vol.geometry)

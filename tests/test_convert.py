@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import shared_path
+from helpers import shared_path
 from pydicom.uid import generate_uid
 
 from dicom_node.cli import main

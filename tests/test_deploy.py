@@ -11,8 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import REPO
+from helpers import REPO
 
 INSTALL = REPO / "deploy" / "install.sh"
 UNIT = REPO / "deploy" / "stardust-node.service"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from conftest import shared_path
+from helpers import shared_path
 from test_convert import read_csv
 
 from dicom_node.cli import main

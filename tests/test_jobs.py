@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED
 from apscheduler.schedulers.background import BackgroundScheduler
-from conftest import free_port
-from node_helpers import StoreSCP, wait_for
+from helpers import StoreSCP, free_port, wait_for
 from test_store import tiny_ct
 
 from dicom_node import jobs as q
@@ -169,9 +169,25 @@ class SenderHarness:
         self.db = make_db(tmp_path)
         self.audit = AuditLog(tmp_path / "audit.jsonl")
         self.scheduler = BackgroundScheduler()
+        self._polls = 0  # runs of the sender's interval poll, as the scheduler reports them
+        self._polls_lock = threading.Lock()
+        self.scheduler.add_listener(self._job_ran, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
         self.scheduler.start()
         self.sender = Sender(self.cfg, self.db, self.audit, self.scheduler)
         self.sender.start()
+
+    def _job_ran(self, ev) -> None:
+        if ev.job_id == "sender-poll":
+            with self._polls_lock:
+                self._polls += 1
+
+    def wait_for_polls(self, n: int = 2) -> None:
+        """Wait until the sender's interval poll has run ``n`` more times from now: it has
+        looked at its queue since (the scheduler reports a run once it has returned, so a
+        delivery it claimed is already marked ``sending``)."""
+        with self._polls_lock:
+            target = self._polls + n
+        wait_for(lambda: self._polls >= target, 30, what=f"{n} more sender polls")
 
     def job_with_result(self, result: Path, deliveries: list[tuple[str, str]]) -> int:
         jid = add_case_and_job(self.db)
@@ -213,7 +229,9 @@ def test_delivery_waits_for_the_tps_and_sends_exactly_once(tmp_path):
         assert row["state"] in ("pending", "sending") and "cannot connect" in (row["last_error"] or "")
         tps.start()
         wait_for(lambda: h.sends()[0]["state"] == "sent", 30, what="delivery after the TPS came up")
-        time.sleep(1.5)  # a few more sender polls: nothing more may be sent
+        (sent,) = h.sends()
+        h.wait_for_polls(2)  # a few more sender polls: nothing more may be sent
+        assert h.sends() == [sent]  # not claimed again
         assert len(tps.files()) == 1
         assert pydicom.dcmread(tps.files()[0]).SOPInstanceUID == pydicom.dcmread(result).SOPInstanceUID
         events = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "sent"]
@@ -232,8 +250,9 @@ def test_dead_letter_and_resend(tmp_path):
         wait_for(lambda: h.sends()[0]["state"] == "dead", 30, what="the dead letter")
         assert h.sends()[0]["attempts"] == 2
         tps.start()
-        time.sleep(1.5)
+        h.wait_for_polls(2)  # the sender polls with the TPS up
         assert tps.files() == []  # dead letters stay dead
+        assert [(s["state"], s["attempts"]) for s in h.sends()] == [("dead", 2)]
         assert q.resend_job(h.db, jid) == 1
         wait_for(lambda: h.sends()[0]["state"] == "sent", 30, what="the manual resend")
         assert len(tps.files()) == 1

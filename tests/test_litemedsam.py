@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from helpers import shared_path
 
 from dicom_node.phantom import make_phantom
 from inference import litemedsam as lm

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import NodeProcess, StoreSCP, echoscu, image_files, phantom, storescu, wait_for, write_config
+from helpers import (
+    NodeProcess,
+    StoreSCP,
+    deliver_later_case,
+    echoscu,
+    image_files,
+    phantom,
+    storescu,
+    wait_for,
+    write_config,
+)
 from pydicom.uid import generate_uid
 from test_scp import _raw_store, _with_payload, dataset_bytes, write_files
 from test_store import tiny_ct
@@ -109,8 +118,9 @@ def test_prompt_outside_the_image(running):
     assert storescu([p["images"], bad], node.port).returncode == 0
     reason = _failed_job_reason(node, pydicom.dcmread(bad).SOPInstanceUID)
     assert "outside the image" in reason
-    time.sleep(1)
-    assert len(tps.files()) == before  # nothing sent
+    later = deliver_later_case(node)  # the worker and the sender have gone past the failed job
+    assert len(tps.files()) == before + 1  # nothing sent (but the later case's result)
+    assert later["result_sop_uid"] in tps.received()
     assert "job_failed" in node.log_text()
     serving(node)
 
@@ -130,6 +140,7 @@ def test_prompt_on_another_frame_of_reference(running):
     assert storescu([p["images"], bad], node.port).returncode == 0
     reason = _failed_job_reason(node, pydicom.dcmread(bad).SOPInstanceUID)
     assert "another frame of reference" in reason
-    time.sleep(1)
-    assert len(tps.files()) == before
+    later = deliver_later_case(node)
+    assert len(tps.files()) == before + 1
+    assert later["result_sop_uid"] in tps.received()
     serving(node)

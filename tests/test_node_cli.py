@@ -6,8 +6,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import free_port
-from node_helpers import CLI, REPO, NodeProcess, StoreSCP, delivered, image_files, phantom, wait_for, write_config
+from helpers import CLI, REPO, NodeProcess, StoreSCP, delivered, free_port, image_files, phantom, wait_for, write_config
 
 pytestmark = pytest.mark.network
 

@@ -6,8 +6,7 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import REPO
-from node_helpers import CLI
+from helpers import CLI, REPO
 
 from dicom_node.config import ConfigError, config_from_data, load_config
 from dicom_node.uids import InvalidUID, is_valid_uid, validate_uid

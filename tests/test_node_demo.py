@@ -8,8 +8,7 @@ import subprocess
 
 import pydicom
 import pytest
-from conftest import require_tool
-from node_helpers import CLI, REPO
+from helpers import CLI, REPO, require_tool
 
 pytestmark = pytest.mark.network
 

@@ -7,17 +7,17 @@ everything it started.
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import (
+from helpers import (
     CLI,
     NodeProcess,
     Orthanc,
     StoreSCP,
     check_result,
+    deliver_later_case,
     delivered,
     image_files,
     phantom,
@@ -104,8 +104,10 @@ def test_orthanc_as_the_tps(tmp_path, start_node):
         result = tmp_path / "from-orthanc.dcm"
         result.write_bytes(orthanc.file(oid))
         check_result(result, p)
-        time.sleep(2)
-        assert len(orthanc.instances()) == 1  # delivered once
+        later = deliver_later_case(node)  # the node has gone past this case: its sender too
+        sops = sorted(orthanc.instance_tags(i)["SOPInstanceUID"] for i in orthanc.instances())
+        assert sops == sorted([tags["SOPInstanceUID"], later["result_sop_uid"]])  # delivered once
+        assert [e["case"] for e in node.audit() if e["event"] == "sent"] == [1, later["case_id"]]
     finally:
         orthanc.stop()
 
@@ -115,7 +117,10 @@ def test_rtstruct_first_images_later_in_another_association(tps, start_node):
     node = start_node(destinations={"tps": tps.destination()})
     assert storescu([p["prompt"]], node.port).returncode == 0
     wait_for(lambda: node.cases(), 30, what="the case to be created")
-    time.sleep(1.0)
+    # another patient's prompt becomes a case in a later pass of the case assembler, after
+    # the pass that made case 1 has evaluated it: case 1 was looked at without its images
+    assert storescu([phantom(5)["prompt"]], node.port).returncode == 0
+    wait_for(lambda: len(node.cases()) == 2, 30, what="the other patient's case")
     assert node.cases()[0]["state"] == "waiting" and tps.files() == []
     assert storescu([p["images"]], node.port).returncode == 0
     (result,) = delivered(node, tps)
@@ -153,8 +158,9 @@ def test_missing_images_fail_after_the_timeout_and_nothing_is_sent(tps, start_no
     case = wait_for(lambda: [c for c in node.cases() if c["state"] == "failed"], 60, 0.2, "the case to fail")[0]
     assert case["reason"].startswith(f"5 of {len(files)} referenced images missing")
     assert node.jobs() == [] and node.sends() == []
-    time.sleep(1)
-    assert tps.files() == []
+    later = deliver_later_case(node)  # assembler, worker and sender have gone past the failed case
+    assert [j["case_id"] for j in node.jobs()] == [later["case_id"]]
+    assert list(tps.received()) == [later["result_sop_uid"]]  # nothing sent for the failed case
     assert any(e["event"] == "case_failed" and "5 of" in e.get("reason", "") for e in node.audit())
     assert node.echo()
 
@@ -169,10 +175,12 @@ def test_tps_down_delivered_once_it_comes_up(tmp_path, start_node):
         assert node.sends()[0]["state"] != "sent"
         tps.start()
         wait_for(lambda: node.sends()[0]["state"] == "sent", 60, 0.2, "the delivery")
-        time.sleep(3)  # further retries/polls must not send it again
-        (result,) = tps.files()
-        check_result(result, p)
-        assert sum(e["event"] == "sent" for e in node.audit()) == 1
+        (job,) = node.jobs()
+        later = deliver_later_case(node)  # further retries/polls must not send it again
+        received = tps.received()
+        assert sorted(received) == sorted([job["result_sop_uid"], later["result_sop_uid"]])
+        check_result(received[job["result_sop_uid"]], p)
+        assert [e["case"] for e in node.audit() if e["event"] == "sent"] == [job["case_id"], later["case_id"]]
     finally:
         tps.stop()
 

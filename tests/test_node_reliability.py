@@ -6,18 +6,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import require_tool
-from node_helpers import (
+from helpers import (
     NodeProcess,
     StoreSCP,
+    deliver_later_case,
     delivered,
     image_files,
     phantom,
+    require_tool,
     stored_successes,
     storescu,
     wait_for,
@@ -98,8 +98,10 @@ def test_kill9_during_a_300_slice_transfer(tmp_path, tps):
         refs = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
         assert refs.SeriesInstanceUID == pydicom.dcmread(files[0]).SeriesInstanceUID
         assert len(node.cases()) == 1 and node.cases()[0]["n_images"] == 300
-        time.sleep(2)
-        assert len(tps.files()) == 1
+        (case,) = node.cases()
+        later = deliver_later_case(node)  # the node has gone past the case: no second result
+        assert sorted(tps.received()) == sorted([ds.SOPInstanceUID, later["result_sop_uid"]])
+        assert [e["case"] for e in node.audit() if e["event"] == "sent"] == [case["id"], later["case_id"]]
     finally:
         if not log.closed:
             log.close()
@@ -122,9 +124,9 @@ def test_kill9_during_inference(tmp_path, tps):
         (result,) = delivered(node, tps)
         (job,) = node.jobs()
         assert job["state"] == "done" and job["attempts"] == 2
-        time.sleep(2)
-        assert len(tps.files()) == 1
-        events = node.audit()
+        later = deliver_later_case(node)  # the node has gone past the case: no second result
+        assert sorted(tps.received()) == sorted([job["result_sop_uid"], later["result_sop_uid"]])
+        events = [e for e in node.audit() if e.get("case") == job["case_id"]]
         assert sum(e["event"] == "inference_start" for e in events) == 2
         assert sum(e["event"] == "sent" for e in events) == 1
         assert pydicom.dcmread(result).SOPInstanceUID == job["result_sop_uid"]
@@ -145,9 +147,10 @@ def test_kill9_after_inference_before_delivery(tmp_path):
         tps.start()
         node = NodeProcess(config).start()
         delivered(node, tps)
-        time.sleep(2)
-        assert len(tps.files()) == 1
-        assert [j["attempts"] for j in node.jobs()] == [1]  # not segmented again
+        later = deliver_later_case(node)  # the node has gone past the case: no second result
+        first = node.jobs()[0]
+        assert sorted(tps.received()) == sorted([first["result_sop_uid"], later["result_sop_uid"]])
+        assert first["attempts"] == 1  # not segmented again
     finally:
         node.stop()
         tps.stop()
@@ -173,7 +176,7 @@ def test_a_crashing_worker_does_not_stop_reception(tmp_path, tps):
         assert jobs[0]["attempts"] == 2
         assert "worker_died" in node.log_text()
         assert node.alive()
-        time.sleep(2)
-        assert len(tps.files()) == 2
+        later = deliver_later_case(node)  # the node has gone past both cases: no more results
+        assert sorted(tps.received()) == sorted([j["result_sop_uid"] for j in jobs] + [later["result_sop_uid"]])
     finally:
         node.stop()

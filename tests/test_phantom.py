@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_tool, shared_path
+from helpers import dciodvfy_report, shared_path
 from scipy import ndimage
 
 from dicom_node import cli
@@ -53,13 +50,6 @@ def assert_same_volume(loaded: Volume, original: Volume) -> None:
     assert loaded.sop_class_uid == original.sop_class_uid and loaded.modality == original.modality
     for keyword, value in original.attributes.items():
         assert loaded.attributes.get(keyword, "") == value, keyword
-
-
-def dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
-    tool = require_tool("dciodvfy")
-    proc = subprocess.run([tool, str(path)], capture_output=True, text=True)
-    lines = (proc.stdout + proc.stderr).splitlines()
-    return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
 
 
 # -- the written series ---------------------------------------------------------------------
@@ -116,7 +106,7 @@ def test_dciodvfy_reports_no_errors(which, request):
     phantom, paths = request.getfixturevalue(which)
     files = sorted(paths["images"].iterdir())
     for path in (files[0], files[len(files) // 2], paths["prompt"], paths["truth"]):
-        errors, warnings = dciodvfy_errors(path)
+        errors, warnings = dciodvfy_report(path)
         assert errors == [], (path.name, errors)
         assert warnings == [], (path.name, warnings)
 

@@ -8,7 +8,7 @@ import highdicom
 import numpy as np
 import pydicom
 import pytest
-from conftest import shared_path
+from helpers import make_volume, shared_path
 
 from inference.geometry import Geometry
 from inference.prompts import BoxPrompt
@@ -25,27 +25,14 @@ from rtstruct import (
 from rtstruct.prompts import unique_name
 from rtstruct.series import load_series
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def make_volume(geometry: Geometry) -> Volume:
-    return Volume(
-        array=np.zeros(geometry.shape, dtype=np.int16),
-        geometry=geometry,
-        sop_instance_uids=tuple(highdicom.UID() for _ in range(geometry.shape[0])),
-        modality="CT",
-        series_instance_uid=highdicom.UID(),
-        study_instance_uid=highdicom.UID(),
-        frame_of_reference_uid=highdicom.UID(),
-        sop_class_uid=CT_IMAGE_STORAGE,
-        attributes={"PatientID": "P1"},
-    )
+PATIENT = {"PatientID": "P1"}
 
 
 @pytest.fixture
 def volume() -> Volume:
     return make_volume(
-        Geometry(shape=(20, 64, 64), spacing=(3.0, 0.8, 0.8), origin=[-25.0, -25.0, 100.0], direction=np.eye(3)[::-1])
+        Geometry(shape=(20, 64, 64), spacing=(3.0, 0.8, 0.8), origin=[-25.0, -25.0, 100.0], direction=np.eye(3)[::-1]),
+        attributes=PATIENT,
     )
 
 
@@ -296,7 +283,7 @@ def test_stale_image_references_are_refused_unless_frame_of_reference_fallback(v
     ds = prompt_dataset(volume, [("BOX_", rect(volume, 3, 5, 5, 9, 9))])
     ss = read_rtstruct(ds)
     # Same frame of reference and grid, but the images were re-sent with new UIDs.
-    resent = make_volume(volume.geometry)
+    resent = make_volume(volume.geometry, attributes=PATIENT)
     resent.frame_of_reference_uid = volume.frame_of_reference_uid
     with pytest.raises(PromptError, match="references series .* not the images' series"):
         extract_prompts(ss, resent)

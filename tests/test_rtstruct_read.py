@@ -9,7 +9,7 @@ import highdicom
 import numpy as np
 import pydicom
 import pytest
-from conftest import SHARED_DATA, shared_path
+from helpers import SHARED_DATA, shared_path
 
 from inference.geometry import Geometry
 from inference.volume import Volume

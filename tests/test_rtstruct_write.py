@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
-from pathlib import Path
 
-import highdicom
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_tool, shared_path
+from helpers import dciodvfy_report, make_volume, shared_path
 from highdicom._standard_utils import check_required_attributes, get_iod_module_map, get_sop_class_iod_map
 
 from inference.geometry import Geometry
@@ -29,7 +26,6 @@ from rtstruct.series import load_series
 from rtstruct.writer import slice_polygons_to_patient
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 UID_GRAMMAR = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 ATTRIBUTES = {
@@ -49,21 +45,6 @@ ATTRIBUTES = {
 
 
 # -- helpers ------------------------------------------------------------------------------
-def make_volume(geometry: Geometry, *, modality: str = "CT", attributes: dict | None = None) -> Volume:
-    n = geometry.shape[0]
-    return Volume(
-        array=np.zeros(geometry.shape, dtype=np.int16),
-        geometry=geometry,
-        sop_instance_uids=tuple(highdicom.UID() for _ in range(n)),
-        modality=modality,
-        series_instance_uid=highdicom.UID(),
-        study_instance_uid=highdicom.UID(),
-        frame_of_reference_uid=highdicom.UID(),
-        sop_class_uid=CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE,
-        attributes=dict(ATTRIBUTES if attributes is None else attributes),
-    )
-
-
 def axial_geometry() -> Geometry:
     return Geometry(shape=(40, 96, 96), spacing=(2.5, 0.9, 0.9), origin=[-43.0, -40.0, 12.5], direction=np.eye(3)[::-1])
 
@@ -130,14 +111,6 @@ def round_trip(volume: Volume, mask: np.ndarray, name: str = "GTV_AI") -> tuple[
     return back, ds
 
 
-def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    """(error lines, warning lines) of dciodvfy for one file."""
-    tool = require_tool("dciodvfy")
-    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    lines = (proc.stdout + proc.stderr).splitlines()
-    return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]
-
-
 @pytest.fixture(scope="module")
 def mr_t1_volume() -> Volume:
     return load_series(shared_path("sts-001-mr", "MR_T1", "IMAGES"))
@@ -148,7 +121,7 @@ def mr_t1_volume() -> Volume:
 @pytest.mark.parametrize("geometry_name", ["axial", "oblique"])
 def test_round_trip_synthetic_geometries(shape, geometry_name):
     geometry = axial_geometry() if geometry_name == "axial" else oblique_geometry()
-    volume = make_volume(geometry)
+    volume = make_volume(geometry, attributes=ATTRIBUTES)
     mask = SHAPES[shape](geometry)
     assert mask.sum() > 1000
     back, ds = round_trip(volume, mask)
@@ -196,7 +169,7 @@ def test_lung1_gtv_rasterised_written_rasterised_again(tmp_path):
     assert back.StudyInstanceUID == ct.study_instance_uid
     assert back.PatientID == ct.attributes["PatientID"]
     assert back.Manufacturer == "STARDUST"
-    errors, warnings = dciodvfy(path)
+    errors, warnings = dciodvfy_report(path)
     print("dciodvfy LUNG1-001 warnings:\n" + "\n".join(warnings))
     assert errors == []
 
@@ -212,7 +185,7 @@ def test_mr_t1_clinical_gtv_round_trip(mr_t1_volume):
 # -- geometry of the written contours ----------------------------------------------------
 def test_contours_lie_on_their_slice_planes_and_reference_their_slice():
     geometry = oblique_geometry()
-    volume = make_volume(geometry)
+    volume = make_volume(geometry, attributes=ATTRIBUTES)
     ds = reread(write_rtstruct(volume, [RoiMask("GTV_AI", ellipsoid_with_hole(geometry))]))
     uid_to_k = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
     normal = geometry.normal
@@ -237,7 +210,7 @@ def test_holes_are_nested_contours_with_opposite_orientation():
     mask[5, 30:50, 30:50] = False  # ... with a square hole ...
     mask[5, 38:42, 38:42] = True  # ... with an island in the hole
     mask[5, 70:80, 70:90] = True  # and a separate component
-    volume = make_volume(geometry)
+    volume = make_volume(geometry, attributes=ATTRIBUTES)
     ds = reread(write_rtstruct(volume, [RoiMask("GTV_AI", mask)]))
     contours = ds.ROIContourSequence[0].ContourSequence
     assert len(contours) == 4
@@ -292,7 +265,7 @@ def test_pixel_to_patient_uses_the_slice_plane_and_agrees_with_geometry():
 # -- dataset content -----------------------------------------------------------------------
 def test_dataset_attributes_uids_and_references():
     geometry = axial_geometry()
-    volume = make_volume(geometry)
+    volume = make_volume(geometry, attributes=ATTRIBUTES)
     ds = reread(
         write_rtstruct(
             volume,
@@ -377,7 +350,7 @@ def test_decimal_strings_are_at_most_16_characters():
     yy, xx = np.mgrid[:40, :40]
     mask = np.zeros(geometry.shape, dtype=bool)
     mask[1:5] = (yy - 20) ** 2 + (xx - 19) ** 2 <= 15**2
-    ds = reread(write_rtstruct(make_volume(geometry), [RoiMask("GTV_AI", mask)]))
+    ds = reread(write_rtstruct(make_volume(geometry, attributes=ATTRIBUTES), [RoiMask("GTV_AI", mask)]))
     count = 0
     for elem in ds.iterall():
         if elem.VR == "DS" and elem.value is not None:
@@ -418,13 +391,13 @@ def test_type_1_and_2_attributes_present_even_without_image_attributes(tmp_path)
         assert "ROIInterpreter" in obs and "RTROIInterpretedType" in obs
     path = tmp_path / "no_attributes.dcm"
     ds.save_as(path, enforce_file_format=True)
-    errors, _ = dciodvfy(path)
+    errors, _ = dciodvfy_report(path)
     assert errors == []
 
 
 def test_dciodvfy_reports_no_errors_for_a_synthetic_rtstruct(tmp_path):
     geometry = oblique_geometry()
-    volume = make_volume(geometry, modality="MR")
+    volume = make_volume(geometry, modality="MR", attributes=ATTRIBUTES)
     ds = write_rtstruct(
         volume,
         [
@@ -434,7 +407,7 @@ def test_dciodvfy_reports_no_errors_for_a_synthetic_rtstruct(tmp_path):
     )
     path = tmp_path / "synthetic.dcm"
     ds.save_as(path, enforce_file_format=True)
-    errors, warnings = dciodvfy(path)
+    errors, warnings = dciodvfy_report(path)
     print("dciodvfy synthetic warnings:\n" + "\n".join(warnings))
     assert errors == []
 
@@ -442,7 +415,7 @@ def test_dciodvfy_reports_no_errors_for_a_synthetic_rtstruct(tmp_path):
 # -- refusals ------------------------------------------------------------------------------
 def test_refuses_bad_input_with_clear_messages():
     geometry = axial_geometry()
-    volume = make_volume(geometry)
+    volume = make_volume(geometry, attributes=ATTRIBUTES)
     good = sphere(geometry)
     with pytest.raises(RTStructError, match="GTV_AI.*empty"):
         write_rtstruct(volume, [RoiMask("GTV_AI", np.zeros(geometry.shape, dtype=bool))])
@@ -466,7 +439,7 @@ def test_mask_touching_the_image_border_gives_closed_contours_inside_the_image()
     geometry = axial_geometry()
     mask = np.zeros(geometry.shape, dtype=bool)
     mask[3:6, :, :10] = True  # touches three borders
-    volume = make_volume(geometry)
+    volume = make_volume(geometry, attributes=ATTRIBUTES)
     back, ds = round_trip(volume, mask)
     assert np.array_equal(back, mask)
     for c in ds.ROIContourSequence[0].ContourSequence:

@@ -8,12 +8,12 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from helpers import REPO, shared_path
 from pydicom.dataset import Dataset
 
 from dicom_node.rules import Action, RuleContext, RulesError, RuleSet
 from inference.engine import SegmentOptions
 from rtstruct.prompts import result_roi_names
-from tests.conftest import REPO, shared_path
 
 
 def image_header(**values) -> Dataset:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import helpers
 import pydicom
 import pytest
 import yaml
+from helpers import REPO, shared_path
 
 from dicom_node.cli import main
-from tests.conftest import REPO, shared_path
 
 DEFAULT_RULES = str(REPO / "config" / "rules.yaml")
 
@@ -22,10 +23,8 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory) -> dict[str, Path]:
-    from dicom_node.phantom import write_phantom
-
-    return write_phantom(tmp_path_factory.mktemp("phantom"), "CT", 3)
+def phantom() -> dict[str, Path]:
+    return helpers.phantom(3, "CT")
 
 
 def write_rules(path: Path, rules: list[dict], **top) -> Path:

@@ -9,14 +9,12 @@ box at both sizes (and a positive object score).
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from conftest import require_tool
+from helpers import dciodvfy_errors
 
+from dicom_node.phantom import make_phantom
 from inference.engine import SegmentationError, SegmentOptions, get_engine
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
 
@@ -25,24 +23,12 @@ SHAPE = (12, 128, 128)
 SPACING = (5.0, 3.0, 3.0)  # the phantom's tumour needs ~50 mm along the slices
 
 
-def phantom(modality: str = "CT", seed: int = 0):
-    from dicom_node.phantom import make_phantom
-
-    return make_phantom(modality, seed, shape=SHAPE, spacing=SPACING)
-
-
 def box_prompts(ph, name: str = "GTV_AI") -> TargetPrompts:
     return TargetPrompts(target="", output_name=name, boxes=[ph.box], source_rois=["BOX_"])
 
 
 def engine(size: str):
     return get_engine("sam2", model_cfg=size, device="cpu", allow_random_weights=True, random_seed=SEED, batch_size=4)
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    tool = require_tool("dciodvfy")
-    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
 def check_result_and_rtstruct(ph, prompts, result, mode, tmp_path):
@@ -100,7 +86,7 @@ def check_result_and_rtstruct(ph, prompts, result, mode, tmp_path):
 # -- full runs ------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode, modality", [("box2d", "CT"), ("video3d", "MR")])
 def test_full_run_512(mode, modality, tmp_path):
-    ph = phantom(modality)
+    ph = make_phantom(modality, 0, shape=SHAPE, spacing=SPACING)
     prompts = box_prompts(ph)
     result = engine("sam2.1_hiera_t512").segment(ph.volume, prompts, SegmentOptions(mode=mode))
     check_result_and_rtstruct(ph, prompts, result, mode, tmp_path)
@@ -109,7 +95,7 @@ def test_full_run_512(mode, modality, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, modality", [("box2d", "MR"), ("video3d", "CT")])
 def test_full_run_1024(mode, modality, tmp_path):
-    ph = phantom(modality)
+    ph = make_phantom(modality, 0, shape=SHAPE, spacing=SPACING)
     prompts = box_prompts(ph)
     eng = engine("sam2.1_hiera_t")
     assert eng.image_size == 1024
@@ -126,7 +112,7 @@ def test_engine_is_built_once_and_reused():
 
 # -- limits and batching ---------------------------------------------------------------------
 def test_3d_respects_max_extent():
-    ph = phantom("CT")
+    ph = make_phantom("CT", 0, shape=SHAPE, spacing=SPACING)
     k = ph.box.slice_index
     opts = SegmentOptions(mode="video3d", max_extent_mm=5.0)  # one 5 mm slice each way
     result = engine("sam2.1_hiera_t512").segment(ph.volume, box_prompts(ph), opts)
@@ -141,7 +127,7 @@ def test_2d_encodes_only_reached_slices_in_batches():
     from inference.propagation import PropagationParams, propagate_2d
     from inference.sam2_features import Sam2SliceSegmenter, SliceFeatureCache
 
-    ph = phantom("CT")
+    ph = make_phantom("CT", 0, shape=SHAPE, spacing=SPACING)
     k = ph.box.slice_index
     gray = preprocess.prepare(ph.volume).gray
     model = engine("sam2.1_hiera_t512").model
@@ -162,7 +148,7 @@ def test_2d_encodes_only_reached_slices_in_batches():
 
 # -- errors ----------------------------------------------------------------------------------
 def test_bad_prompts_and_modes_are_clear_errors():
-    ph = phantom("CT")
+    ph = make_phantom("CT", 0, shape=SHAPE, spacing=SPACING)
     eng = engine("sam2.1_hiera_t512")
     outside = TargetPrompts("", "GTV_AI", boxes=[BoxPrompt(40, 1, 1, 5, 5)])
     with pytest.raises(SegmentationError, match=r"slices \[40\] outside 0..11"):
@@ -210,7 +196,7 @@ def blind_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["box2d", "video3d"])
 def test_empty_result_is_a_segmentation_error(blind_checkpoint, mode):
-    ph = phantom("CT")
+    ph = make_phantom("CT", 0, shape=SHAPE, spacing=SPACING)
     eng = get_engine("sam2", checkpoint=str(blind_checkpoint), model_cfg="sam2.1_hiera_t512", device="cpu")
     with pytest.raises(SegmentationError, match=r"produced an empty mask for target '' on prompted slice\(s\) \[6\]"):
         eng.segment(ph.volume, box_prompts(ph), SegmentOptions(mode=mode, max_extent_mm=5.0))

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import free_port, require_tool
-from node_helpers import echoscu, storescu, wait_for
+from helpers import echoscu, free_port, require_tool, storescu, wait_for
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import generate_uid
 from test_store import tiny_ct

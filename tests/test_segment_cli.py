@@ -8,25 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
-from conftest import REPO, shared_path
+from helpers import REPO, shared_path
 
 from dicom_node.cli import main
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    from dicom_node.phantom import write_phantom
-
-    return write_phantom(tmp_path_factory.mktemp("phantom_ct"), "CT", seed=1)
+def phantom() -> dict[str, Path]:
+    return helpers.phantom(1, "CT")
 
 
 @pytest.fixture(scope="module")
-def other_phantom(tmp_path_factory):
-    from dicom_node.phantom import write_phantom
-
-    return write_phantom(tmp_path_factory.mktemp("phantom_mr"), "MR", seed=2)
+def other_phantom() -> dict[str, Path]:
+    return helpers.phantom(2, "MR")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from helpers import shared_path
 from test_convert import build_cohort, load_npz, read_csv  # the cohort with bad input
 
 from dicom_node.cli import main

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import REPO
-from node_helpers import (
+from helpers import (
     CLI,
     PY,
+    REPO,
     NodeProcess,
     StoreSCP,
     image_files,
     phantom,
-    port_open,
     storescu,
     wait_for,
     write_config,
@@ -365,30 +364,6 @@ def old_release(tmp_path_factory) -> Path:
     return tree
 
 
-class OldNode(NodeProcess):
-    """``dicom-node serve`` of the previous release: its code from ``tree`` (the worker too,
-    which imports from the node's working directory)."""
-
-    def __init__(self, config: Path, tree: Path) -> None:
-        super().__init__(config)
-        self.tree = tree
-
-    def start(self, timeout: float = 60.0) -> OldNode:
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [*CLI, "serve", "-c", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=str(self.tree),
-            env={**os.environ, "PYTHONPATH": str(self.tree)},
-            start_new_session=True,
-        )
-        wait_for(lambda: self.proc.poll() is not None or port_open(self.port), timeout, 0.1, "the old node to listen")
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the old node exited with {self.proc.returncode}:\n{self.log_text()}")
-        return self
-
-
 def _store_requests(scp: StoreSCP) -> int:
     return scp.log_path.read_text(errors="replace").count("Received Store Request")
 
@@ -408,7 +383,7 @@ def test_upgrade_from_the_previous_release(tmp_path, old_release):
         destinations={"tps": tps.destination()},
         send={"max_attempts": 1000},  # the delivery must stay pending while the TPS is down
     )
-    old = OldNode(config, old_release)
+    old = NodeProcess(config, tree=old_release)
     node = None
     try:
         # -- the previous release: case 1 delivered, case 2 done but its delivery pending,

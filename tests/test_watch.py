@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import wait_for
+from helpers import NodeProcess, StoreSCP, check_result, image_files, phantom, wait_for, write_config
 
 from dicom_node.config import config_from_data
 from dicom_node.db import Database
@@ -18,10 +18,8 @@ from dicom_node.watch import WatchFolder
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
-    from dicom_node.phantom import write_phantom
-
-    return write_phantom(tmp_path_factory.mktemp("ph"), "CT", 3, shape=(20, 96, 96), spacing=(2.5, 4.0, 4.0))
+def small_ct() -> dict[str, Path]:
+    return phantom(3, "CT", shape=(20, 96, 96), spacing=(2.5, 4.0, 4.0))
 
 
 @pytest.fixture
@@ -46,45 +44,50 @@ def count(store: Store) -> int:
     return store.db.one("SELECT count(*) AS n FROM instances")["n"]
 
 
-def test_a_case_copied_in_subfolders_is_imported_and_removed(watched, phantom):
+def test_a_case_copied_in_subfolders_is_imported_and_removed(watched, small_ct):
     cfg, store, watch = watched
     target = cfg.watch.import_dir / "patient1" / "ct"
-    shutil.copytree(phantom["images"], target)
-    shutil.copy(phantom["prompt"], cfg.watch.import_dir / "patient1" / "prompt.dcm")
+    shutil.copytree(small_ct["images"], target)
+    shutil.copy(small_ct["prompt"], cfg.watch.import_dir / "patient1" / "prompt.dcm")
     wait_for(lambda: count(store) == 21, 60, what="21 imported instances")
     rows = store.db.query("SELECT source, calling_aet, sop_instance_uid, path FROM instances")
     assert {r["source"] for r in rows} == {"watch"} and {r["calling_aet"] for r in rows} == {"WATCHFOLDER"}
-    for f in sorted(Path(phantom["images"]).glob("*.dcm"))[:3]:
+    for f in image_files(small_ct)[:3]:
         ds = pydicom.dcmread(f)
         stored = store.path_of(ds.SOPInstanceUID)
         assert stored.read_bytes()[-2000:] == f.read_bytes()[-2000:]
     wait_for(lambda: not any(cfg.watch.import_dir.rglob("*")), 20, what="the import folder to empty")
 
 
-def test_non_dicom_is_ignored_with_a_log_line(watched, phantom, caplog):
+def test_non_dicom_is_ignored_with_a_log_line(watched, small_ct, caplog):
     cfg, store, watch = watched
-    caplog.set_level(logging.WARNING, logger="dicom_node.watch")
+    caplog.set_level(logging.DEBUG, logger="dicom_node.watch")
     (cfg.watch.import_dir / "README.txt").write_text("scanned requisition, not DICOM")
     good = cfg.watch.import_dir / "one.dcm"
-    shutil.copy(sorted(Path(phantom["images"]).glob("*.dcm"))[0], good)
+    shutil.copy(image_files(small_ct)[0], good)
     wait_for(lambda: count(store) == 1, 30, what="the DICOM file")
-    wait_for(
-        lambda: any(
-            "watch_ignored" in r.getMessage() and "README.txt" in str(getattr(r, "fields", "")) for r in caplog.records
-        ),
-        30,
-        what="the log line for README.txt",
-    )
+
+    def about_readme(name: str) -> int:  # log records ``name`` about README.txt
+        return sum(name in r.getMessage() and "README.txt" in str(getattr(r, "fields", "")) for r in caplog.records)
+
+    wait_for(lambda: about_readme("watch_ignored"), 30, what="the log line for README.txt")
     assert (cfg.watch.import_dir / "README.txt").exists()  # left alone
     n = sum("watch_ignored" in r.getMessage() for r in caplog.records)
-    time.sleep(1.5)
+    for scan in (1, 2):  # full rescans (every minute, or on a new folder) look at README.txt again
+        passed = about_readme("watch_unchanged")
+        watch.request_rescan()
+        wait_for(
+            lambda passed=passed: about_readme("watch_unchanged") > passed or about_readme("watch_ignored") > 1,
+            30,
+            what=f"rescan {scan} to pass README.txt",
+        )
     assert sum("watch_ignored" in r.getMessage() for r in caplog.records) == n  # logged once, not every scan
 
 
-def test_a_file_still_being_written_waits_until_stable(watched, phantom, caplog):
+def test_a_file_still_being_written_waits_until_stable(watched, small_ct, caplog):
     cfg, store, watch = watched
     caplog.set_level(logging.DEBUG, logger="dicom_node.watch")
-    src = sorted(Path(phantom["images"]).glob("*.dcm"))[0].read_bytes()
+    src = image_files(small_ct)[0].read_bytes()
     path = cfg.watch.import_dir / "slow.dcm"
     chunk = len(src) // 15 + 1
     with open(path, "wb") as f:
@@ -98,7 +101,7 @@ def test_a_file_still_being_written_waits_until_stable(watched, phantom, caplog)
     assert not [r for r in caplog.records if "watch_ignored" in r.getMessage()]
 
 
-def test_files_present_at_start_are_imported(tmp_path, phantom):
+def test_files_present_at_start_are_imported(tmp_path, small_ct):
     cfg = config_from_data(
         {
             "access": {"calling_aets": ["X"]},
@@ -106,7 +109,7 @@ def test_files_present_at_start_are_imported(tmp_path, phantom):
             "watch": {"enabled": True, "import_dir": str(tmp_path / "import"), "stable_seconds": 0.2},
         }
     )
-    shutil.copytree(phantom["images"], cfg.watch.import_dir / "before")
+    shutil.copytree(small_ct["images"], cfg.watch.import_dir / "before")
     store = Store(cfg.store_dir, Database(cfg.db_path), fsync=False)
     watch = WatchFolder(cfg, store)
     watch.start()
@@ -118,8 +121,6 @@ def test_files_present_at_start_are_imported(tmp_path, phantom):
 
 @pytest.mark.network
 def test_a_case_copied_into_the_import_folder_produces_the_result(tmp_path):
-    from node_helpers import NodeProcess, StoreSCP, check_result, phantom, write_config
-
     p = phantom(1)
     tps = StoreSCP(tmp_path / "tps").start()
     export = tmp_path / "export"
