@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, free_port, require_tool
-from node_helpers import CLI, phantom, write_config
+from helpers import CLI, REPO, free_port, phantom, require_tool, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.config import ConfigError, config_from_data

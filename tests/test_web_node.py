@@ -28,12 +28,12 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from conftest import free_port
-from node_helpers import (
+from helpers import (
     NodeProcess,
     Orthanc,
     StoreSCP,
     dciodvfy_errors,
+    free_port,
     phantom,
     port_open,
     storescu,
