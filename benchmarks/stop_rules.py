@@ -180,6 +180,22 @@ def make_rules() -> dict[str, callable]:
         rules[f"z_int > {t}"] = lambda r, t=t: r["area"] == 0 or r["z_int"] > t
     for t in (0.2, 0.3):
         rules[f"rel_anchor < {t}"] = lambda r, t=t: r["area"] == 0 or r["rel_anchor"] < t
+
+    # combinations: the model's confidence, intensity agreement, overlap with the previous slice
+    def any_of(*conds):
+        return lambda r: r["area"] == 0 or r["rel_anchor"] < 0.05 or any(c(r) for c in conds)
+
+    def score_below(t):
+        return lambda r: (r["score"] if r["score"] is not None else 1.0) < t
+
+    for zs in (1.5, 2.0):
+        for sc in (0.6, 0.7):
+            rules[f"z_int > {zs} | score < {sc}"] = any_of(lambda r, z=zs: r["z_int"] > z, score_below(sc))
+            rules[f"z_int > {zs} | score < {sc} | inside_prev < 0.6"] = any_of(
+                lambda r, z=zs: r["z_int"] > z, score_below(sc), lambda r: r["inside_prev"] < 0.6
+            )
+    for ir in (0.5, 0.6):
+        rules[f"in_range < {ir} | score < 0.7"] = any_of(lambda r, t=ir: r["in_range"] < t, score_below(0.7))
     return rules
 
 

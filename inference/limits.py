@@ -23,18 +23,34 @@ class WalkLimits:
     ``min_area_mm2``: a slice whose mask is smaller ends the walk (and is not kept).
     ``min_area_fraction``: likewise, below this fraction of the prompted slice's area.
     ``max_extent_mm``: the walk never goes farther than this from a prompted slice.
+    ``min_score``: a slice whose predicted IoU (the model's own score; engines without one
+    skip this rule) is below this ends the walk; 0 turns the rule off.
+    ``max_intensity_shift``: a slice whose mask's mean intensity lies more than this many
+    standard deviations from the prompted slice's mask ends the walk; 0 turns it off.
+    ``extend_past_outer_prompts``: with prompts on two or more slices, whether the walk
+    goes beyond the outermost prompted slices (False: they are the tumour's ends).
+
+    The defaults of the stop rules were chosen by measurement (``benchmarks/stop_rules.py``
+    and ``dicom-node study``; README "Where a tumour ends").
     """
 
     margin_mm: float = 3.0
     min_area_mm2: float = 4.0
     min_area_fraction: float = 0.05
     max_extent_mm: float = 120.0
+    min_score: float = 0.7
+    max_intensity_shift: float = 2.0
+    extend_past_outer_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.margin_mm < 0 or self.min_area_mm2 < 0 or self.max_extent_mm < 0:
             raise ValueError(f"margin_mm, min_area_mm2 and max_extent_mm must not be negative: {self}")
         if not 0 <= self.min_area_fraction <= 1:
             raise ValueError(f"min_area_fraction must be within [0, 1], got {self.min_area_fraction}")
+        if not 0 <= self.min_score <= 1:
+            raise ValueError(f"min_score must be within [0, 1], got {self.min_score}")
+        if self.max_intensity_shift < 0:
+            raise ValueError(f"max_intensity_shift must not be negative, got {self.max_intensity_shift}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

@@ -728,6 +728,9 @@ class LiteMedSamSliceSegmenter:
     in-plane spacing in mm (for the box made from points). See the module docstring.
     """
 
+    #: its score is the model's predicted IoU (the walk's ``min_score`` rule applies)
+    predicts_iou = True
+
     def __init__(
         self,
         runtime: Runtime,

@@ -15,13 +15,24 @@ turns the planner's prompts on one or a few slices into a 3D mask:
    ``min_area_fraction`` of the anchor's area; the next slice would be farther than
    ``max_extent_mm`` from the anchor along the slice axis; the volume ends; the next
    slice belongs to another anchor (see below); the segmenter raises
-   :class:`StopPropagation` (for example because its intensity model no longer fits).
-   A slice whose mask triggers an area stop is *not* part of the result.
+   :class:`StopPropagation` (for example because its intensity model no longer fits);
+   the model's predicted IoU falls below ``min_score``; the mask's mean intensity lies
+   more than ``max_intensity_shift`` standard deviations from the prompted slice's mask
+   (when the engine passes its preprocessed ``images``). A slice that triggers a stop is
+   *not* part of the result. SAM-family models find *something* in every box, so these
+   rules, and not the mask vanishing, are what usually ends a walk at the tumour's end.
 4. **Several anchors: the nearest anchor wins.** Every slice is segmented at most once,
    by the anchor nearest to it along the slice axis (a tie goes to the anchor with the
    lower slice index). So two anchors never produce conflicting masks for one slice:
    the walk from one anchor stops where the other anchor's territory begins. Anchor
-   slices themselves always keep their own prompted segmentation.
+   slices themselves always keep their own prompted segmentation. **The outermost
+   prompted slices are the tumour's ends**: prompts on two or more slices whose masks
+   overlap in the image plane (one tumour, boxed on several slices) are filled in between
+   and the walk goes no farther than the outermost of them: a planner bounds the extent
+   by drawing boxes on the top and bottom slices. Prompted slices whose masks do not
+   overlap in-plane are separate pieces, each walked with the stop rules.
+   ``extend_past_outer_prompts`` lets every walk go on past the outermost prompts. With
+   prompts on one slice only, the stop rules decide where the tumour ends.
 5. **Post-processing:** holes are filled per slice; of the 3D components (26-connected)
    only those that touch an anchor slice's mask are kept.
 
@@ -75,6 +86,12 @@ class SliceSegmenter(Protocol):
         """Hint: the slices the front will reach next (SAM2 encodes them in one batch).
         May be a no-op."""
         ...
+
+
+def predicts_iou(segmenter: SliceSegmenter) -> bool:
+    """Whether the segmenter's score is a predicted IoU (class attribute ``predicts_iou =
+    True``, as SAM2's and LiteMedSAM's are): only then does the ``min_score`` rule apply."""
+    return bool(getattr(segmenter, "predicts_iou", False))
 
 
 @runtime_checkable
@@ -175,6 +192,24 @@ def _point_in_box(p: Point, box: Box) -> bool:
     return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 
 
+def _chains(anchor_ks: list[int], anchor_masks: dict[int, np.ndarray]) -> list[list[int]]:
+    """Consecutive prompted slices (by k) whose masks' bounding boxes overlap in-plane: one
+    tumour prompted on several slices. Returns the chains, each sorted by k."""
+    chains: list[list[int]] = []
+    for k in anchor_ks:
+        if chains and _boxes_overlap(bounding_box(anchor_masks[chains[-1][-1]]), bounding_box(anchor_masks[k])):
+            chains[-1].append(k)
+        else:
+            chains.append([k])
+    return chains
+
+
+def _boxes_overlap(a: Box | None, b: Box | None) -> bool:
+    if a is None or b is None:
+        return False
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
 def _territories(anchor_ks: list[int], n_slices: int) -> dict[int, tuple[int, int]]:
     """Nearest anchor wins (ties to the lower anchor): anchor -> (lowest, highest) slice it owns."""
     out: dict[int, tuple[int, int]] = {}
@@ -201,11 +236,13 @@ def propagate_2d(
     spacing: tuple[float, float, float],
     prompts: TargetPrompts,
     params: PropagationParams | None = None,
+    images: np.ndarray | None = None,
 ) -> PropagationResult:
     """Segment the prompted slices and propagate each of them up and down the volume.
 
-    ``shape`` is (z, y, x) and ``spacing`` (dz, dy, dx) in mm. See the module docstring for
-    the rules. Raises ValueError when ``prompts`` has no box and no positive point, or a
+    ``shape`` is (z, y, x) and ``spacing`` (dz, dy, dx) in mm; ``images`` is the volume as
+    the engine sees it (its preprocessed uint8 slices), for the intensity stop rule (None:
+    that rule is off). See the module docstring for the rules. Raises ValueError when ``prompts`` has no box and no positive point, or a
     prompt lies outside the volume.
     """
     params = params or PropagationParams()
@@ -220,6 +257,7 @@ def propagate_2d(
         if not 0 <= k < nz:
             raise ValueError(f"prompt on slice {k} is outside the volume (0..{nz - 1})")
     guided = isinstance(segmenter, GuidedSliceSegmenter)
+    iou_scores = predicts_iou(segmenter)
 
     mask = np.zeros((nz, ny, nx), dtype=bool)
     scores: dict[int, float | None] = {}
@@ -238,6 +276,14 @@ def propagate_2d(
     # An anchor whose prompt gave nothing owns no territory: its neighbours may walk past it.
     live_ks = [a for a in anchor_ks if anchor_masks[a].any()]
     territories = _territories(live_ks, nz)
+    bounded: set[int] = set()  # anchors that are an end of a prompted tumour: no walk outwards
+    if not params.extend_past_outer_prompts:
+        for chain in _chains(live_ks, anchor_masks):
+            if len(chain) >= 2:
+                lo_k, hi_k = chain[0], chain[-1]
+                territories[lo_k] = (lo_k, territories[lo_k][1])
+                territories[hi_k] = (territories[hi_k][0], hi_k)
+                bounded |= {lo_k, hi_k}
     anchors: list[AnchorInfo] = []
     for a in anchor_ks:
         am = anchor_masks[a]
@@ -253,7 +299,14 @@ def propagate_2d(
         scores[a] = anchor_scores[a]
         areas[a] = a_area
         lo, hi = territories[a]
+        reference = _Reference.of(images, a, am) if images is not None else None
         for direction, step, limit in ((UP, 1, hi), (DOWN, -1, lo)):
+            if a in bounded and limit == a:
+                info.stop_reasons[direction] = (
+                    f"slice {a} is the {'highest' if step > 0 else 'lowest'} prompted slice: prompts on "
+                    "several slices bound the extent"
+                )
+                continue
             last, reason = _walk(
                 segmenter,
                 guided,
@@ -270,6 +323,8 @@ def propagate_2d(
                 scores=scores,
                 areas=areas,
                 neighbour_anchor=(limit != (nz - 1 if step > 0 else 0)),
+                reference=reference,
+                iou_scores=iou_scores,
             )
             info.stop_reasons[direction] = reason
             if step > 0:
@@ -338,6 +393,46 @@ def area_stop(area_mm2: float, k: int, limits: WalkLimits, reference_mm2: float)
     return None
 
 
+@dataclass(frozen=True)
+class _Reference:
+    """The prompted slice's mask as the intensity rule compares against it."""
+
+    images: np.ndarray  # the engine's uint8 (z, y, x) volume
+    mean: float
+    std: float
+
+    @classmethod
+    def of(cls, images: np.ndarray, k: int, mask2d: np.ndarray) -> _Reference:
+        values = images[k][mask2d].astype(np.float64)
+        # +1 grey level: a perfectly uniform prompted region must not make every change a stop
+        return cls(images=images, mean=float(values.mean()), std=float(values.std()) + 1.0)
+
+    def shift(self, k: int, mask2d: np.ndarray) -> float:
+        """How many standard deviations slice ``k``'s mask's mean lies from the reference."""
+        values = self.images[k][mask2d]
+        return abs(float(values.mean()) - self.mean) / self.std if values.size else 0.0
+
+
+def evidence_stop(
+    k: int, mask2d: np.ndarray, score: float | None, limits: WalkLimits, reference: _Reference | None
+) -> str | None:
+    """Why slice ``k``'s mask ends a walk on the model's own evidence, or None: its predicted
+    IoU is below ``min_score``, or its intensity left the prompted slice's."""
+    if score is not None and limits.min_score > 0 and score < limits.min_score:
+        return (
+            f"predicted IoU {score:.2f} on slice {k} below {limits.min_score:g}: the model is not sure this is "
+            "still the tumour"
+        )
+    if reference is not None and limits.max_intensity_shift > 0:
+        shift = reference.shift(k, mask2d)
+        if shift > limits.max_intensity_shift:
+            return (
+                f"mean intensity on slice {k} is {shift:.1f} standard deviations from the prompted slice's "
+                f"(limit {limits.max_intensity_shift:g}): the mask has left the tumour"
+            )
+    return None
+
+
 def _segment_anchor(
     segmenter: SliceSegmenter, k: int, prompts: TargetPrompts, shape_yx: tuple[int, int]
 ) -> tuple[np.ndarray, float | None]:
@@ -382,6 +477,8 @@ def _walk(
     scores: dict[int, float | None],
     areas: dict[int, float],
     neighbour_anchor: bool,
+    reference: _Reference | None = None,
+    iou_scores: bool = False,
 ) -> tuple[int, str]:
     """Walk from ``anchor`` in direction ``step`` up to slice ``limit`` (inclusive).
     Returns the last slice kept and why the walk stopped."""
@@ -423,7 +520,9 @@ def _walk(
             return prev_k, f"segmenter stopped at slice {k}: {exc}"
         m = _check_mask(m, shape_yx, k)
         area = float(m.sum()) * pixel_mm2
-        stop = area_stop(area, k, params, anchor_area)
+        stop = area_stop(area, k, params, anchor_area) or evidence_stop(
+            k, m, s if iou_scores else None, params, reference
+        )
         if stop is not None:
             return prev_k, stop
         mask[k] = m

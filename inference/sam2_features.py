@@ -244,6 +244,9 @@ class Sam2SliceSegmenter:
     (logit < 0) ends the walk in that direction.
     """
 
+    #: its score is the model's predicted IoU (the walk's ``min_score`` rule applies)
+    predicts_iou = True
+
     def __init__(
         self,
         cache: SliceFeatureCache,

@@ -23,6 +23,8 @@ from inference.propagation import (
 
 
 class FakeSegmenter:
+    predicts_iou = True  # like SAM2 and LiteMedSAM: the min_score rule applies
+
     def __init__(self, truth: np.ndarray, scores: dict[int, float] | None = None):
         self.truth = truth.astype(bool)
         self.calls: list[tuple[int, tuple | None, tuple]] = []
@@ -123,7 +125,8 @@ def test_several_anchors_nearest_wins_and_each_slice_segmented_once():
     seg = FakeSegmenter(truth)
     prompts = box_prompts(truth, 12)
     prompts.boxes += box_prompts(truth, 26).boxes
-    res = propagate_2d(seg, SHAPE, SPACING, prompts, PropagationParams(min_area_mm2=0, min_area_fraction=0))
+    params = PropagationParams(min_area_mm2=0, min_area_fraction=0, extend_past_outer_prompts=True)
+    res = propagate_2d(seg, SHAPE, SPACING, prompts, params)
     assert np.array_equal(res.mask, truth)
     assert len(seg.segmented) == len(set(seg.segmented)), "a slice was segmented twice"
     a12, a26 = res.anchors
@@ -132,6 +135,19 @@ def test_several_anchors_nearest_wins_and_each_slice_segmented_once():
     assert "another prompted slice" in a12.stop_reasons["up"]
     assert "another prompted slice" in a26.stop_reasons["down"]
     assert "vanished" in res.stop_reasons["up"] and "vanished" in res.stop_reasons["down"]
+
+
+def test_the_outermost_boxes_of_one_tumour_are_its_ends():
+    truth = ellipsoid(SHAPE, (20, 32, 32), (12.4, 14, 12))  # slices 8..32
+    seg = FakeSegmenter(truth)
+    prompts = box_prompts(truth, 12)
+    prompts.boxes += box_prompts(truth, 20).boxes + box_prompts(truth, 26).boxes
+    res = propagate_2d(seg, SHAPE, SPACING, prompts, PropagationParams(min_area_mm2=0, min_area_fraction=0))
+    ks = np.flatnonzero(res.mask.any(axis=(1, 2)))
+    assert (ks[0], ks[-1]) == (12, 26)  # filled between the boxes, nothing beyond them
+    assert np.array_equal(res.mask[12:27], truth[12:27])
+    assert "lowest prompted slice" in res.stop_reasons["down"] and "highest prompted slice" in res.stop_reasons["up"]
+    assert not any(k < 12 or k > 26 for k in seg.segmented)  # never even looked beyond
 
 
 def test_two_separate_objects_with_one_anchor_each():
@@ -250,11 +266,35 @@ def test_scores_are_exposed_per_slice():
     truth = ellipsoid(SHAPE, (20, 32, 32), (6.4, 12, 10))
     seg = FakeSegmenter(truth, scores={k: 1.0 - abs(k - 20) / 10 for k in range(40)})
     res = propagate_2d(
-        seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0)
+        seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_area_mm2=0, min_area_fraction=0, min_score=0)
     )
     assert res.slice_scores[20] == pytest.approx(1.0)
     assert res.slice_scores[26] == pytest.approx(0.4)
     assert set(res.slice_scores) == set(res.slice_areas_mm2) == set(range(14, 27))
+
+
+def test_a_low_predicted_iou_ends_the_walk():
+    truth = ellipsoid(SHAPE, (20, 32, 32), (12.4, 12, 10))  # slices 8..32
+    seg = FakeSegmenter(truth, scores={k: 1.0 - abs(k - 20) / 10 for k in range(40)})
+    res = propagate_2d(seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(min_score=0.7))
+    assert res.slice_range == (17, 23)  # predicted IoU 0.7 and more
+    assert "predicted IoU 0.60 on slice 24 below 0.7" in res.stop_reasons["up"]
+    assert "predicted IoU 0.60 on slice 16" in res.stop_reasons["down"]
+
+
+def test_intensity_leaving_the_prompted_slices_ends_the_walk():
+    truth = np.zeros(SHAPE, bool)
+    truth[:, 20:40, 20:40] = True  # the model follows a column through the whole volume ...
+    images = np.random.default_rng(0).normal(100, 5, SHAPE).clip(0, 255).astype(np.uint8)
+    images[26:, 20:40, 20:40] += 60  # ... but from slice 26 on it is another tissue
+    seg = FakeSegmenter(truth)
+    res = propagate_2d(seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(), images=images)
+    assert res.slice_range[1] == 25
+    assert "mean intensity on slice 26 is" in res.stop_reasons["up"] and "left the tumour" in res.stop_reasons["up"]
+    off = propagate_2d(
+        seg, SHAPE, SPACING, box_prompts(truth, 20), PropagationParams(max_intensity_shift=0), images=images
+    )
+    assert off.slice_range[1] > 25  # the rule turned off
 
 
 def test_prefetch_announces_slices_before_they_are_segmented():

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from dicom_node.commands._limits import add_limit_arguments, limit_overrides
 from inference.engine import DEFAULT_ENGINE, ENGINES
 
 
@@ -40,8 +41,7 @@ def register(sub) -> None:
     p.add_argument("--model-cfg", metavar="NAME", help="SAM2 model config name or YAML path")
     p.add_argument("--window", metavar="L,W", help="CT window level,width in HU for the model (default 40,400)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="SAM2 device (default: cuda when present)")
-    p.add_argument("--margin-mm", type=float, help="propagation: margin around the previous mask's box (default 3)")
-    p.add_argument("--max-extent-mm", type=float, help="propagation: farthest slice from a prompt, mm (default 120)")
+    add_limit_arguments(p.add_argument_group("the walk's limits and stop rules"))
     p.add_argument("--series-uid", metavar="UID", help="the image series, when IMAGES_DIR holds several")
     p.add_argument("--force", action="store_true", help="overwrite OUT.dcm if it exists")
     p.set_defaults(func=run_segment)
@@ -103,11 +103,10 @@ def run_segment(args) -> int:
             raise CommandError("--mode video3d needs --engine sam2 (the classic engine segments slice by slice)")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise CommandError(f"--checkpoint {args.checkpoint}: no such file")
-    options = SegmentOptions(mode=args.mode, window=_window(args.window))
-    if args.margin_mm is not None:
-        options.margin_mm = args.margin_mm
-    if args.max_extent_mm is not None:
-        options.max_extent_mm = args.max_extent_mm
+    try:
+        options = SegmentOptions(mode=args.mode, window=_window(args.window), **limit_overrides(args))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     try:
         engine = EngineSpec(args.engine, checkpoint=args.checkpoint, model_cfg=args.model_cfg, device=args.device)
     except ValueError as exc:

@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from dicom_node.commands._limits import add_limit_arguments, limit_overrides
 from inference.engine import DEFAULT_ENGINE, ENGINES
 
 
@@ -46,6 +47,7 @@ def register(sub) -> None:
         help="run no engine: score the predictions saved in DIR (OUT/predictions of an earlier study, "
         "or <dataset>/<case>.npz files with a 'segs' label map and 'label_names')",
     )
+    add_limit_arguments(p.add_argument_group("the walk's limits and stop rules"))
     g = p.add_argument_group("prompt simulation")
     g.add_argument("--prompt", choices=["box", "points"], default="box")
     g.add_argument(
@@ -140,6 +142,7 @@ def run(args) -> int:
         dataset_name=args.dataset_name,
         worst=args.worst,
         predictions=args.predictions,
+        limits=limit_overrides(args),
     )
     try:
         result = run_study(src, out, config, progress=not args.no_progress)

@@ -61,7 +61,7 @@ from dicom_node.research.report import (
     write_summary_csv,
 )
 from dicom_node.research.simulate import PromptSpec, SimulationError, case_rng, describe, simulate_prompts
-from inference.engine import EngineSpec, SegmentOptions
+from inference.engine import DEFAULT_ENGINE, EngineSpec, SegmentOptions
 from inference.prompts import TargetPrompts
 from inference.volume import Volume
 
@@ -114,7 +114,7 @@ SCORED = ("ok", "failed")
 class StudyConfig:
     """Everything that determines a study's numbers (saved as study.json)."""
 
-    engine: str = "classic"
+    engine: str = DEFAULT_ENGINE
     checkpoint: str | None = None
     model_cfg: str | None = None
     device: str | None = None
@@ -129,6 +129,7 @@ class StudyConfig:
     tolerance_mm: float = 2.0
     predictions: str | None = None  # score these saved predictions instead of running an engine
     save_predictions: bool = True
+    limits: dict = field(default_factory=dict)  # the walk's limits that differ from the defaults
 
     @property
     def model(self) -> str:
@@ -160,7 +161,7 @@ class StudyConfig:
         )
 
     def options(self) -> SegmentOptions:
-        return SegmentOptions(mode=self.mode, window=self.window)
+        return SegmentOptions(mode=self.mode, window=self.window, **self.limits)
 
 
 @dataclass

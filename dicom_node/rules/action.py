@@ -47,6 +47,9 @@ class Action(BaseModel):
     min_area_mm2: float = Field(default=_LIMITS.min_area_mm2, ge=0)
     min_area_fraction: float = Field(default=_LIMITS.min_area_fraction, ge=0, le=1)
     max_extent_mm: float = Field(default=_LIMITS.max_extent_mm, gt=0)
+    min_score: float = Field(default=_LIMITS.min_score, ge=0, le=1)
+    max_intensity_shift: float = Field(default=_LIMITS.max_intensity_shift, ge=0)
+    extend_past_outer_prompts: bool = _LIMITS.extend_past_outer_prompts
 
     @field_validator("window", mode="before")
     @classmethod

@@ -509,7 +509,12 @@ class ClassicEngine(Engine):
         segmenter = ClassicSliceSegmenter(images.gray, volume.spacing, self.params)
         try:
             result = propagate_2d(
-                segmenter, volume.shape, volume.spacing, prompts, PropagationParams.from_options(options)
+                segmenter,
+                volume.shape,
+                volume.spacing,
+                prompts,
+                PropagationParams.from_options(options),
+                images=images.gray,
             )
         except ValueError as exc:
             raise SegmentationError(str(exc)) from exc

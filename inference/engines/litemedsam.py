@@ -173,7 +173,7 @@ class LiteMedSamEngine(Engine):
         params = PropagationParams.from_options(options, prefetch_batch=self.batch_size)
         with self._lock:
             try:
-                result = propagate_2d(segmenter, volume.shape, volume.spacing, prompts, params)
+                result = propagate_2d(segmenter, volume.shape, volume.spacing, prompts, params, images=images.gray)
             except SegmentationError:
                 raise
             except ValueError as exc:

@@ -249,7 +249,7 @@ class Sam2Engine(Engine):
         cache = SliceFeatureCache(self.model, gray, device=self.device, batch_size=self.batch_size)
         segmenter = Sam2SliceSegmenter(cache, prompts.anchor_slices, object_score_stop=self.object_score_stop)
         params = PropagationParams.from_options(options, prefetch_batch=self.batch_size)
-        result = propagate_2d(segmenter, volume.shape, volume.spacing, prompts, params)
+        result = propagate_2d(segmenter, volume.shape, volume.spacing, prompts, params, images=gray)
         log.debug(
             "SAM2 2D: %d slices encoded in %d batches, peak %d cached",
             cache.stats.encoded,
