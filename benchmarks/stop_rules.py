@@ -188,8 +188,8 @@ def make_rules() -> dict[str, callable]:
     def score_below(t):
         return lambda r: (r["score"] if r["score"] is not None else 1.0) < t
 
-    for zs in (1.5, 2.0):
-        for sc in (0.6, 0.7):
+    for zs in (1.5, 2.0, 2.5):
+        for sc in (0.6, 0.65, 0.7):
             rules[f"z_int > {zs} | score < {sc}"] = any_of(lambda r, z=zs: r["z_int"] > z, score_below(sc))
             rules[f"z_int > {zs} | score < {sc} | inside_prev < 0.6"] = any_of(
                 lambda r, z=zs: r["z_int"] > z, score_below(sc), lambda r: r["inside_prev"] < 0.6
@@ -290,25 +290,23 @@ def main(argv=None) -> int:
         )
     rules = make_rules()
     print(
-        f"{'rule':34s} {'Dice med':>8s} {'Dice min':>8s} {'HD95 med':>8s} {'HD95 max':>8s} {'over':>5s} {'under':>5s}   real cases (Dice/HD95/over/under)"
+        f"{'rule':50s} {'phantoms: Dice':>14s} {'min':>6s} {'HD95':>5s} {'max':>5s} {'over':>4s} {'under':>5s}"
+        "   real cases: Dice/HD95 mm/slices over/under"
     )
     for rname, rule in rules.items():
-        dices, hds, overs, unders, real = [], [], [], [], []
+        ph, real = [], []
         for dataset, _name, walk, ev, truth, spacing in cases:
             pred, _ = apply_rule(walk, ev, rule, truth.shape)
-            d = dice(pred, truth)
-            h = hd95(pred, truth, spacing)
-            o, u = past_ends(pred, truth)
-            dices.append(d)
-            hds.append(h)
-            overs.append(o)
-            unders.append(u)
-            if not dataset.startswith("phantom"):
-                real.append(f"{dataset}:{d:.3f}/{h:.1f}/{o}/{u}")
-        print(
-            f"{rname:34s} {np.median(dices):8.3f} {np.min(dices):8.3f} {np.median(hds):8.1f} {np.max(hds):8.1f} "
-            f"{sum(overs):5d} {sum(unders):5d}   {' '.join(real)}"
-        )
+            row = (dice(pred, truth), hd95(pred, truth, spacing), *past_ends(pred, truth))
+            (ph if dataset.startswith("phantom") else real).append((dataset, row))
+        line = f"{rname:50s}"
+        if ph:
+            d = np.array([r[0] for _, r in ph])
+            h = np.array([r[1] for _, r in ph])
+            line += f" {np.median(d):14.3f} {d.min():6.3f} {np.median(h):5.1f} {h.max():5.1f}"
+            line += f" {sum(r[2] for _, r in ph):4d} {sum(r[3] for _, r in ph):5d}"
+        line += "   " + " ".join(f"{ds}:{r[0]:.3f}/{r[1]:.1f}/{r[2]}/{r[3]}" for ds, r in real)
+        print(line)
     return 0
 
 

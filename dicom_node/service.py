@@ -315,11 +315,11 @@ def decide_with_rules(ruleset, case: CaseRow, image_paths: list[Path], prompt_pa
     from dicom_node.rules import Action, RuleContext
 
     if ruleset is None:
-        action = Action(engine="classic")
+        action = Action()
         return Routing(
             "built-in default (no rules file configured)",
             action.model_dump(mode="json"),
-            ["no rules file: classic engine, no destinations"],
+            [f"no rules file: the default engine ({action.engine}), no destinations"],
         )
     ctx = RuleContext.from_files(image_paths[:1], prompt_path, calling_aet=case.calling_aet, called_aet=case.called_aet)
     decision = ruleset.evaluate(ctx)

@@ -20,8 +20,9 @@ from inference.prompts import TargetPrompts
 from inference.volume import Volume
 
 Mode = Literal["box2d", "video3d"]
-#: The engine a rule, ``dicom-node segment`` and ``study`` use when none is named.
-DEFAULT_ENGINE = "classic"
+#: The engine a rule, ``dicom-node segment``, ``study`` and the demo use when none is named:
+#: the pretrained LiteMedSAM, whose weights ship with the pinned package (nothing to fetch).
+DEFAULT_ENGINE = "litemedsam"
 
 
 class SegmentationError(RuntimeError):

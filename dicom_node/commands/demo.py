@@ -126,58 +126,53 @@ class _Receiver:
 
 
 def _choose_engine(args, base_cfg, phantom_paths: dict, work: Path) -> tuple[Path | None, str]:
-    """The rules file for the demo node and a sentence saying which engine runs and why."""
-    from dicom_node.rules import RuleContext, RulesError, RuleSet
+    """The rules file for the demo node and a sentence saying which engine runs and why.
 
-    classic_rules = {
-        "version": 1,
-        "rules": [{"name": "demo-classic", "action": {"engine": "classic", "mode": "box2d", "destinations": ["tps"]}}],
-    }
+    ``--checkpoint``: SAM2 with that file. Otherwise the action of the rule that the node's
+    rules file picks for the phantom (the shipped catch-all: LiteMedSAM), sent to the demo's
+    receiver; a SAM2 rule whose checkpoint is missing, or no rules file, gives the default
+    engine.
+    """
+    from dicom_node.rules import Action, RuleContext, RulesError, RuleSet
+    from inference.engine import DEFAULT_ENGINE, ENGINES
+
+    def rules_for(name: str, data: dict) -> dict:
+        data = {**data, "destinations": ["tps"], "export_folder": None}
+        return {"version": 1, "rules": [{"name": name, "action": data}]}
+
+    default = Action().model_dump(mode="json")
+    label = ENGINES[DEFAULT_ENGINE].label
     if args.checkpoint:
         ckpt = Path(args.checkpoint).resolve()
         if not ckpt.is_file():
             raise CommandError(f"--checkpoint {ckpt}: no such file")
-        action = {"engine": "sam2", "mode": "box2d", "checkpoint": str(ckpt), "destinations": ["tps"]}
+        action = {"engine": "sam2", "mode": "box2d", "checkpoint": str(ckpt)}
         if args.model_cfg:
             action["model_cfg"] = args.model_cfg
-        rules = {"version": 1, "rules": [{"name": "demo-sam2", "action": action}]}
-        why = f"engine: sam2 with checkpoint {ckpt} (--checkpoint)"
+        rules, why = rules_for("demo-sam2", action), f"engine: sam2 with checkpoint {ckpt} (--checkpoint)"
+    elif base_cfg.rules is None or not Path(base_cfg.rules).is_file():
+        rules, why = rules_for("demo-default", default), f"engine: {DEFAULT_ENGINE}, {label} (no rules file)"
     else:
-        rules, why = classic_rules, None
-        if base_cfg.rules is not None and Path(base_cfg.rules).is_file():
-            try:
-                ruleset = RuleSet.load(base_cfg.rules)
-                ctx = RuleContext.from_files(
-                    phantom_paths["images"], phantom_paths["prompt"], calling_aet=DEMO_AET, called_aet=base_cfg.ae_title
-                )
-                decision = ruleset.evaluate(ctx)
-            except RulesError as exc:
-                raise CommandError(f"rules: {exc}") from None
-            action = decision.action
-            if (
-                action is not None
-                and action.engine == "sam2"
-                and action.checkpoint
-                and Path(action.checkpoint).is_file()
-            ):
-                data = action.model_dump(mode="json")
-                data["destinations"] = ["tps"]
-                data["export_folder"] = None
-                rules = {
-                    "version": 1,
-                    "rules": [{"name": f"{decision.rule.name} (from {base_cfg.rules.name})", "action": data}],
-                }
-                why = f"engine: sam2, checkpoint {action.checkpoint} (rule {decision.rule.name!r} of {base_cfg.rules})"
-            elif action is not None and action.engine == "sam2":
-                why = (
-                    f"engine: classic - rule {decision.rule.name!r} asks for SAM2 but its checkpoint "
-                    f"{action.checkpoint} is missing"
-                )
-        if why is None:
-            why = (
-                "engine: classic (no SAM2 checkpoint configured; intensity-based, labelled as such in the "
-                "result; use --checkpoint or a sam2 rule in rules.yaml for SAM2)"
+        try:
+            ruleset = RuleSet.load(base_cfg.rules)
+            ctx = RuleContext.from_files(
+                phantom_paths["images"], phantom_paths["prompt"], calling_aet=DEMO_AET, called_aet=base_cfg.ae_title
             )
+            decision = ruleset.evaluate(ctx)
+        except RulesError as exc:
+            raise CommandError(f"rules: {exc}") from None
+        action = decision.action
+        name = decision.rule.name if decision.rule is not None else None
+        where = f"rule {name!r} of {base_cfg.rules}"
+        if action is None:
+            rules, why = rules_for("demo-default", default), f"engine: {DEFAULT_ENGINE}, {label} (no rule matched)"
+        elif action.engine == "sam2" and not (action.checkpoint and Path(action.checkpoint).is_file()):
+            rules = rules_for("demo-default", default)
+            why = f"engine: {DEFAULT_ENGINE} - {where} asks for SAM2 but its checkpoint {action.checkpoint} is missing"
+        else:
+            rules = rules_for(f"{name} (from {base_cfg.rules.name})", action.model_dump(mode="json"))
+            detail = f"checkpoint {action.checkpoint}" if action.checkpoint else ENGINES[action.engine].label
+            why = f"engine: {action.engine}, {detail} ({where})"
     import yaml
 
     path = work / "rules.yaml"
