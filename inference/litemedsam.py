@@ -593,9 +593,17 @@ def export_openvino(model: torch.nn.Module, weights_sha256: str, cache_root: str
                 "files": {name: file_sha256(tmp / name) for name in _IR_FILES},
             }
             (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+            if _manifest_ok(folder, weights_sha256):  # another process was quicker
+                shutil.rmtree(tmp, ignore_errors=True)
+                return folder
             if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.replace(tmp, folder)
+            except OSError:
+                if not _manifest_ok(folder, weights_sha256):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
