@@ -14,7 +14,7 @@ Variants (those whose runtime is missing are listed as skipped):
 * ``eager batch of 4``: 4 slices per encoder call (the time split among them);
 * ``eager bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the encoder;
 * ``torch.compile``: inductor on the encoder (``--variants`` only: it compiles for minutes);
-* ``openvino f32`` (the engine's default on the CPU), ``openvino bf16``;
+* ``openvino f32`` (the engine's default on the CPU), the same on 1 thread, ``openvino bf16``;
 * ``onnxruntime f32``: the encoder exported with ``torch.onnx.export`` (needs ``onnx``),
   eager decoder;
 * ``openvino int8``: NNCF post-training quantisation of the encoder (needs ``nncf``),
@@ -69,6 +69,7 @@ ALL_VARIANTS = [
     "eager-bf16",
     "torch-compile",
     "openvino-f32",
+    "openvino-f32-1thread",
     "openvino-bf16",
     "onnxruntime-f32",
     "openvino-int8",
@@ -81,6 +82,7 @@ LABELS = {
     "eager-bf16": "eager bf16 autocast",
     "torch-compile": "torch.compile",
     "openvino-f32": "openvino f32",
+    "openvino-f32-1thread": "openvino f32 1 thread",
     "openvino-bf16": "openvino bf16",
     "onnxruntime-f32": "onnxruntime f32",
     "openvino-int8": "openvino int8 (nncf)",
@@ -280,7 +282,10 @@ def build(name: str, model, info, args, workdir: Path, calibration: np.ndarray):
         if name == "openvino-int8":
             fp32 = lm.OpenVinoRuntime(model, info.sha256, cache_root=args.cache_dir, precision="f32")
             return Int8Runtime(fp32, calibration)
-        return lm.OpenVinoRuntime(model, info.sha256, cache_root=args.cache_dir, precision=name.split("-")[1])
+        threads = 1 if name.endswith("1thread") else None
+        return lm.OpenVinoRuntime(
+            model, info.sha256, cache_root=args.cache_dir, precision=name.split("-")[1], threads=threads
+        )
     if name == "onnxruntime-f32":
         return OrtRuntime(model, workdir)
     raise ValueError(name)
@@ -320,6 +325,7 @@ def per_slice_table(model, info, args, workdir: Path) -> None:
                 logits, _ = rt.decode(emb, boxes[n])
                 dec_t[name].append(time.perf_counter() - t1)
                 masks[name].append(lm.mask_from_logits(logits, lb))
+        print(f"measured {len(x)} slices of {_label}", flush=True)
     slices = sum(len(s[1]) for s in sets)
     print(f"\nper slice: {slices} slices ({', '.join(f'{s[0]} {len(s[1])}' for s in sets)}), box from the truth")
     print(
@@ -371,7 +377,11 @@ def end_to_end(args) -> None:
         seconds = time.perf_counter() - t0
         results[label] = res
         ks = np.flatnonzero(res.mask.any(axis=(1, 2)))
-        vs = f"Dice vs eager {dice(res.mask, results['eager'].mask):.4f}; " if "eager" in results else ""
+        vs = (
+            f"Dice vs eager {dice(res.mask, results['eager'].mask):.4f}; "
+            if "eager" in results and label != "eager"
+            else ""
+        )
         print(
             f"end to end, {len(zs)}-slice tumour, {label} ({engine.runtime.name}): {seconds:.1f} s for "
             f"{len(ks)} slices {ks[0]}..{ks[-1]} ({seconds / max(len(ks), 1):.3f} s/slice); {vs}"
