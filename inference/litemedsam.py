@@ -97,18 +97,23 @@ onnxruntime f32             2.700      0.880   1.85   1.0000     1.0000
 openvino int8 (NNCF)        0.925      0.139   6.21   0.9482     0.7549
 ======================  =========  =========  =====  =======  =========
 
+A second run at load about 2 (``--variants eager,openvino-f32,openvino-f32-1thread,openvino-bf16``):
+eager 1.940 + 0.080 s, OpenVINO f32 0.735 + 0.054 s (ratio 2.56, Dice 1.0000), OpenVINO f32
+on 1 thread 1.228 + 0.083 s (1.54), OpenVINO bf16 0.403 + 0.053 s (4.43, Dice 0.9838, worst
+slice 0.9401); end to end on a 512x512 CT phantom with a 40-slice tumour (box on its largest
+slice, the walk bounded to the tumour): OpenVINO f32 40.2 s (1.00 s/slice), eager 72.6 s
+(1.81 s/slice), the same masks (Dice 1.0000). (The first run's walk: 94.9 s and 325.8 s.)
 In a quiet moment (load about 3, encoder only, 3 repetitions): eager 1.44 s, ONNX Runtime
-0.74 s, OpenVINO f32 0.67 s, OpenVINO bf16 0.35 s per slice. So OpenVINO f32 is the default:
-2-3x faster than the eager model with the same masks. bf16 (``precision: bf16``) is about
-twice as fast again but its masks differ (Dice 0.984 against the eager model's over these
-slices, 0.94 on the worst one; on STS-001 T1 alone 0.982), below the 0.99 asked for; int8
-is worse (0.948). Neither threads, batches nor ``torch.autocast`` close the gap; the eager
-model on 1 thread beats 2 threads only because the other core was busy. End to end on a
-512x512 CT phantom with a 40-slice tumour (the walk bounded to it): OpenVINO f32 94.9 s
-(2.37 s/slice), eager 325.8 s (8.14 s/slice), the same masks (Dice 1.0000); at the quiet
-moment's per-slice time that would be about 28 s (an extrapolation, not a measurement). The
-goal of 0.25 s per slice (10 s for 40 slices) is not reached on this machine with the eager
-model's masks: f32 runs the 75 GFLOP of a slice at about 110 GFLOP/s (0.67 s).
+0.74 s, OpenVINO f32 0.67 s, OpenVINO bf16 0.35 s per slice.
+
+So OpenVINO f32 is the default: 2.5-3x faster than the eager model with the same masks.
+bf16 (``precision: bf16``) is about twice as fast again but its masks differ (Dice 0.984
+against the eager model's over these slices, 0.94 on the worst; STS-001 T1 alone about
+0.982), below the 0.99 asked for; int8 is worse (0.948). Neither threads, batches nor
+``torch.autocast`` close the gap (the eager model on 1 thread beat 2 threads only while the
+other core was busy). The goal of 0.25 s per slice (10 s for 40 slices) is not reached on
+this machine with the eager model's masks: f32 runs the 75 GFLOP of a slice at about
+110 GFLOP/s (0.67 s in the quiet moment).
 
 The slice segmenter
 -------------------
