@@ -20,6 +20,11 @@ where 256 is not an exact halving, so the resize methods differ).
 
     .venv/bin/python benchmarks/litemedsam_preprocess.py [--runtime openvino|eager] [--per-slice]
 
+A last table: two positive clicks inside the tumour on its largest slice (the deepest point
+of each half along its longer axis), no box, through the segmenter's point rule
+(:class:`inference.litemedsam.LiteMedSamSliceSegmenter`), against the box from the truth,
+on the real cases and on CT and MR phantoms (``dicom_node.phantom``, seeds 0-2).
+
 The encoder runs through OpenVINO f32 by default (its embeddings match the eager model's
 to about 4e-6); ``--runtime eager`` uses the package's PyTorch model.
 """
@@ -94,12 +99,14 @@ def main(argv=None) -> int:
         runtime = lm.EagerRuntime(model)
     print(f"LiteMedSAM {info.short}, {lm.PACKAGE} {info.package_version}, runtime {runtime.name}")
     print(f"{'case':30} {'variant':32} {'median':>7} {'mean':>7} {'min':>7} {'slices':>6}")
+    real = []
     for label, folder, images, rtstruct, roi in CASES:
         root = SHARED / folder
         if not root.exists():
             print(f"{label:30} skipped: {root} not found")
             continue
         vol, truth = load_case(root, images, rtstruct, roi)
+        real.append((label, vol, truth))
         ks = [int(k) for k in np.flatnonzero(truth.any(axis=(1, 2)))]
         lb = lm.Letterbox.for_shape(vol.shape[1:])
         embeddings: dict[tuple, np.ndarray] = {}
@@ -124,7 +131,43 @@ def main(argv=None) -> int:
                 print("   per slice (k: Dice, truth pixels): " + ", ".join(
                     f"{k}: {d:.3f} ({a})" for k, d, a in zip(ks, scores, areas)
                 ))  # fmt: skip
+    points_table(runtime, real)
     return 0
+
+
+def two_clicks(mask2d: np.ndarray) -> list[tuple[float, float, bool]]:
+    """The deepest point of each half of the mask (split across its longer axis)."""
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(mask2d)
+    ii, jj = np.nonzero(mask2d)
+    if np.ptp(jj) >= np.ptp(ii):
+        half = np.arange(mask2d.shape[1])[None, :] < jj.mean()
+    else:
+        half = np.arange(mask2d.shape[0])[:, None] < ii.mean()
+    clicks = []
+    for h in (mask2d & half, mask2d & ~half):
+        i, j = np.unravel_index(int(np.argmax(np.where(h, dist, 0))), mask2d.shape)
+        clicks.append((float(i), float(j), True))
+    return clicks
+
+
+def points_table(runtime, real) -> None:
+    from dicom_node.phantom import make_phantom
+
+    cases = list(real)
+    for modality in ("CT", "MR"):
+        for seed in range(3):
+            ph = make_phantom(modality, seed=seed)
+            cases.append((f"phantom {modality} seed {seed}", ph.volume, ph.truth))
+    print(f"\ntwo clicks, no box (margins {', '.join(f'{m:g}' for m in lm.POINT_MARGINS_MM)} mm), largest slice")
+    print(f"{'case':30} {'clicks':>7} {'box':>7}")
+    for label, vol, truth in cases:
+        k = int(np.argmax(truth.sum(axis=(1, 2))))
+        seg = lm.LiteMedSamSliceSegmenter(runtime, prepare(vol).gray, vol.spacing[1:], anchor_slices=[k])
+        m_pts, _ = seg.segment_slice(k, None, two_clicks(truth[k]))
+        m_box, _ = seg.segment_slice(k, bounding_box(truth[k]))
+        print(f"{label:30} {dice2d(m_pts, truth[k]):7.3f} {dice2d(m_box, truth[k]):7.3f}", flush=True)
 
 
 if __name__ == "__main__":

