@@ -201,8 +201,8 @@ class Int8Runtime:
 
 
 def load_real(folder: str, images: str, roi: str):
-    from inference.volume import load_series
     from rtstruct import rasterize_roi, read_rtstruct
+    from rtstruct.series import load_series
 
     root = SHARED / folder
     vol = load_series(root / images)

@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from inference.engines.litemedsam import LiteMedSamEngine
-    from inference.volume import load_series
     from rtstruct import rasterize_roi, read_rtstruct
+    from rtstruct.series import load_series
 
     engine = LiteMedSamEngine(runtime=args.runtime)
     print(f"{engine.algorithm_name} ({engine.runtime.name})")
