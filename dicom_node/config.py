@@ -466,6 +466,12 @@ class NodeConfig(_Model):
         return self.data_dir / "node.db"
 
     @property
+    def cache_dir(self) -> Path:
+        """Files derived from model weights (e.g. LiteMedSAM converted for OpenVINO): rebuilt
+        when missing, kept across restarts."""
+        return self.data_dir / "cache"
+
+    @property
     def audit_path(self) -> Path:
         return self.audit.file or (self.data_dir / "audit.jsonl")
 

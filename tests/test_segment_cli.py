@@ -231,7 +231,9 @@ def test_segment_refuses_bad_input(phantom, other_phantom, tmp_path, capsys):
         ((images, phantom["truth"], "-o", out), ["no prompt ROIs", "'GTV'"]),  # truth.dcm has no BOX_
         ((images, other_phantom["prompt"], "-o", out), ["prompts refused", "frame of reference"]),
         ((images, prompt, "-o", out, "--window", "40"), ["--window", "LEVEL,WIDTH"]),
-        ((images, prompt, "-o", out, "--checkpoint", "x.pt"), ["--checkpoint is a sam2 option"]),
+        ((images, prompt, "-o", out, "--engine", "classic", "--checkpoint", "x.pt"), ["--checkpoint is a sam2 option"]),
+        ((images, prompt, "-o", out, "--checkpoint", "x.pt"), ["--checkpoint x.pt: no such file"]),  # litemedsam
+        ((images, prompt, "-o", out, "--model-cfg", "sam2.1_hiera_t512"), ["engine litemedsam takes no model_cfg"]),
         ((images, prompt, "-o", out, "--mode", "video3d"), ["video3d needs --engine sam2"]),
         ((images, prompt, "-o", out, "--engine", "sam2", "--checkpoint", tmp_path / "no.pt"), ["no.pt: no such file"]),
         ((images, prompt, "-o", tmp_path / "no_dir" / "o.dcm"), ["does not exist"]),
@@ -259,7 +261,7 @@ def test_segment_refuses_a_prompt_the_engine_cannot_use(phantom, tmp_path, capsy
     vol = load_series(phantom["images"])
     prompt = write_box_prompt(vol, 20, (2, 12), (2, 12), tmp_path / "air.dcm")
     out = tmp_path / "o.dcm"
-    rc, _, stderr = run_cli(capsys, "segment", phantom["images"], prompt, "-o", out)
+    rc, _, stderr = run_cli(capsys, "segment", phantom["images"], prompt, "-o", out, "--engine", "classic")
     assert rc != 0 and not out.exists()
     assert "segmentation of target GTV_AI failed" in stderr and "found no tumour" in stderr
 

@@ -91,6 +91,7 @@ def run_segment(args) -> int:
         raise CommandError(f"-o {out} is a folder: give a file name such as {out / 'result.dcm'}")
     if not out.parent.exists():
         raise CommandError(f"the folder of -o {out} does not exist")
+    info = ENGINES[args.engine]
     if args.engine == "classic":
         for flag, value in (
             ("--checkpoint", args.checkpoint),
@@ -99,8 +100,8 @@ def run_segment(args) -> int:
         ):
             if value is not None:
                 raise CommandError(f"{flag} is a sam2 option; the classic engine uses no model")
-        if args.mode != "box2d":
-            raise CommandError("--mode video3d needs --engine sam2 (the classic engine segments slice by slice)")
+    if args.mode not in info.modes:
+        raise CommandError(f"--mode {args.mode} needs --engine sam2 (the {args.engine} engine segments slice by slice)")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise CommandError(f"--checkpoint {args.checkpoint}: no such file")
     try:
