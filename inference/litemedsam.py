@@ -137,7 +137,6 @@ the point-mode study is still to be done. A call with a box uses the box alone.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -157,6 +156,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inference.checkpoints import file_sha256, is_state_dict, state_dict_problems
 from inference.engine import SegmentationError
 
 log = logging.getLogger(__name__)
@@ -214,14 +214,6 @@ def packaged_weights_path() -> Path:
     if not path.is_file():
         raise WeightsError(f"the {PACKAGE} package has no weights file {path}: reinstall {PACKAGE}=={PINNED_VERSION}")
     return path
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_weights(path: str | os.PathLike, *, size: int = WEIGHTS_SIZE, sha256: str = WEIGHTS_SHA256) -> str:
@@ -288,23 +280,14 @@ class WeightsInfo:
 _STATE_KEYS = ("model", "state_dict", "model_state_dict")
 
 
-def _is_state_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) for k in obj)
-        and all(isinstance(v, torch.Tensor) for v in obj.values())
-    )
-
-
 def extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint (see the module docstring for the formats)."""
     sd = None
-    if _is_state_dict(obj):
+    if is_state_dict(obj):
         sd = dict(obj)
     elif isinstance(obj, Mapping):
         for key in _STATE_KEYS:
-            if key in obj and _is_state_dict(obj[key]):
+            if key in obj and is_state_dict(obj[key]):
                 sd = dict(obj[key])
                 break
     if sd is None:
@@ -322,32 +305,11 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _listing(keys, limit: int = 10) -> str:
-    keys = sorted(keys)
-    more = f", ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{len(keys)}: {', '.join(keys[:limit])}{more}"
-
-
 def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise :class:`WeightsError` unless ``sd`` has exactly the model's keys and shapes."""
-    expected = model.state_dict()
-    missing = set(expected) - set(sd)
-    unexpected = set(sd) - set(expected)
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(sd))
-        if tuple(sd[k].shape) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    parts = [f"{source} does not fit the LiteMedSAM architecture of {PACKAGE}"]
-    if missing:
-        parts.append(f"missing keys ({_listing(missing)})")
-    if unexpected:
-        parts.append(f"unexpected keys ({_listing(unexpected)})")
-    if shapes:
-        parts.append(f"shape mismatches ({_listing(shapes, 5)})")
-    raise WeightsError("; ".join(parts))
+    problems, _, _ = state_dict_problems(model, sd)
+    if problems:
+        raise WeightsError("; ".join([f"{source} does not fit the LiteMedSAM architecture of {PACKAGE}", *problems]))
 
 
 def _read(path: Path, source: str) -> Any:

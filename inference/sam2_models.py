@@ -44,20 +44,20 @@ removed. Loading is strict: any missing or unexpected key, or a shape mismatch, 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
 import re
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from inference.checkpoints import file_sha256, is_state_dict, state_dict_problems
 from inference.engine import SegmentationError
 
 log = logging.getLogger(__name__)
@@ -378,23 +378,6 @@ class CheckpointInfo:
         return f"{Path(self.path).name} sha256:{self.sha256[:12]}"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(isinstance(k, str) for k in obj)
-        and all(isinstance(v, torch.Tensor) for v in obj.values())
-    )
-
-
 def _strip_common_prefix(sd: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], bool]:
     if sd and all(k.startswith(prefix) for k in sd):
         return {k[len(prefix) :]: v for k, v in sd.items()}, True
@@ -407,11 +390,11 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, 
     Returns ``(state_dict, format, stripped_prefixes)``; raises :class:`CheckpointError`
     when no state dict is found.
     """
-    if isinstance(obj, Mapping) and "model" in obj and _is_state_dict(obj["model"]):
+    if isinstance(obj, Mapping) and "model" in obj and is_state_dict(obj["model"]):
         sd, fmt = dict(obj["model"]), "model"
-    elif isinstance(obj, Mapping) and "model_state_dict" in obj and _is_state_dict(obj["model_state_dict"]):
+    elif isinstance(obj, Mapping) and "model_state_dict" in obj and is_state_dict(obj["model_state_dict"]):
         sd, fmt = dict(obj["model_state_dict"]), "model_state_dict"
-    elif _is_state_dict(obj):
+    elif is_state_dict(obj):
         sd, fmt = dict(obj), "bare"
     else:
         if isinstance(obj, Mapping):
@@ -432,32 +415,12 @@ def extract_state_dict(obj: Any, source: str = "checkpoint") -> tuple[dict[str, 
     return sd, fmt, stripped
 
 
-def _listing(keys: Iterable[str], limit: int = 10) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    more = f", ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"{len(keys)}: {shown}{more}"
-
-
 def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
     """Raise :class:`CheckpointError` unless ``sd`` has exactly the model's keys and shapes."""
-    expected = model.state_dict()
-    missing = set(expected) - set(sd)
-    unexpected = set(sd) - set(expected)
-    shapes = [
-        f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(sd))
-        if tuple(sd[k].shape) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
+    problems, missing, unexpected = state_dict_problems(model, sd)
+    if not problems:
         return
-    parts = [f"{source} does not fit model {model_name}"]
-    if missing:
-        parts.append(f"missing keys ({_listing(missing)})")
-    if unexpected:
-        parts.append(f"unexpected keys ({_listing(unexpected)})")
-    if shapes:
-        parts.append(f"shape mismatches ({_listing(shapes, 5)})")
+    parts = [f"{source} does not fit model {model_name}", *problems]
     if unexpected and not missing and all(k.startswith(FINETUNE_PREFIX) for k in unexpected):
         parts.append(f"hint: some but not all keys carry the '{FINETUNE_PREFIX}' prefix")
     parts.append("the model config (--model-cfg) must match the checkpoint")
