@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SAM2 throughput: image-encoding slices/s and end-to-end seconds per case.
+"""SAM2 and LiteMedSAM throughput: image-encoding slices/s and end-to-end seconds per case.
 
 Two tables:
 
@@ -109,6 +109,40 @@ def bench_encoding(model, device, batch_sizes, dtypes, min_slices, warmup) -> li
     return rows
 
 
+def bench_litemedsam_encoding(device, batch_sizes, dtypes, min_slices, warmup) -> list[dict]:
+    """LiteMedSAM's image encoder (the packaged weights, eager PyTorch on ``device``), as its
+    engine feeds it: 512x512 uint8 slices letterboxed to 256."""
+    from inference import litemedsam as lm
+
+    model, _ = lm.load_model()
+    model = model.to(device).eval()
+    rows = []
+    rng = np.random.default_rng(0)
+    slices = (rng.random((max(batch_sizes), 512, 512)) * 255).astype(np.uint8)
+    lb = lm.Letterbox.for_shape((512, 512))
+    for dtype in dtypes:
+        for bs in batch_sizes:
+            row = {"model": "litemedsam", "size": lm.IMAGE_SIZE, "dtype": dtype, "batch": bs}
+            iters = max(1, -(-min_slices // bs))
+            x = torch.from_numpy(lm.to_model_input(slices[:bs], lb)).to(device)
+            with torch.inference_mode(), autocast(device, dtype):
+                for _ in range(warmup):
+                    model.image_encoder(x)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    model.image_encoder(x)
+                sync(device)
+                dt = time.perf_counter() - t0
+            row["slices_per_s"] = bs * iters / dt
+            row["ms_per_slice"] = 1000.0 * dt / (bs * iters)
+            if device.type == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            rows.append(row)
+            print(f"  encode litemedsam {dtype:<4} batch {bs:>2}: {row['slices_per_s']:8.2f} slices/s", flush=True)
+    return rows
+
+
 # -- end to end -------------------------------------------------------------------------------
 def synthetic_ct(n_slices: int, size: int, tumour_slices: int, slice_mm: float = 2.5, seed: int = 0):
     """A CT-like volume (body, lungs, noise) with an ellipsoid tumour over ``tumour_slices``."""
@@ -163,12 +197,12 @@ def synthetic_ct(n_slices: int, size: int, tumour_slices: int, slice_mm: float =
     return vol, truth, box
 
 
-def bench_e2e(engine_kwargs, vol, truth, box, modes, max_extent_mm, repeats) -> list[dict]:
+def bench_e2e(engine_kwargs, vol, truth, box, modes, max_extent_mm, repeats, name="sam2") -> list[dict]:
     from inference.engine import get_engine
 
     rows = []
     t0 = time.perf_counter()
-    engine = get_engine("sam2", **engine_kwargs)
+    engine = get_engine(name, **engine_kwargs)
     build_s = time.perf_counter() - t0
     prompts = TargetPrompts(target="", output_name="GTV_AI", boxes=[box])
     for mode in modes:
@@ -178,16 +212,17 @@ def bench_e2e(engine_kwargs, vol, truth, box, modes, max_extent_mm, repeats) -> 
             try:
                 t = time.perf_counter()
                 result = engine.segment(vol, prompts, opts)
-                sync(engine.device)
+                sync(torch.device(getattr(engine, "device", "cpu")))
                 times.append(time.perf_counter() - t)
             except Exception as exc:  # noqa: BLE001 - the benchmark reports and goes on
                 error = f"{type(exc).__name__}: {exc}"[:120]
                 break
         row = {
-            "model": engine.spec.name,
+            "model": engine.spec.name if name == "sam2" else "litemedsam",
             "mode": mode,
             "build_s": build_s,
-            "precision": "bf16" if engine.autocast_dtype is not None else "fp32",
+            "precision": "bf16" if getattr(engine, "autocast_dtype", None) is not None else "fp32",
+            "runtime": getattr(getattr(engine, "runtime", None), "name", "torch"),
         }
         if times:
             n = int(result.mask.any(axis=(1, 2)).sum())
@@ -283,6 +318,7 @@ def main(argv=None) -> int:
         help=f"models for the encoding table (default {','.join(ENCODE_MODELS)})",
     )
     p.add_argument("--skip-encode", action="store_true")
+    p.add_argument("--skip-litemedsam", action="store_true", help="no LiteMedSAM rows (encoding and end to end)")
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -322,6 +358,8 @@ def main(argv=None) -> int:
             del model
             if cuda:
                 torch.cuda.empty_cache()
+        if not args.skip_litemedsam:
+            enc_rows += bench_litemedsam_encoding(device, batch_sizes, dtypes, 1 if quick else 64, warmup=1)
 
     e2e_rows: list[dict] = []
     if not args.skip_e2e:
@@ -344,6 +382,9 @@ def main(argv=None) -> int:
                     object_score_stop=bool(args.checkpoint),
                 )
                 e2e_rows += bench_e2e(kwargs, vol, truth, box, ["box2d", "video3d"], args.max_extent_mm, repeats)
+        if not args.skip_litemedsam:  # the real pretrained weights: its Dice means something
+            kwargs = {"device": str(device)} if cuda else {}
+            e2e_rows += bench_e2e(kwargs, vol, truth, box, ["box2d"], args.max_extent_mm, repeats, name="litemedsam")
 
     print_tables(enc_rows, e2e_rows, device, args)
     if args.json:

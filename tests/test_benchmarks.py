@@ -47,6 +47,8 @@ def test_sam2_benchmark_runs_on_the_cpu():
     assert re.search(r"^sam2\.1_hiera_t512\s+512 fp32\s+1\s+[\d.]+\s+[\d.]+$", out, re.M), out
     for mode in ("box2d", "video3d"):
         assert re.search(rf"^sam2\.1_hiera_t512\s+{mode}\s+fp32\s", out, re.M), out
+    assert re.search(r"^litemedsam\s+256 fp32\s+1\s+[\d.]+\s+[\d.]+$", out, re.M), out
+    assert re.search(r"^litemedsam\s+box2d\s+fp32\s", out, re.M), out
     assert "meaningless with random weights" in out
 
 
