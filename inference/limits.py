@@ -39,7 +39,7 @@ class WalkLimits:
     min_area_fraction: float = 0.05
     max_extent_mm: float = 120.0
     min_score: float = 0.7
-    max_intensity_shift: float = 2.0
+    max_intensity_shift: float = 1.5
     extend_past_outer_prompts: bool = False
 
     def __post_init__(self) -> None:
