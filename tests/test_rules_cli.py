@@ -151,7 +151,12 @@ def test_lung1_with_a_prompt_copy_of_its_rtstruct(capsys, tmp_path):
                     "roi_names": "Spinal-Cord",
                     "rtstruct_tags": {"Manufacturer": "(?i)varian.*"},
                 },
-                "action": {"output_roi_name": "{target}_AI", "window": [-600, 1600], "destinations": ["tps"]},
+                "action": {
+                    "engine": "classic",
+                    "output_roi_name": "{target}_AI",
+                    "window": [-600, 1600],
+                    "destinations": ["tps"],
+                },
             },
         ],
     )

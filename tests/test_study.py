@@ -160,7 +160,7 @@ def test_study_phantoms_with_bad_input_reproducible(cohort, tmp_path, capsys):
 
     root, paths = cohort
     out1, out2, out3 = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    args = ["--jitter", "3", "--no-progress", "--worst", "2"]
+    args = ["--engine", "classic", "--jitter", "3", "--no-progress", "--worst", "2"]
     assert main(["study", str(root), str(out1), "--seed", "7", *args]) == 0
     printed = capsys.readouterr().out
     assert "phantoms" in printed and "skipped" in printed and "Dice" in printed
@@ -277,7 +277,7 @@ def test_study_command_errors(tmp_path, capsys):
     assert "usage" in capsys.readouterr().err
     assert main(["study", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
     assert "not a folder" in capsys.readouterr().err
-    assert main(["study", str(tmp_path), str(tmp_path / "out"), "--checkpoint", "x.pt"]) == 2
+    assert main(["study", str(tmp_path), str(tmp_path / "out"), "--engine", "classic", "--checkpoint", "x.pt"]) == 2
     assert "sam2" in capsys.readouterr().err
     assert main(["study", str(tmp_path), str(tmp_path / "out"), "--roi", "(("]) == 2
     assert "regular expression" in capsys.readouterr().err
@@ -361,7 +361,7 @@ def test_study_classic_on_a_sharp_cuboid_stays_inside_it(tmp_path, spacing):
     src = tmp_path / "src"
     _write_case(src / "cuboid" / "case.npz", imgs, [("GTV", cube)], spacing=spacing)
     out = tmp_path / "out"
-    assert main(["study", str(src), str(out), "--no-progress", "--worst", "0"]) == 0
+    assert main(["study", str(src), str(out), "--engine", "classic", "--no-progress", "--worst", "0"]) == 0
     (row,) = read_csv(out / "cases.csv")
     assert row["status"] == "ok"
     pred = load_npz(out / "predictions" / "cuboid" / "case.npz")["segs"] == 1

@@ -108,7 +108,11 @@ def run(tmp_path_factory):
             "match": {"calling_aet": "STORESCU"},
             "action": {"engine": "classic", "outputs": ["rtstruct", "seg", "overlay"], "destinations": ["tps", "pacs"]},
         },
-        {"name": "to-a-closed-port", "match": {"calling_aet": "TPS"}, "action": {"destinations": ["closed"]}},
+        {
+            "name": "to-a-closed-port",
+            "match": {"calling_aet": "TPS"},
+            "action": {"engine": "classic", "destinations": ["closed"]},
+        },
     ]
     config = write_config(
         tmp / "node",
