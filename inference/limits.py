@@ -29,6 +29,10 @@ class WalkLimits:
     standard deviations from the prompted slice's mask ends the walk; 0 turns it off.
     ``extend_past_outer_prompts``: with prompts on two or more slices, whether the walk
     goes beyond the outermost prompted slices (False: they are the tumour's ends).
+    ``ct_rim_mm``: how the walk's slices are finished on a CT: each mask grows by up to this
+    many mm into the partial-volume rim towards lung that a soft-tissue window hides
+    (:mod:`inference.partial_volume`; engines that see the CT in such a window pass the HU
+    values: litemedsam); 0 turns it off.
 
     The defaults of the stop rules were chosen by measurement (``benchmarks/stop_rules.py``
     and ``dicom-node study``; README "Where a tumour ends").
@@ -41,6 +45,7 @@ class WalkLimits:
     min_score: float = 0.7
     max_intensity_shift: float = 1.5
     extend_past_outer_prompts: bool = False
+    ct_rim_mm: float = 1.5
 
     def __post_init__(self) -> None:
         if self.margin_mm < 0 or self.min_area_mm2 < 0 or self.max_extent_mm < 0:
@@ -49,6 +54,8 @@ class WalkLimits:
             raise ValueError(f"min_area_fraction must be within [0, 1], got {self.min_area_fraction}")
         if not 0 <= self.min_score <= 1:
             raise ValueError(f"min_score must be within [0, 1], got {self.min_score}")
+        if self.ct_rim_mm < 0:
+            raise ValueError(f"ct_rim_mm must not be negative, got {self.ct_rim_mm}")
         if self.max_intensity_shift < 0:
             raise ValueError(f"max_intensity_shift must not be negative, got {self.max_intensity_shift}")
 

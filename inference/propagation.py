@@ -34,7 +34,9 @@ turns the planner's prompts on one or a few slices into a 3D mask:
    ``extend_past_outer_prompts`` lets every walk go on past the outermost prompts. With
    prompts on one slice only, the stop rules decide where the tumour ends.
 5. **Post-processing:** holes are filled per slice; of the 3D components (26-connected)
-   only those that touch an anchor slice's mask are kept.
+   only those that touch an anchor slice's mask are kept. On a CT whose HU values the
+   engine passes (``ct_values``), each slice then gains its partial-volume rim towards
+   lung, at most ``ct_rim_mm`` (:mod:`inference.partial_volume`).
 
 The result never leaves the volume: boxes are clipped to the image and the walk stops at
 the first and last slice. Per-slice scores (predicted IoU where the engine gives one,
@@ -57,6 +59,7 @@ import numpy as np
 from scipy import ndimage
 
 from inference.limits import WalkLimits
+from inference.partial_volume import add_lung_rim
 from inference.prompts import TargetPrompts
 
 log = logging.getLogger(__name__)
@@ -237,12 +240,14 @@ def propagate_2d(
     prompts: TargetPrompts,
     params: PropagationParams | None = None,
     images: np.ndarray | None = None,
+    ct_values: np.ndarray | None = None,
 ) -> PropagationResult:
     """Segment the prompted slices and propagate each of them up and down the volume.
 
     ``shape`` is (z, y, x) and ``spacing`` (dz, dy, dx) in mm; ``images`` is the volume as
     the engine sees it (its preprocessed uint8 slices), for the intensity stop rule (None:
-    that rule is off). See the module docstring for the rules. Raises ValueError when ``prompts`` has no box and no positive point, or a
+    that rule is off); ``ct_values`` the CT in HU, for the partial-volume rim
+    (``ct_rim_mm``; None: no rim). See the module docstring for the rules. Raises ValueError when ``prompts`` has no box and no positive point, or a
     prompt lies outside the volume.
     """
     params = params or PropagationParams()
@@ -335,6 +340,8 @@ def propagate_2d(
 
     # 2. post-processing
     mask = postprocess(mask, anchor_masks, fill_holes=params.fill_holes, keep_connected=params.keep_connected)
+    if ct_values is not None and params.ct_rim_mm > 0:
+        mask = add_lung_rim(mask, ct_values, spacing, params.ct_rim_mm)
     kept = set(int(k) for k in np.flatnonzero(mask.any(axis=(1, 2))))
     scores = {k: v for k, v in sorted(scores.items()) if k in kept}
     areas = {k: v for k, v in sorted(areas.items()) if k in kept}

@@ -63,3 +63,10 @@ def test_litemedsam_cpu_benchmark_runs_quick():
     assert re.search(
         rf"^end to end, \d+-slice tumour, default \((openvino f32|eager)\): {number} s for \d+ slices", out, re.M
     ), out
+
+
+def test_partial_volume_benchmark_runs_quick():
+    out = run("benchmarks/partial_volume.py", "--quick")
+    assert re.search(r"^LiteMedSAM sha256:[0-9a-f]{12}, runtime (openvino f32|eager)", out, re.M), out
+    assert re.search(r"^case\s+rim 0 mm\s+rim 1\.5 mm$", out, re.M), out
+    assert re.search(r"^phantom CT seed 0 \(small\)\s+\d\.\d{3}\s+\d\.\d\d\s+\d\.\d{3}\s+\d\.\d\d$", out, re.M), out

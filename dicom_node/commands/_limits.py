@@ -15,6 +15,7 @@ _HELP = {
     "min_score": "a slice whose predicted IoU is below this ends the walk (0: off)",
     "max_intensity_shift": "a slice whose mean intensity is this many SDs from the prompted slice's ends the walk (0: off)",
     "extend_past_outer_prompts": "walk past the outermost of several prompted slices",
+    "ct_rim_mm": "CT: grow each slice's mask by up to this into its partial-volume rim towards lung, mm (0: off)",
 }
 
 

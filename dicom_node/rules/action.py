@@ -50,6 +50,7 @@ class Action(BaseModel):
     min_score: float = Field(default=_LIMITS.min_score, ge=0, le=1)
     max_intensity_shift: float = Field(default=_LIMITS.max_intensity_shift, ge=0)
     extend_past_outer_prompts: bool = _LIMITS.extend_past_outer_prompts
+    ct_rim_mm: float = Field(default=_LIMITS.ct_rim_mm, ge=0)
 
     @field_validator("window", mode="before")
     @classmethod

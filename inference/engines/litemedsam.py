@@ -178,7 +178,10 @@ class LiteMedSamEngine(Engine):
         params = PropagationParams.from_options(options, prefetch_batch=self.batch_size)
         with self._lock:
             try:
-                result = propagate_2d(segmenter, volume.shape, volume.spacing, prompts, params, images=images.gray)
+                ct_values = volume.array if volume.modality.upper() == "CT" else None
+                result = propagate_2d(
+                    segmenter, volume.shape, volume.spacing, prompts, params, images=images.gray, ct_values=ct_values
+                )
             except SegmentationError:
                 raise
             except ValueError as exc:
