@@ -33,9 +33,9 @@ def _check(text: str, tmp_path) -> None:
     latency = float(re.search(r"to the result stored at the TPS: ([\d.]+) s", text).group(1))
     assert 0 < latency < 120
     dice = float(re.search(r"Dice against the phantom's truth ([\d.]+)", text).group(1))
-    # LiteMedSAM on the CT phantom: 0.872 measured; its truth has a partial-volume rim near
-    # -100 HU that the 40/400 window hardly shows (the classic engine models it: 0.96)
-    assert dice >= 0.85
+    # LiteMedSAM on the CT phantom: 0.938 measured with the CT rim (ct_rim_mm 1.5), 0.872
+    # without it (the rim the 40/400 window hides): the bar sits between the two
+    assert dice >= 0.9
     (result,) = (tmp_path / "demo" / "tps").iterdir()
     ds = pydicom.dcmread(result)
     assert ds.Modality == "RTSTRUCT"
