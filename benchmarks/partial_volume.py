@@ -26,12 +26,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from litemedsam_preprocess import SHARED, load_case  # noqa: E402
+
 from inference import litemedsam as lm  # noqa: E402
 from inference.partial_volume import add_lung_rim_slice  # noqa: E402
 from inference.preprocess import prepare  # noqa: E402
-from inference.propagation import bounding_box  # noqa: E402
+from inference.propagation import bounding_box, expand_box  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data"
 MARGIN_MM = 3.0
 
 
@@ -58,12 +59,7 @@ def real_cases():
     if not root.is_dir():
         print(f"note: {root} is absent: LUNG1-001 skipped")
         return
-    from rtstruct import rasterize_roi, read_rtstruct
-    from rtstruct.series import load_series
-
-    vol = load_series(root / "CT")
-    (rs_file,) = sorted((root / "RTSTRUCT").glob("*.dcm"))
-    yield "LUNG1-001 GTV-1", vol, rasterize_roi(read_rtstruct(rs_file).roi("GTV-1"), vol.geometry)
+    yield "LUNG1-001 GTV-1", *load_case(root, "CT", "RTSTRUCT", "GTV-1")
 
 
 def score(runtime, volume, truth, rims) -> dict[float, tuple[float, float]]:
@@ -75,10 +71,7 @@ def score(runtime, volume, truth, rims) -> dict[float, tuple[float, float]]:
     pred = dict.fromkeys(rims, 0)
     total = 0
     for k in np.flatnonzero(truth.any(axis=(1, 2))):
-        i0, j0, i1, j1 = bounding_box(truth[k])
-        mi, mj = round(MARGIN_MM / spacing_yx[0]), round(MARGIN_MM / spacing_yx[1])
-        ny, nx = truth.shape[1:]
-        box = (max(i0 - mi, 0), max(j0 - mj, 0), min(i1 + mi, ny - 1), min(j1 + mj, nx - 1))
+        box = expand_box(bounding_box(truth[k]), MARGIN_MM, spacing_yx, truth.shape[1:])  # the walk's next box
         mask, _ = seg.segment_slice(int(k), box)
         total += int(truth[k].sum())
         for r in rims:
