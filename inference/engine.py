@@ -208,3 +208,12 @@ def get_engine(name: str, **config) -> Engine:
 def build(spec: EngineSpec) -> Engine:
     """:func:`get_engine` for a spec."""
     return get_engine(spec.name, **spec.config())
+
+
+def release(spec: EngineSpec) -> bool:
+    """Forget the process-wide engine of ``spec`` (its model is freed once no caller holds
+    it); the next :func:`build` builds it again, reading its checkpoint anew. Fine-tuning
+    validates each epoch's checkpoint this way. Returns whether one was held."""
+    key = (spec.name, tuple(sorted(spec.config().items())))
+    with _engines_lock:
+        return _engines.pop(key, None) is not None

@@ -426,6 +426,17 @@ def box_to_model(box: Sequence[float], letterbox: Letterbox, convention: str = "
     return np.array([x0, y0, x1, y1], dtype=np.float32)
 
 
+def logits_to_slice(logits: torch.Tensor, letterbox: Letterbox) -> torch.Tensor:
+    """The decoder's ``(n, 1, 256, 256)`` logits on the slice's grid ``(n, 1, ny, nx)``: the
+    padding cut off, then resized bilinearly (differentiable: fine-tuning computes its loss
+    on exactly what inference thresholds at 0)."""
+    lb = letterbox
+    t = logits[:, :, : lb.newh, : lb.neww]
+    if (lb.newh, lb.neww) == (lb.ny, lb.nx):
+        return t
+    return F.interpolate(t, size=(lb.ny, lb.nx), mode="bilinear", align_corners=False)
+
+
 def mask_from_logits(logits: np.ndarray, letterbox: Letterbox, method: str = "logits") -> np.ndarray:
     """The decoder's 256x256 logits -> bool ``(ny, nx)`` mask of the slice.
 
@@ -436,10 +447,9 @@ def mask_from_logits(logits: np.ndarray, letterbox: Letterbox, method: str = "lo
     """
     lb = letterbox
     t = torch.as_tensor(np.asarray(logits, dtype=np.float32)).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    t = t[:, :, : lb.newh, : lb.neww]
     if method == "logits":
-        up = F.interpolate(t, size=(lb.ny, lb.nx), mode="bilinear", align_corners=False)
-        return (up[0, 0] > 0).numpy()
+        return (logits_to_slice(t, lb)[0, 0] > 0).numpy()
+    t = t[:, :, : lb.newh, : lb.neww]
     if method == "probabilities":
         up = F.interpolate(torch.sigmoid(t), size=(lb.ny, lb.nx), mode="bilinear", align_corners=False)
         return (up[0, 0] > 0.5).numpy()

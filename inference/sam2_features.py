@@ -183,6 +183,33 @@ def prompt_to_model_points(
     return coords, labels
 
 
+def sam_heads(model, backbone_out: dict, point_coords: torch.Tensor, point_labels: torch.Tensor, multimask: bool):
+    """SAM2's prompt encoder and mask decoder on a batch of ``n`` slices' features, one
+    prompt per slice (``point_coords`` ``(n, m, 2)`` in the model's input frame,
+    ``point_labels`` ``(n, m)``; see :func:`prompt_to_model_points`), without memory, as
+    a single image. Returns the low-resolution mask logits ``(n, k, S/4, S/4)``, the
+    predicted IoUs ``(n, k)`` and the object-score logits (differentiable: fine-tuning
+    trains through exactly this path)."""
+    size = model.image_size
+    n = point_coords.shape[0]
+    _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
+    if model.directly_add_no_mem_embed:
+        vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+    feats = [feat.permute(1, 2, 0).reshape(n, -1, *hw) for feat, hw in zip(vision_feats, image_feature_sizes(size))]
+    image_embed, high_res = feats[-1], feats[:-1]
+    sparse, dense = model.sam_prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
+    low_res, ious, _, object_score_logits = model.sam_mask_decoder(
+        image_embeddings=image_embed,
+        image_pe=model.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+        repeat_image=False,
+        high_res_features=high_res,
+    )
+    return low_res, ious, object_score_logits
+
+
 def decode_prompts(
     model,
     backbone_out: dict,
@@ -208,22 +235,7 @@ def decode_prompts(
     point_labels = torch.tensor([labels], dtype=torch.int32, device=device)
     multimask = box is None and len(points) == 1
 
-    _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
-    if model.directly_add_no_mem_embed:
-        vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
-    feats = [feat.permute(1, 2, 0).reshape(1, -1, *hw) for feat, hw in zip(vision_feats, image_feature_sizes(size))]
-    image_embed, high_res = feats[-1], feats[:-1]
-
-    sparse, dense = model.sam_prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
-    low_res, ious, _, object_score_logits = model.sam_mask_decoder(
-        image_embeddings=image_embed,
-        image_pe=model.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-        repeat_image=False,
-        high_res_features=high_res,
-    )
+    low_res, ious, object_score_logits = sam_heads(model, backbone_out, point_coords, point_labels, multimask)
     best = int(torch.argmax(ious[0]).item()) if multimask else 0
     logits = low_res[:, best : best + 1].float()
     full = F.interpolate(logits, size=(ny, nx), mode="bilinear", align_corners=False)

@@ -195,6 +195,8 @@ def test_convert_pseudonymized_is_deterministic_and_carries_no_identifier(cohort
     mapping = read_csv(a / "pseudonym_map.csv")
     assert read_csv(b / "pseudonym_map.csv") == mapping
     assert [m["case"] for m in mapping] == ["case_0001", "case_0002"]
+    # one pseudonym per patient
+    assert len({m["patient"] for m in mapping}) == len({m["PatientID"] for m in mapping})
     identifiers = set()
     for m in mapping:
         header = pydicom.dcmread(sorted((src / m["source"]).iterdir())[0])
@@ -210,8 +212,11 @@ def test_convert_pseudonymized_is_deterministic_and_carries_no_identifier(cohort
         }
     for name in ("case_0001.npz", "case_0002.npz"):
         za, zb = load_npz(a / name), load_npz(b / name)
-        assert set(za) == {"imgs", "gts", "label_names", "spacing", "origin", "direction", "modality"}
+        assert set(za) == {"imgs", "gts", "label_names", "spacing", "origin", "direction", "modality", "patient"}
         assert set(za) == set(zb)
+        # the patient is a pseudonym, the same one the map gives (finetune splits by it)
+        (m,) = [m for m in mapping if f"{m['case']}.npz" == name]
+        assert str(za["patient"]) == m["patient"] and m["patient"].startswith("patient_")
         for key in za:
             np.testing.assert_array_equal(za[key], zb[key])
             if za[key].dtype.kind == "U":

@@ -14,6 +14,10 @@ NPZ file holding:
 ``direction``              3x3, rows = unit vectors of the z, y, x index axes
                            (see :mod:`inference.geometry`)
 ``modality``               "CT" or "MR"
+``patient``                which cases share a patient (``dicom-node finetune`` never splits
+                           them): the PatientID, or with ``--pseudonymize`` a pseudonym
+                           ``patient_0001`` ... that is the same for every case of one patient
+                           in one conversion (``pseudonym_map.csv`` maps it back)
 ``series_instance_uid``,   only without ``--pseudonymize``, as are
 ``study_instance_uid``,    ``sop_instance_uids`` (per slice) and
 ``frame_of_reference_uid`` ``rtstruct_sop_instance_uids``
@@ -67,7 +71,7 @@ REPORT_FIELDS = [
     "source",
     "warnings",
 ]
-MAP_FIELDS = ["case", "dataset", "source", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
+MAP_FIELDS = ["case", "patient", "dataset", "source", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
 
 
 @dataclass
@@ -80,6 +84,7 @@ class ConvertTask:
     out_path: Path
     roi_pattern: str | None
     pseudonymize: bool
+    patient: str = ""  # the NPZ's ``patient`` field
 
 
 @dataclass
@@ -150,6 +155,7 @@ def convert_case(task: ConvertTask) -> ConvertRow:
             "origin": np.asarray(g.origin, dtype=np.float64),
             "direction": np.asarray(g.direction, dtype=np.float64),
             "modality": np.array(vol.modality),
+            "patient": np.array(task.patient),
         }
         if not task.pseudonymize:
             arrays.update(
@@ -180,7 +186,13 @@ def plan(found: Scan, out: Path, roi_pattern: str | None, pseudonymize: bool) ->
     tasks = []
     width = max(4, len(str(len(found.cases))))
     used: set[Path] = set()
+    pseudonyms: dict[str, str] = {}
     for index, case in enumerate(found.cases):
+        pid = case.series.patient_id or f"anon-{case.name}"
+        if pseudonymize:
+            patient = pseudonyms.setdefault(pid, f"patient_{len(pseudonyms) + 1:0{width}d}")
+        else:
+            patient = case.series.patient_id or "anon"
         if pseudonymize:
             name = f"case_{index + 1:0{width}d}"
             path = out / f"{name}.npz"
@@ -192,7 +204,7 @@ def plan(found: Scan, out: Path, roi_pattern: str | None, pseudonymize: bool) ->
                 path = out / case.dataset / f"{name}-{n}.npz"
                 n += 1
         used.add(path)
-        tasks.append(ConvertTask(index, case, name, path, roi_pattern, pseudonymize))
+        tasks.append(ConvertTask(index, case, name, path, roi_pattern, pseudonymize, patient))
     return tasks
 
 
@@ -281,6 +293,7 @@ def convert(
             [
                 {
                     "case": t.case_name,
+                    "patient": t.patient,
                     "dataset": t.case.dataset,
                     "source": t.case.source,
                     "PatientID": t.case.series.patient_id,
