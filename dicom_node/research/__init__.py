@@ -8,6 +8,8 @@
   seeded.
 * :mod:`.study`    - ``dicom-node study``: simulate, segment through the node's pipeline,
   score (Dice, surface Dice, HD95, volume ratio, slices reached, seconds).
+* :mod:`.finetune` - ``dicom-node finetune``: train LiteMedSAM or SAM2 on convert's NPZ,
+  split by patient, validate through the node's pipeline, write checkpoints rules load.
 * :mod:`.report`   - summary tables (median and IQR per dataset and model) and PNG figures.
 
 Nothing here is used by the node itself; heavy imports (matplotlib, torch) stay inside
