@@ -37,7 +37,11 @@ def register(sub) -> None:
         default="box2d",
         help="box2d: slice-by-slice box propagation; video3d: SAM2 video predictor (sam2 only)",
     )
-    p.add_argument("--checkpoint", metavar="PATH", help="SAM2 checkpoint (.pt)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="model weights (.pt): SAM2's, or a fine-tuned litemedsam checkpoint (dicom-node finetune)",
+    )
     p.add_argument("--model-cfg", metavar="NAME", help="SAM2 model config name or YAML path")
     p.add_argument("--window", metavar="L,W", help="CT window level,width in HU for the model (default 40,400)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="SAM2 device (default: cuda when present)")

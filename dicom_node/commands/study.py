@@ -31,7 +31,14 @@ def register(sub) -> None:
     p.add_argument("-o", "--out", help="output folder for --report")
     g = p.add_argument_group("model")
     g.add_argument("--engine", choices=list(ENGINES), default=DEFAULT_ENGINE)
-    g.add_argument("--checkpoint", help="SAM2 checkpoint file")
+    g.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="FILE",
+        help="model weights: sam2's checkpoint, or a fine-tuned litemedsam one ('packaged': the weights the "
+        "litemedsam package ships). Given several times, the checkpoints are compared side by side: one "
+        "study each in OUT/models/<name>/, combined in OUT (one heatmap column per checkpoint)",
+    )
     g.add_argument("--model-cfg", help="SAM2 model config name")
     g.add_argument("--device", choices=["cpu", "cuda"], help="SAM2 device (default: cuda when present)")
     g.add_argument("--mode", choices=["box2d", "video3d"], default="box2d")
@@ -81,6 +88,26 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+PACKAGED = "packaged"
+
+
+def checkpoint_labels(engine: str, checkpoints: list[str | None]) -> list[str]:
+    """The model names of a comparison: ``engine:<file stem>`` (with the folder when two
+    files share a stem), ``engine:packaged`` for the shipped weights, ``engine`` alone."""
+    stems = [Path(c).stem for c in checkpoints if c not in (None, PACKAGED)]
+    out = []
+    for c in checkpoints:
+        if c is None:
+            out.append(engine if engine != "sam2" else "sam2:no-checkpoint")
+        elif c == PACKAGED:
+            out.append(f"{engine}:packaged")
+        else:
+            p = Path(c)
+            name = p.stem if stems.count(p.stem) == 1 else f"{p.parent.name}/{p.stem}"
+            out.append(f"{engine}:{name}")
+    return out
+
+
 def run(args) -> int:
     from dicom_node.cli import CommandError
 
@@ -111,13 +138,24 @@ def run(args) -> int:
         except ValueError as exc:
             raise CommandError(f"--window: {exc}") from exc
     if args.engine == "classic" and (args.checkpoint or args.model_cfg):
-        raise CommandError("--checkpoint and --model-cfg are for --engine sam2")
+        raise CommandError(
+            "the classic engine uses no weights: --checkpoint is for sam2 and litemedsam, --model-cfg for sam2"
+        )
     if args.engine == "classic" and args.mode != "box2d":
         raise CommandError("the classic engine supports only --mode box2d")
     if args.predictions and not Path(args.predictions).is_dir():
         raise CommandError(f"--predictions is not a folder: {args.predictions}")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise CommandError(f"checkpoint not found: {args.checkpoint}")
+    checkpoints = list(args.checkpoint or [None])
+    for c in checkpoints:
+        if c == PACKAGED:
+            if args.engine != "litemedsam":
+                raise CommandError("--checkpoint packaged is for --engine litemedsam")
+        elif c is not None and not Path(c).is_file():
+            raise CommandError(f"checkpoint not found: {c}")
+    if len(checkpoints) > 1 and args.model_name:
+        raise CommandError("--model-name names one model; with several --checkpoint each is named after its file")
+    if len(checkpoints) > 1 and args.predictions:
+        raise CommandError("--predictions scores saved masks: it takes no --checkpoint")
     try:
         spec = PromptSpec(
             kind=args.prompt,
@@ -130,7 +168,7 @@ def run(args) -> int:
         raise CommandError(str(exc)) from exc
     config = StudyConfig(
         engine=args.engine,
-        checkpoint=args.checkpoint,
+        checkpoint=None,
         model_cfg=args.model_cfg,
         device=args.device,
         mode=args.mode,
@@ -144,8 +182,31 @@ def run(args) -> int:
         predictions=args.predictions,
         limits=limit_overrides(args),
     )
+    labels = checkpoint_labels(args.engine, checkpoints)
     try:
-        result = run_study(src, out, config, progress=not args.no_progress)
+        if len(checkpoints) == 1:
+            c = checkpoints[0]
+            config.checkpoint = None if c in (None, PACKAGED) else c
+            if c == PACKAGED and not args.model_name:
+                config.model_label = labels[0]
+            result = run_study(src, out, config, progress=not args.no_progress)
+        else:
+            from dataclasses import replace
+
+            from dicom_node.research.study import combine_reports
+
+            parts = []
+            for c, label in zip(checkpoints, labels):
+                part = out / "models" / label.replace(":", "_").replace("/", "_")
+                print(f"{label}: {c}")
+                run_study(
+                    src,
+                    part,
+                    replace(config, checkpoint=None if c == PACKAGED else c, model_label=label),
+                    progress=not args.no_progress,
+                )
+                parts.append(part)
+            result = combine_reports(parts, out)
     except StudyError as exc:
         raise CommandError(str(exc)) from exc
     scored = [r for r in result.rows if r["status"] in ("ok", "failed")]

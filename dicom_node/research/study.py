@@ -149,6 +149,8 @@ class StudyConfig:
         if self.engine == "sam2":
             name = Path(self.checkpoint).stem if self.checkpoint else "no-checkpoint"
             return f"sam2:{name}" + (f"/{self.mode}" if self.mode != "box2d" else "")
+        if self.checkpoint:  # a fine-tuned litemedsam
+            return f"{self.engine}:{Path(self.checkpoint).stem}"
         return self.engine
 
     def engine_spec(self) -> EngineSpec:
