@@ -62,12 +62,10 @@ def finetune(cohort: dict, out: Path, *settings: str) -> int:
     return main(
         [
             "finetune",
-            # before the positionals: after them, argparse (parse_args) takes the empty list
-            # as the key=value overrides and then refuses the key=value words behind --model
-            "--model",
-            "sam2",
             str(cohort["npz"]),
             str(out),
+            "--model",  # the documented order: options may follow the folders, among the settings
+            "sam2",
             f"init_checkpoint={cohort['init']}",
             f"model_cfg={MODEL_CFG}",
             "device=cpu",
@@ -215,3 +213,12 @@ def test_training_sees_what_the_engine_sees(cohort):
     np.testing.assert_allclose(first, ref, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(again, first)
     assert (ref > 0).any()
+
+
+def test_boxes_with_clicks_train(cohort):
+    """``data.points``: positive clicks simulated inside the label go with each box (sam2 only)."""
+    out = cohort["root"] / "run_points"
+    assert finetune(cohort, out, "max_steps=1", "val.fraction=0", "data.points=2") == 0
+    rows = read_csv(out / "metrics.csv")
+    assert math.isfinite(float(rows[-1]["train_loss"]))
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["points"] == 2
