@@ -11,7 +11,7 @@ from .env import require_tool
 def dciodvfy_report(path: Path) -> tuple[list[str], list[str]]:
     """(``Error`` lines, ``Warning`` lines) that dciodvfy prints for one file."""
     exe = require_tool("dciodvfy")
-    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, errors="replace", timeout=120)
     lines = (out.stdout + out.stderr).splitlines()
     return [x for x in lines if x.startswith("Error")], [x for x in lines if x.startswith("Warning")]
 
