@@ -3,7 +3,7 @@ neither RTSTRUCT nor SEG.
 
 :func:`write_secondary_captures` makes one Secondary Capture Image instance (RGB, 8 bits)
 per picture, all in one new series of the images' study: patient and study attributes are
-copied from ``volume.attributes`` as for the result RTSTRUCT, ConversionType ``WSD``
+copied from ``volume.attributes`` and made valid for their VR as for the result RTSTRUCT, ConversionType ``WSD``
 (workstation), BurnedInAnnotation ``YES`` (the caption: ROI name, slice number, area;
 no patient name or ID), the patient orientation of the slices' rows and columns, and a
 SourceImageSequence naming the slice each picture shows. The pictures are cropped and
@@ -23,11 +23,10 @@ import numpy as np
 from highdicom.sc import SCImage
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import DA, TM
 
 from inference.volume import Volume
 from rtstruct.reader import RTStructError
-from rtstruct.writer import _EXTRA_PATIENT_STUDY, _character_set, _software_version, _text, _valid
+from rtstruct.writer import _EXTRA_PATIENT_STUDY, _PATIENT_STUDY, _software_version, copied_attributes, set_copied
 
 __all__ = ["Picture", "write_secondary_captures"]
 
@@ -67,9 +66,10 @@ def write_secondary_captures(
     series_uid = series_instance_uid or highdicom.UID()
     direction = np.asarray(volume.geometry.direction, dtype=float)  # rows: normal, column direction, row direction
     orientation = (_orientation(direction[2]), _orientation(direction[1]))
-    sex = _text(attrs, "PatientSex")
-    sex = str(sex).upper() if sex is not None and str(sex).upper() in ("M", "F", "O") else None
     now = datetime.datetime.now()
+    # One character set for the series (every caption counted); conformed values logged once.
+    keywords = (*_PATIENT_STUDY, *_EXTRA_PATIENT_STUDY, "PatientIdentityRemoved", "DeidentificationMethod")
+    charset, copied = copied_attributes(attrs, keywords, [series_description] + [p.description for p in pictures])
     out = []
     for number, picture in enumerate(pictures, start=1):
         rgb = np.ascontiguousarray(picture.rgb, dtype=np.uint8)
@@ -88,31 +88,24 @@ def write_secondary_captures(
             sop_instance_uid=highdicom.UID(),
             instance_number=number,
             manufacturer="STARDUST",
-            patient_id=_text(attrs, "PatientID"),
+            patient_id=copied["PatientID"],
             patient_name=None,  # set below, as in the RTSTRUCT: highdicom warns about valid one-part names
-            patient_birth_date=_valid(attrs, "PatientBirthDate", DA),
-            patient_sex=sex,
-            accession_number=_text(attrs, "AccessionNumber"),
-            study_id=_text(attrs, "StudyID"),
-            study_date=_valid(attrs, "StudyDate", DA),
-            study_time=_valid(attrs, "StudyTime", TM),
-            referring_physician_name=_text(attrs, "ReferringPhysicianName"),
+            patient_birth_date=copied["PatientBirthDate"],
+            patient_sex=copied["PatientSex"],
+            accession_number=copied["AccessionNumber"],
+            study_id=copied["StudyID"],
+            study_date=copied["StudyDate"],
+            study_time=copied["StudyTime"],
+            referring_physician_name=copied["ReferringPhysicianName"],
             patient_orientation=orientation,
             series_description=series_description,
             manufacturer_model_name="STARDUST DICOM node",
             software_versions=_software_version(),
         )
-        charset = _character_set(attrs, [series_description, picture.description])
         if charset is not None:
             sc.SpecificCharacterSet = charset
-        sc.PatientName = _text(attrs, "PatientName")
-        for keyword in _EXTRA_PATIENT_STUDY:
-            value = _valid(attrs, keyword, TM) if keyword == "PatientBirthTime" else _text(attrs, keyword)
-            if value is not None:
-                try:
-                    setattr(sc, keyword, value)
-                except (ValueError, TypeError):
-                    log.warning("%s of the images cannot be copied: left out", keyword)
+        sc.PatientName = copied["PatientName"]
+        set_copied(sc, copied, _EXTRA_PATIENT_STUDY)
         sc.ConversionType = "WSD"
         sc.Laterality = None  # Type 2C: the images' laterality is not known here (written empty)
         sc.BurnedInAnnotation = "YES"

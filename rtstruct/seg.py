@@ -7,7 +7,8 @@
 RTSTRUCT, the ROI colour as its recommended display colour), frames only where a segment
 is present, each frame referencing its source slice. highdicom takes patient, study and
 frame of reference from the source images' headers, which are read (without pixel data)
-from the image files and put in the volume's slice order. The SEG is a new series and a
+from the image files and put in the volume's slice order; their values are made valid for
+their VR first (:mod:`rtstruct.conform`), as for the RTSTRUCT. The SEG is a new series and a
 new instance. A mask of the wrong shape, an empty mask or an image file that is not a
 slice of the volume is refused with :class:`~rtstruct.reader.RTStructError`.
 """
@@ -25,6 +26,7 @@ from highdicom.seg import SegmentAlgorithmTypeValues, Segmentation, Segmentation
 from pydicom.sr.codedict import codes
 
 from inference.volume import Volume
+from rtstruct.conform import MAX_LENGTH, character_set, conform_dataset, log_done
 from rtstruct.headers import read_header
 from rtstruct.reader import RTStructError
 from rtstruct.writer import RoiMask, _software_version
@@ -43,6 +45,41 @@ def _source_images(volume: Volume, image_paths: Sequence[str | Path]) -> list:
     if missing:
         raise RTStructError(f"{len(missing)} of the volume's {len(volume.sop_instance_uids)} slices have no image file")
     return [by_uid[uid] for uid in volume.sop_instance_uids]
+
+
+def _conform_sources(sources: list, texts: Sequence[str]) -> object:
+    """Make the headers' values valid for their VR in place (highdicom copies the Patient
+    and Study modules from them as they are, and refuses some invalid values itself), and
+    choose the SEG's SpecificCharacterSet: the images' own when every text encodes in it,
+    else ISO_IR 192. Each change is logged once per attribute, never with the value."""
+    first = sources[0]
+    values: dict[str, object] = {}
+    for elem in first:
+        if (
+            elem.keyword
+            and elem.VR in MAX_LENGTH
+            and elem.value not in (None, "")
+            and not isinstance(elem.value, bytes)
+        ):
+            values[elem.keyword] = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value)
+    values["SpecificCharacterSet"] = first.get("SpecificCharacterSet")
+    charset = character_set(values, texts)
+    done: dict[str, list[str]] = {}
+    for ds in sources:
+        for keyword, notes in conform_dataset(ds, charset).items():
+            done.setdefault(keyword, []).extend(notes)
+        if str(ds.get("PatientIdentityRemoved", "")) == "YES" and not (
+            ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence")
+        ):
+            # YES requires the method (Type 1C): leave the flag out, as in the RTSTRUCT.
+            del ds.PatientIdentityRemoved
+            done.setdefault("PatientIdentityRemoved", []).append("is YES without the method: left out")
+        if charset is None:
+            ds.pop("SpecificCharacterSet", None)
+        else:
+            ds.SpecificCharacterSet = charset
+    log_done(done)
+    return charset
 
 
 def write_seg(
@@ -84,6 +121,8 @@ def write_seg(
             )
         )
     sources = _source_images(volume, image_paths)
+    texts = [series_description] + [t for roi in rois for t in (roi.name, roi.algorithm_name, roi.algorithm_version)]
+    charset = _conform_sources(sources, texts)
     seg = Segmentation(
         source_images=sources,
         pixel_array=planes,
@@ -99,6 +138,7 @@ def write_seg(
         device_serial_number="0",
         content_label="STARDUST_AI",
         content_description=series_description[:64],
+        specific_character_set=charset,
     )
     seg.SeriesDescription = series_description
     log.debug("SEG: %d segments on %d frames", len(rois), int(seg.NumberOfFrames))

@@ -5,8 +5,10 @@
 (so a ``pydicom.Dataset``) ready for ``save_as`` or C-STORE:
 
 * new Series and SOP Instance UIDs (``highdicom.UID()``), patient and study attributes
-  copied from ``volume.attributes`` (missing Type 2 attributes are written empty), the
-  volume's frame of reference;
+  copied from ``volume.attributes``, each made valid for its VR by :mod:`rtstruct.conform`
+  (truncated; missing or invalid Type 2 attributes are written empty, invalid Type 3 ones
+  left out), in the images' SpecificCharacterSet or ISO_IR 192 when the values need it,
+  the volume's frame of reference;
 * ReferencedFrameOfReferenceSequence > RTReferencedStudySequence >
   RTReferencedSeriesSequence listing every slice of the volume in its
   ContourImageSequence, and a ContourImageSequence with its slice on every contour;
@@ -64,11 +66,12 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import RTStructureSetStorage
-from pydicom.valuerep import DA, TM, format_number_as_ds
+from pydicom.valuerep import format_number_as_ds
 from skimage.measure import approximate_polygon, find_contours
 
 from inference.geometry import Geometry
 from inference.volume import Volume
+from rtstruct.conform import character_set, conform
 from rtstruct.prompts import MAX_ROI_NAME_LENGTH
 from rtstruct.reader import RTStructError
 
@@ -198,36 +201,63 @@ class _RoiContours:
     contours: list[tuple[int, np.ndarray]]  # (slice index, (N, 3) patient points)
 
 
-def _text(attributes: dict[str, Any], keyword: str) -> Any:
-    value = attributes.get(keyword)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    return value
+#: Type 2 attributes of the Patient and General Study modules that SOPClass takes as arguments.
+_PATIENT_STUDY = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
 
 
-def _valid(attributes: dict[str, Any], keyword: str, vr_class) -> str | None:
-    """A DA/TM value from the images if it is valid, else None (written empty).
+def copied_attributes(
+    attributes: dict[str, Any], keywords: Sequence[str], texts: Sequence[str] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """(SpecificCharacterSet, keyword -> value) for a result that copies ``keywords`` from
+    the images' ``attributes`` and writes ``texts`` of its own: every value made valid for
+    its VR by :func:`rtstruct.conform.conform` (None where nothing valid is left: write it
+    empty when Type 2, leave it out when Type 3); the character set is the images' own when
+    every value encodes in it, else ISO_IR 192. Changes are logged by keyword, never with
+    the value."""
+    charset = character_set(
+        {k: attributes.get(k) for k in ("SpecificCharacterSet", *keywords)}, [t for t in texts if t]
+    )
+    return charset, {k: conform(k, attributes.get(k), charset) for k in keywords}
 
-    The value itself is not logged: a birth date is patient information.
-    """
-    value = _text(attributes, keyword)
-    if value is None:
-        return None
-    try:
-        vr_class(str(value))
-    except (ValueError, TypeError):
-        log.warning("%s of the images is not a valid %s value: written empty", keyword, vr_class.__name__)
-        return None
-    return str(value)
+
+#: Every attribute the RTSTRUCT copies from the images.
+_COPIED = (
+    *_PATIENT_STUDY,
+    *_EXTRA_PATIENT_STUDY,
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "PositionReferenceIndicator",
+)
 
 
-def _character_set(attributes: dict[str, Any], texts: list[str]) -> Any:
-    """The images' SpecificCharacterSet, or ISO_IR 192 (UTF-8) when text we write needs it."""
-    charset = _text(attributes, "SpecificCharacterSet")
-    if charset is not None:
-        return charset
-    values = [str(v) for v in attributes.values() if isinstance(v, str)] + texts
-    return "ISO_IR 192" if any(not v.isascii() for v in values) else None
+def set_copied(ds: Dataset, copied: dict[str, Any], keywords: Sequence[str]) -> None:
+    """Set the Type 3 ``keywords`` that have a value in ``copied`` (from
+    :func:`copied_attributes`) on ``ds``, and the PatientIdentityRemoved /
+    DeidentificationMethod pair: PatientIdentityRemoved YES requires the de-identification
+    method (Type 1C), so the pair is copied only when the images carry the method."""
+    for keyword in keywords:
+        value = copied.get(keyword)
+        if value is not None:
+            try:
+                setattr(ds, keyword, value)
+            except (ValueError, TypeError):
+                log.warning("%s of the images cannot be copied: left out", keyword)
+    removed = copied.get("PatientIdentityRemoved")
+    method = copied.get("DeidentificationMethod")
+    if removed is not None and (removed != "YES" or method is not None):
+        ds.PatientIdentityRemoved = removed
+        if method is not None:
+            ds.DeidentificationMethod = method
 
 
 def _check_name(name: str, what: str) -> str:
@@ -269,10 +299,12 @@ class RTStructureSet(highdicom.base.SOPClass):
     ) -> None:
         attrs = dict(volume.attributes or {})
         now = datetime.datetime.now()
-        sex = _text(attrs, "PatientSex")
-        if sex is not None and str(sex).upper() not in ("M", "F", "O"):
-            log.warning("PatientSex %r is not M, F or O: written empty", sex)
-            sex = None
+        texts = [label, series_description, structure_set_name or ""] + [
+            t
+            for e in rois
+            for t in (e.roi.name, e.roi.description or "", e.roi.algorithm_name, e.roi.algorithm_version)
+        ]
+        charset, copied = copied_attributes(attrs, _COPIED, texts)
         super().__init__(
             study_instance_uid=volume.study_instance_uid,
             series_instance_uid=series_instance_uid,
@@ -284,51 +316,28 @@ class RTStructureSet(highdicom.base.SOPClass):
             manufacturer=manufacturer,
             manufacturer_model_name=manufacturer_model_name,
             software_versions=software_versions or _software_version(),
-            patient_id=_text(attrs, "PatientID"),
+            patient_id=copied["PatientID"],
             patient_name=None,  # set below: highdicom warns about valid one-component names
-            patient_birth_date=_valid(attrs, "PatientBirthDate", DA),
-            patient_sex=None if sex is None else str(sex).upper(),
-            accession_number=_text(attrs, "AccessionNumber"),
-            study_id=_text(attrs, "StudyID"),
-            study_date=_valid(attrs, "StudyDate", DA),
-            study_time=_valid(attrs, "StudyTime", TM),
-            referring_physician_name=_text(attrs, "ReferringPhysicianName"),
+            patient_birth_date=copied["PatientBirthDate"],
+            patient_sex=copied["PatientSex"],
+            accession_number=copied["AccessionNumber"],
+            study_id=copied["StudyID"],
+            study_date=copied["StudyDate"],
+            study_time=copied["StudyTime"],
+            referring_physician_name=copied["ReferringPhysicianName"],
             series_description=series_description,
             series_date=now.date(),
             series_time=now.time(),
         )
         # Set directly: highdicom refuses valid multi-valued forms such as ['', 'ISO 2022 IR 87'].
-        charset = _character_set(
-            attrs,
-            [label, series_description, structure_set_name or ""]
-            + [
-                t
-                for e in rois
-                for t in (e.roi.name, e.roi.description or "", e.roi.algorithm_name, e.roi.algorithm_version)
-            ],
-        )
         if charset is not None:
             self.SpecificCharacterSet = charset
-        self.PatientName = _text(attrs, "PatientName")
-        for keyword in _EXTRA_PATIENT_STUDY:
-            value = _valid(attrs, keyword, TM) if keyword == "PatientBirthTime" else _text(attrs, keyword)
-            if value is not None:
-                try:
-                    setattr(self, keyword, value)
-                except (ValueError, TypeError):
-                    log.warning("%s of the images cannot be copied: left out", keyword)
-        # PatientIdentityRemoved YES requires the de-identification method (Type 1C);
-        # copy the pair only when the images carry the method.
-        removed = _text(attrs, "PatientIdentityRemoved")
-        method = _text(attrs, "DeidentificationMethod")
-        if removed is not None and (str(removed).upper() != "YES" or method is not None):
-            self.PatientIdentityRemoved = removed
-            if method is not None:
-                self.DeidentificationMethod = method
+        self.PatientName = copied["PatientName"]
+        set_copied(self, copied, _EXTRA_PATIENT_STUDY)
 
         # Frame of Reference module (usage U, but validators expect it): the images' frame.
         self.FrameOfReferenceUID = volume.frame_of_reference_uid
-        self.PositionReferenceIndicator = _text(attrs, "PositionReferenceIndicator")
+        self.PositionReferenceIndicator = copied["PositionReferenceIndicator"]
 
         # RT Series: OperatorsName is Type 2.
         self.OperatorsName = None

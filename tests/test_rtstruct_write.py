@@ -456,9 +456,11 @@ def test_odd_image_attributes_never_break_the_writer(caplog):
         "PatientBirthDate": "19700230",  # no 30 February
         "PatientSex": "X",
         "PatientName": "Müller^Jörg",  # non-ASCII without SpecificCharacterSet
+        "StudyID": "S" * 17,  # SH allows 16
     }
     ds = reread(write_rtstruct(make_volume(geometry, attributes=odd), [RoiMask("GTV_AI", mask)]))
     assert ds.StudyDate == "" and ds.StudyTime == "" and ds.PatientBirthDate == "" and ds.PatientSex == ""
+    assert ds.StudyID == "S" * 16  # truncated to its VR (rtstruct.conform)
     assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Müller^Jörg"
     assert "19700230" not in caplog.text  # no patient data in the log
     # A multi-valued character set the images use is kept as is.
