@@ -123,7 +123,7 @@ class _RoiProblems:
             for side in sides:
                 mm = [o[1] for o in self.outside if o[0] == side]
                 where = "before the first slice" if side == "before" else "beyond the last slice"
-                parts.append(f"{len(mm)} {mm_range(mm)} {where}" if len(sides) > 1 else f"{mm_range(mm)} {where}")
+                parts.append(f"{len(mm)} at {mm_range(mm)} {where}" if len(sides) > 1 else f"{mm_range(mm)} {where}")
             volume = f"the volume has {n_slices} slice{'s' if n_slices != 1 else ''} of {spacing:g} mm"
             out.append(f"{self.what}: {len(self.outside)} {of} lie outside the image, {' and '.join(parts)} ({volume})")
         if len(self.off_image) == 1:
