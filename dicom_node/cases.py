@@ -58,6 +58,8 @@ from rtstruct.headers import IMAGE_MODALITIES
 
 __all__ = ["CaseAssembler", "Routing"]
 
+_SUPERSEDED = "superseded by a changed version of the same RTSTRUCT"
+
 log = get_logger(__name__)
 
 _IMAGE_SQL = "(" + ",".join(f"'{m}'" for m in IMAGE_MODALITIES) + ")"
@@ -200,7 +202,7 @@ class CaseAssembler:
         with self.db.tx() as c:
             for prev in previous:
                 if prev["state"] == CaseState.WAITING and prev["rtstruct_sha256"] != digest:
-                    self._set_failed(c, prev["id"], "superseded by a changed version of the same RTSTRUCT", now)
+                    self._set_failed(c, prev["id"], _SUPERSEDED, now)
             cur = c.execute(
                 """INSERT INTO cases (state, rtstruct_uid, rtstruct_sha256, prompt_path, study_uid, patient_ref,
                        ref_series_uids, frame_of_reference_uid, n_refs, source, calling_aet, called_aet,
@@ -230,7 +232,8 @@ class CaseAssembler:
             )
         for prev in previous:
             if prev["state"] == CaseState.WAITING and prev["rtstruct_sha256"] != digest:
-                self.audit.write("case_failed", case=prev["id"], reason="superseded", by_case=case_id)
+                event(log, "case_failed", level=logging.WARNING, case=prev["id"], reason=_SUPERSEDED, by_case=case_id)
+                self.audit.write("case_failed", case=prev["id"], reason=_SUPERSEDED, by_case=case_id)
         event(
             log,
             "case_created",
@@ -404,6 +407,7 @@ class CaseAssembler:
                 "INSERT OR IGNORE INTO case_images (case_id, sop_instance_uid) VALUES (?, ?)",
                 [(cid, r["sop_instance_uid"]) for r in images],
             )
+            reason = None
             if decision.action is None:
                 reason = decision.explanation[-1] if decision.explanation else "no rule matched"
                 c.execute("UPDATE cases SET reason=?, finished_at=? WHERE id=?", (reason, now, cid))
@@ -425,8 +429,16 @@ class CaseAssembler:
             waited=round(now - last_time, 4),
         )
         if decision.action is None:
-            event(log, "case_not_processed", level=logging.WARNING, case=cid, why=" | ".join(decision.explanation))
-            self.audit.write("case_failed", case=cid, reason="no rule matched")
+            # The same reason in the log, the audit and the case row.
+            event(
+                log,
+                "case_not_processed",
+                level=logging.WARNING,
+                case=cid,
+                reason=reason,
+                why=" | ".join(decision.explanation),
+            )
+            self.audit.write("case_failed", case=cid, reason=reason)
             if self.on_failed is not None:
                 self.on_failed()
             return

@@ -16,10 +16,14 @@ name has at most 16 characters), and never the name of an ROI already in the str
 set (compared case-insensitively, as TPSs do): a clash gets ``_2``, ``_3``, ...
 
 Everything that is wrong is collected and raised at once as :class:`PromptError`, whose
-``reasons`` each name the ROI: other frame of reference, empty ROI, not on an image
-plane, outside the image, wrong geometric type, click contour too large, a target with
-only negative clicks, missing referenced images. A structure set without any prompt
-ROI is refused too.
+``reasons`` are one sentence per cause, each naming the ROI: other frame of reference,
+missing referenced images, empty ROI, not on an image plane, outside the image, wrong
+geometric type, click contour too large, a target with only negative clicks. The most
+fundamental cause comes first (frame of reference, then missing images, then the
+contours); the contours of one ROI with the same cause make one sentence with counts and
+ranges ("ROI 'BOX_': 29 of 30 contours lie outside the image, 3.0-87.0 mm beyond the last
+slice ..."), and contours drawn on images that are missing are not listed at all (the
+missing images are their cause). A structure set without any prompt ROI is refused too.
 """
 
 from __future__ import annotations
@@ -32,19 +36,108 @@ import numpy as np
 
 from inference.prompts import BoxPrompt, PointPrompt, TargetPrompts
 from inference.volume import Volume
-from rtstruct.rasterize import map_contour
-from rtstruct.reader import ROI, RTStructError, StructureSet, check_references
+from rtstruct.rasterize import ContourOutsideVolume, map_contour
+from rtstruct.reader import ROI, MissingImagesError, RTStructError, StructureSet, check_references
 
 #: The longest result ROI name the node writes (TPSs show and keep at most 16 characters).
 MAX_ROI_NAME_LENGTH = 16
 
 
 class PromptError(ValueError):
-    """Prompts cannot be used; ``reasons`` lists every problem, each naming its ROI."""
+    """Prompts cannot be used; ``reasons`` lists every cause, the most fundamental first,
+    each one sentence naming its ROI; the message is these sentences, each ended by a full stop."""
 
     def __init__(self, reasons: list[str]):
         self.reasons = list(reasons)
-        super().__init__("; ".join(self.reasons))
+        super().__init__(" ".join(_sentence(r) for r in self.reasons))
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def slice_ranges(slices: Iterable[int]) -> str:
+    """``"slice 4"``, ``"slices 3-17"``, ``"slices 3-17, 20, 22-23"``."""
+    ks = sorted(set(int(k) for k in slices))
+    runs: list[list[int]] = []
+    for k in ks:
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+    return ("slice " if len(ks) == 1 else "slices ") + text
+
+
+def mm_range(values: Iterable[float]) -> str:
+    """``"2.5 mm"`` or ``"2.5-75.0 mm"`` (smallest to largest)."""
+    vs = [float(v) for v in values]
+    lo, hi = f"{min(vs):.1f}", f"{max(vs):.1f}"
+    return f"{lo} mm" if lo == hi else f"{lo}-{hi} mm"
+
+
+# The order of the causes in a refusal: what makes everything else moot comes first.
+_FRAME, _IMAGES, _EMPTY, _CONTOURS, _TARGETS = range(5)
+
+
+class _Refusals:
+    """Sentences with their rank; :meth:`ordered` gives them most fundamental first."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[int, int, str]] = []
+
+    def add(self, rank: int, sentence: str) -> None:
+        self._items.append((rank, len(self._items), sentence))
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def ordered(self) -> list[str]:
+        return [s for _, _, s in sorted(self._items)]
+
+
+@dataclass
+class _RoiProblems:
+    """What is wrong with the contours of one ROI, gathered so that each cause is one
+    sentence with counts and ranges instead of one clause per contour."""
+
+    what: str
+    n_contours: int
+    outside: list[tuple[str, float, str]] = field(default_factory=list)  # (side, mm, message)
+    off_image: list[tuple[int, str]] = field(default_factory=list)  # (slice, message)
+    others: dict[str, list[str]] = field(default_factory=dict)  # cause -> messages
+    on_missing_images: int = 0
+
+    def other(self, cause: str, message: str) -> None:
+        self.others.setdefault(cause, []).append(message)
+
+    def sentences(self, n_slices: int, spacing: float, dims: str, kind: str) -> list[str]:
+        out = []
+        of = f"of {self.n_contours} contours"
+        if len(self.outside) == 1:
+            out.append(self.outside[0][2])
+        elif self.outside:
+            parts = []
+            sides = [s for s in ("before", "beyond") if any(o[0] == s for o in self.outside)]
+            for side in sides:
+                mm = [o[1] for o in self.outside if o[0] == side]
+                where = "before the first slice" if side == "before" else "beyond the last slice"
+                parts.append(f"{len(mm)} at {mm_range(mm)} {where}" if len(sides) > 1 else f"{mm_range(mm)} {where}")
+            volume = f"the volume has {n_slices} slice{'s' if n_slices != 1 else ''} of {spacing:g} mm"
+            out.append(f"{self.what}: {len(self.outside)} {of} lie outside the image, {' and '.join(parts)} ({volume})")
+        if len(self.off_image) == 1:
+            out.append(self.off_image[0][1])
+        elif self.off_image:
+            things = "boxes" if kind == "BOX" else "clicks"
+            where = slice_ranges(k for k, _ in self.off_image)
+            out.append(
+                f"{self.what}: {len(self.off_image)} of {self.n_contours} {things} lie outside the {dims} image ({where})"
+            )
+        for messages in self.others.values():
+            more = f" (and {len(messages) - 1} more of its contours)" if len(messages) > 1 else ""
+            out.append(messages[0] + more)
+        return out
 
 
 @dataclass
@@ -190,44 +283,71 @@ def extract_prompts(
 
     geometry = volume.geometry
     dims = f"{geometry.shape[1]}x{geometry.shape[2]}"
-    reasons: list[str] = []
+    refusals = _Refusals()
     targets: dict[str, _Target] = {}
     single_for = structure_set.frame_of_reference_uids[0] if len(structure_set.frame_of_reference_uids) == 1 else None
 
-    other_frame = False
+    def roi_frame(roi: ROI) -> str | None:
+        return roi.frame_of_reference_uid or single_for
+
+    # The images first: when they are missing, that is the cause of everything after it.
+    other_frame = any(
+        roi_frame(roi) is not None and roi_frame(roi) != volume.frame_of_reference_uid for roi in prompt_rois
+    )
+    missing: set[str] = set()
+    if not allow_frame_of_reference_only and not other_frame:
+        try:
+            check_references(structure_set, volume)
+        except MissingImagesError as exc:
+            refusals.add(_IMAGES, str(exc))
+            missing = set(exc.missing)
+        except RTStructError as exc:
+            refusals.add(_FRAME if "frame of reference" in str(exc).split(":")[0] else _IMAGES, str(exc))
 
     for roi in prompt_rois:
         kind, target = conventions.classify(roi.name)  # type: ignore[misc]
         what = f"ROI {roi.name!r}"
         entry = targets.setdefault(target.casefold(), _Target(target=target))
         entry.source_rois.append(roi.name)
-        before = len(reasons)
-        roi_for = roi.frame_of_reference_uid or single_for
+        roi_for = roi_frame(roi)
         if roi_for is None:
-            reasons.append(f"{what} names no frame of reference: cannot tell where it is")
-        elif roi_for != volume.frame_of_reference_uid:
-            other_frame = True
-            reasons.append(
-                f"{what} is on another frame of reference ({roi_for}) than the images ({volume.frame_of_reference_uid})"
-            )
-        elif not roi.contours:
-            reasons.append(f"{what} is empty (no contours)")
-        if len(reasons) > before:
+            refusals.add(_FRAME, f"{what} names no frame of reference: cannot tell where it is")
             entry.failed = True
             continue
+        if roi_for != volume.frame_of_reference_uid:
+            refusals.add(
+                _FRAME,
+                f"{what} is on another frame of reference ({roi_for}) than the images ({volume.frame_of_reference_uid})",
+            )
+            entry.failed = True
+            continue
+        if not roi.contours:
+            refusals.add(_EMPTY, f"{what} is empty (no contours)")
+            entry.failed = True
+            continue
+        problems = _RoiProblems(what, len(roi.contours))
         for n, contour in enumerate(roi.contours, start=1):
+            refs = contour.referenced_sop_instance_uids
+            if missing and refs and all(u in missing for u in refs):
+                problems.on_missing_images += 1  # said by the missing-images sentence
+                continue
             cwhat = f"{what} contour {n}" if len(roi.contours) > 1 else what
             gtype = contour.geometric_type
             if kind == "BOX" and gtype not in ("CLOSED_PLANAR", "OPEN_PLANAR"):
-                reasons.append(f"{cwhat} is a {gtype} contour; a box prompt is drawn as a CLOSED_PLANAR contour")
+                problems.other(
+                    "type", f"{cwhat} is a {gtype} contour; a box prompt is drawn as a CLOSED_PLANAR contour"
+                )
                 continue
             if kind != "BOX" and gtype not in ("POINT", "CLOSED_PLANAR", "OPEN_PLANAR"):
-                reasons.append(f"{cwhat} is a {gtype} contour; a click is a POINT or a tiny planar contour")
+                problems.other("type", f"{cwhat} is a {gtype} contour; a click is a POINT or a tiny planar contour")
                 continue
             try:
                 mapped = map_contour(contour, geometry, cwhat)
+            except ContourOutsideVolume as exc:
+                problems.outside.append((exc.side, exc.distance_mm, str(exc)))
+                continue
             except RTStructError as exc:
-                reasons.append(str(exc))
+                problems.other("plane", str(exc))
                 continue
             k = mapped.slice_index
             rows, cols = mapped.rows, mapped.cols
@@ -236,7 +356,9 @@ def extract_prompts(
                 i0, i1 = float(rows.min()), float(rows.max())
                 j0, j1 = float(cols.min()), float(cols.max())
                 if i1 < -0.5 or j1 < -0.5 or i0 > geometry.shape[1] - 0.5 or j0 > geometry.shape[2] - 0.5:
-                    reasons.append(f"{cwhat} is outside the image: its box lies entirely outside the {dims} slice {k}")
+                    problems.off_image.append(
+                        (k, f"{cwhat} is outside the image: its box lies entirely outside the {dims} slice {k}")
+                    )
                     continue
                 if not inside.all():
                     # Partly outside: keep the part on the image.
@@ -255,40 +377,43 @@ def extract_prompts(
                     extent = contour.points.max(axis=0) - contour.points.min(axis=0)
                     size = float(np.linalg.norm(extent))
                     if size > conventions.max_click_extent_mm:
-                        reasons.append(
+                        problems.other(
+                            "large",
                             f"{cwhat} is {size:.1f} mm across, too large for a click (at most "
-                            f"{conventions.max_click_extent_mm:g} mm): draw a point or a small circle"
+                            f"{conventions.max_click_extent_mm:g} mm): draw a point or a small circle",
                         )
                         continue
                     centres = np.array([[rows.mean(), cols.mean()]])
                 inside = _inside_plane(centres[:, 0], centres[:, 1], geometry.shape)
                 if not inside.all():
                     i, j = centres[~inside][0]
-                    reasons.append(
-                        f"{cwhat} is outside the image: the click at row {i:.1f}, column {j:.1f} "
-                        f"is not on the {dims} slice {k}"
+                    problems.off_image.append(
+                        (
+                            k,
+                            f"{cwhat} is outside the image: the click at row {i:.1f}, column {j:.1f} "
+                            f"is not on the {dims} slice {k}",
+                        )
                     )
                     continue
                 for i, j in centres:
                     entry.points.append(PointPrompt(slice_index=k, i=float(i), j=float(j), positive=(kind == "POS")))
-        if len(reasons) > before:
+        sentences = problems.sentences(geometry.shape[0], geometry.spacing[0], dims, kind)
+        for sentence in sentences:
+            refusals.add(_CONTOURS, sentence)
+        if sentences or problems.on_missing_images:
             entry.failed = True
 
     for entry in targets.values():
         if not entry.failed and not entry.boxes and not any(p.positive for p in entry.points):
             shown = entry.target or "(empty target)"
-            reasons.append(
+            refusals.add(
+                _TARGETS,
                 f"target {shown!r} (ROI {', '.join(repr(r) for r in entry.source_rois)}) has only negative "
-                f"clicks: it needs a BOX_ or POS_ ROI"
+                f"clicks: it needs a BOX_ or POS_ ROI",
             )
 
-    if not allow_frame_of_reference_only and not other_frame:
-        try:
-            check_references(structure_set, volume)
-        except RTStructError as exc:
-            reasons.append(str(exc))
-    if reasons:
-        raise PromptError(reasons)
+    if refusals:
+        raise PromptError(refusals.ordered())
 
     entries = list(targets.values())
     names = result_roi_names([e.target for e in entries], structure_set.roi_names, None, conventions)

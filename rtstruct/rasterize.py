@@ -35,6 +35,16 @@ from rtstruct.reader import ROI, Contour, RTStructError
 _PLANE_EPS = 1e-6
 
 
+class ContourOutsideVolume(RTStructError):
+    """A contour whose slice is not in the volume: ``distance_mm`` before the first
+    (``side == "before"``) or beyond the last slice (``side == "beyond"``)."""
+
+    def __init__(self, message: str, side: str, distance_mm: float):
+        super().__init__(message)
+        self.side = side
+        self.distance_mm = distance_mm
+
+
 @dataclass(frozen=True)
 class SliceContour:
     """A contour mapped onto slice ``slice_index``: ``rows``/``cols`` are continuous
@@ -52,7 +62,7 @@ def map_contour(contour: Contour | np.ndarray, geometry: Geometry, what: str) ->
 
     ``what`` names the contour in error messages (e.g. ``"ROI 'GTV' contour 3"``).
     Raises :class:`RTStructError` when the contour is not on an image plane or lies
-    beyond the first or last slice.
+    beyond the first or last slice (a :class:`ContourOutsideVolume`, which says how far).
     """
     points = contour.points if isinstance(contour, Contour) else np.asarray(contour, dtype=np.float64)
     points = points.reshape(-1, 3)
@@ -66,9 +76,11 @@ def map_contour(contour: Contour | np.ndarray, geometry: Geometry, what: str) ->
     if k0 < 0 or k0 > nz - 1:
         beyond = (-k0 if k0 < 0 else k0 - (nz - 1)) * dz
         side = "before the first" if k0 < 0 else "beyond the last"
-        raise RTStructError(
+        raise ContourOutsideVolume(
             f"{what} is outside the image: it lies about {beyond:.1f} mm {side} slice "
-            f"(the volume has {nz} slices of {dz:g} mm)"
+            f"(the volume has {nz} slices of {dz:g} mm)",
+            "before" if k0 < 0 else "beyond",
+            float(beyond),
         )
     offsets_mm = np.abs(k - k0) * dz
     worst = float(offsets_mm.max())

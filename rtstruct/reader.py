@@ -16,6 +16,7 @@ Nothing here needs the images; mapping onto a volume is :mod:`rtstruct.rasterize
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,16 @@ log = logging.getLogger(__name__)
 
 class RTStructError(ValueError):
     """Not an RTSTRUCT, or content that cannot be used; the message says why."""
+
+
+class MissingImagesError(RTStructError):
+    """Images the RTSTRUCT references are not in the volume: ``missing`` (their SOP
+    Instance UIDs, in reference order) of ``total`` referenced."""
+
+    def __init__(self, message: str, missing: Sequence[str], total: int):
+        super().__init__(message)
+        self.missing = list(missing)
+        self.total = total
 
 
 @dataclass
@@ -318,7 +329,8 @@ def check_references(
     Raises :class:`RTStructError` with the reason when the frame of reference differs,
     when the RTSTRUCT references no image series at all (only a frame of reference),
     when it references other series than the volume's, or when images it references
-    are missing from the volume ("97 of 98 referenced images are missing ...").
+    are missing from the volume ("97 of 98 referenced images are missing ...": a
+    :class:`MissingImagesError`, which lists them).
 
     With ``allow_frame_of_reference_only`` only the frame of reference must match (the
     fallback for RTSTRUCTs whose image references are absent or stale; contours are
@@ -355,7 +367,9 @@ def check_references(
     present = set(volume.sop_instance_uids)
     missing = [u for u in wanted if u not in present]
     if missing:
-        raise RTStructError(
+        raise MissingImagesError(
             f"RTSTRUCT {label!r}: {len(missing)} of {len(wanted)} referenced images are missing from the "
-            f"series (first missing: {missing[0]})"
+            f"series (first missing: {missing[0]})",
+            missing,
+            len(wanted),
         )

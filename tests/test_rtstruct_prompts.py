@@ -22,7 +22,7 @@ from rtstruct import (
     read_rtstruct,
     write_rtstruct,
 )
-from rtstruct.prompts import unique_name
+from rtstruct.prompts import mm_range, slice_ranges, unique_name
 from rtstruct.series import load_series
 
 PATIENT = {"PatientID": "P1"}
@@ -291,7 +291,109 @@ def test_stale_image_references_are_refused_unless_frame_of_reference_fallback(v
     assert target.boxes[0].slice_index == 3
 
 
+def slab(volume: Volume, ks, i0: int, j0: int, i1: int, j1: int) -> np.ndarray:
+    """:func:`rect` on every slice of ``ks``."""
+    m = np.zeros(volume.shape, dtype=bool)
+    for k in ks:
+        m |= rect(volume, k, i0, j0, i1, j1)
+    return m
+
+
+def shift(ds: pydicom.Dataset, name: str, axis: int, mm: float) -> None:
+    for item in contour_items(ds, name):
+        pts = np.array(item.ContourData, dtype=float).reshape(-1, 3)
+        pts[:, axis] += mm
+        item.ContourData = [f"{v:.6f}" for v in pts.ravel()]
+
+
+def first_slices(volume: Volume, n: int) -> Volume:
+    """The first ``n`` slices of ``volume`` (same series and UIDs): as if the others never arrived."""
+    g = volume.geometry
+    return Volume(
+        array=volume.array[:n],
+        geometry=Geometry(shape=(n, *g.shape[1:]), spacing=g.spacing, origin=g.origin, direction=g.direction),
+        sop_instance_uids=volume.sop_instance_uids[:n],
+        modality=volume.modality,
+        series_instance_uid=volume.series_instance_uid,
+        study_instance_uid=volume.study_instance_uid,
+        frame_of_reference_uid=volume.frame_of_reference_uid,
+        sop_class_uid=volume.sop_class_uid,
+        attributes=dict(volume.attributes),
+    )
+
+
+def test_ranges_in_the_planners_terms():
+    assert slice_ranges([4]) == "slice 4"
+    assert slice_ranges([17, 3, 4, 5, 20, 22, 23] + list(range(6, 17))) == "slices 3-17, 20, 22-23"
+    assert mm_range([75.0, 2.5, 30.0]) == "2.5-75.0 mm" and mm_range([3.0, 3.0]) == "3.0 mm"
+
+
+def test_contours_outside_are_one_sentence_per_roi_and_cause(volume):
+    ds = prompt_dataset(
+        volume,
+        [
+            ("BOX_a", slab(volume, range(10, 15), 5, 5, 9, 9)),  # moved 10 slices up: 1-5 slices beyond
+            ("BOX_b", slab(volume, [3, 4, 5, 8], 5, 5, 9, 9)),  # moved 100 mm sideways: off the image
+            ("BOX_c", slab(volume, range(0, 4), 5, 5, 9, 9)),  # moved 2 slices down: 2 before, 2 on the image
+        ],
+    )
+    dz = volume.spacing[0]
+    shift(ds, "BOX_a", 2, 10 * dz)
+    shift(ds, "BOX_b", 0, 100.0)
+    shift(ds, "BOX_c", 2, -2 * dz)
+    with pytest.raises(PromptError) as info:
+        extract_prompts(read_rtstruct(ds), volume)
+    assert info.value.reasons == [
+        "ROI 'BOX_a': 5 of 5 contours lie outside the image, 3.0-15.0 mm beyond the last slice "
+        "(the volume has 20 slices of 3 mm)",
+        "ROI 'BOX_b': 4 of 4 boxes lie outside the 64x64 image (slices 3-5, 8)",
+        "ROI 'BOX_c': 2 of 4 contours lie outside the image, 3.0-6.0 mm before the first slice "
+        "(the volume has 20 slices of 3 mm)",
+    ]
+    assert str(info.value).count(". ") == 2 and str(info.value).endswith(".")
+
+
+def test_missing_images_come_first_and_their_contours_are_not_listed(volume):
+    ds = prompt_dataset(
+        volume,
+        [("BOX_a", slab(volume, range(2, 13), 5, 5, 9, 9)), ("POS_a", rect(volume, 3, 6, 6, 6, 6))],
+    )
+    make_point(ds, "POS_a", volume.geometry.index_to_patient([3, -4.0, 10.0]))  # a click off the image
+    five = first_slices(volume, 5)  # slices 5-19 did not arrive: BOX_a's contours 4-11 lie on them
+    with pytest.raises(PromptError) as info:
+        extract_prompts(read_rtstruct(ds), five)
+    reasons = info.value.reasons
+    assert len(reasons) == 2, reasons
+    assert reasons[0].startswith("RTSTRUCT 'PROMPTS': 15 of 20 referenced images are missing from the series")
+    assert reasons[1].startswith("ROI 'POS_a' is outside the image: the click at row -4.0, column 10.0")
+    # Without the references (the fallback), the same contours are outside the 5-slice volume.
+    with pytest.raises(PromptError) as info:
+        extract_prompts(read_rtstruct(ds), five, allow_frame_of_reference_only=True)
+    assert info.value.reasons[0] == (
+        "ROI 'BOX_a': 8 of 11 contours lie outside the image, 3.0-24.0 mm beyond the last slice "
+        "(the volume has 5 slices of 3 mm)"
+    )
+
+
 # -- the broken real cases -------------------------------------------------------------------
+def test_one_slice_of_lung1_with_a_box_on_30_slices():
+    """The report: a 1-slice series with a structure set drawn on many slices is refused
+    with the missing images, not with one clause per contour."""
+    ct = shared_path("lung1-001-ct", "CT")
+    volume = load_series(ct)
+    box = np.zeros(volume.shape, dtype=bool)
+    box[40:70, 200:300, 180:280] = True
+    ss = read_rtstruct(prompt_dataset(volume, [("BOX_Heart", box)]))
+    uid = volume.sop_instance_uids[55]
+    (one,) = [f for f in sorted(ct.glob("*.dcm")) if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID == uid]
+    with pytest.raises(PromptError) as info:
+        extract_prompts(ss, load_series([one]))
+    assert info.value.reasons == [
+        f"RTSTRUCT 'PROMPTS': 133 of 134 referenced images are missing from the series "
+        f"(first missing: {volume.sop_instance_uids[0]})"
+    ]
+
+
 def test_eclipse_breast_refusals():
     path = shared_path("eclipse-breast", "rtss.dcm")
     ct = load_series(shared_path("eclipse-breast"))
@@ -307,10 +409,10 @@ def test_eclipse_breast_refusals():
             item.ROIName = "POS_bed"
     with pytest.raises(PromptError) as info:
         extract_prompts(read_rtstruct(ds), ct)
+    # The missing images are the cause: the 19 contours on them are not listed one by one.
     reasons = info.value.reasons
-    assert "ROI 'POS_bed' is empty (no contours)" in reasons
-    assert any(r.startswith("ROI 'BOX_bed' contour") and "outside the image" in r for r in reasons), reasons
-    assert any("97 of 98 referenced images are missing" in r for r in reasons), reasons
+    assert reasons[0].startswith("RTSTRUCT 'CT_1': 97 of 98 referenced images are missing from the series"), reasons
+    assert reasons[1:] == ["ROI 'POS_bed' is empty (no contours)"]
 
 
 def test_ge_negative_case_refusal():
