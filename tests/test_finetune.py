@@ -167,7 +167,16 @@ def test_resume_continues_and_other_settings_are_refused(small_cohort, tmp_path,
 def test_ctrl_c_leaves_a_usable_last_checkpoint(small_cohort, tmp_path):
     out = tmp_path / "run"
     cmd = [*CLI, "finetune", str(small_cohort), str(out), "val.fraction=0", "epochs=1000", "batch_size=2", *FAST]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGINT as a terminal delivers it: a suite started in the background (nohup, CI) would
+    # otherwise pass on an ignored SIGINT, which Python then leaves ignored
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         line = proc.stdout.readline()  # printed once the data are loaded, right before training
         assert line.startswith("fine-tuning litemedsam"), line + proc.stderr.read()
@@ -294,3 +303,32 @@ def test_a_loss_that_is_not_finite_stops_the_run_with_a_clear_error(small_cohort
     err = capsys.readouterr().err
     assert re.search(r"the loss is (nan|inf|-inf) at epoch 1, batch \d+: training stopped", err), err
     assert not (out / "last.pt").exists()  # no epoch finished: nothing claims to be trained weights
+
+
+def test_slices_past_the_ends_train_with_an_empty_label(small_cohort):
+    """``data.beyond_ends``: the walk's box one and two slices past each end, label empty."""
+    from dicom_node.research.finetune import (
+        FinetuneSettings,
+        find_cases,
+        load_training_slices,
+        make_sample,
+        split_cases,
+    )
+
+    settings = FinetuneSettings(val={"fraction": 0})
+    entries = find_cases(small_cohort, re.compile("gtv", re.I), settings.data.min_area_px)
+    split_cases(entries, 0.0, 0)
+    slices = load_training_slices(entries, settings)
+    tumour = [s for s in slices if s.box_from is None]
+    past = [s for s in slices if s.box_from is not None]
+    ks = sorted(s.key[2] for s in tumour)
+    assert sorted(s.key[2] for s in past) == [ks[0] - 2, ks[0] - 1, ks[-1] + 1, ks[-1] + 2]
+    rng = np.random.default_rng(0)
+    for s in past:
+        sample = make_sample(s, settings, rng)
+        assert not sample.mask.any()
+        rows = np.flatnonzero(s.box_from.any(axis=1))
+        # the box holds the last tumour slice's extent plus the walk's margin (3 mm), jitter aside
+        assert sample.box[0] < rows[0] and sample.box[2] > rows[-1]
+    settings = FinetuneSettings(val={"fraction": 0}, data={"beyond_ends": 0})
+    assert all(s.box_from is None for s in load_training_slices(entries, settings))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -56,6 +57,11 @@ def run(args) -> int:
         raise CommandError(f"settings are key=value; got {' '.join(bad)}")
     if args.model:
         overrides.append(f"model={args.model}")
+
+    def terminated(signum, frame):  # kill, systemd, timeout: stop as Ctrl-C does (last.pt written)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         settings, text = compose_settings(overrides, args.config)
         result = run_finetune(args.npz_dir, args.out_dir, settings, text)
@@ -64,6 +70,8 @@ def run(args) -> int:
     except FinetuneInterrupted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     change = result.best_dice - result.initial_dice if result.initial_dice == result.initial_dice else float("nan")
     print(
         f"done: {result.steps} steps; validation median Dice {result.initial_dice:.4f} before, best "
