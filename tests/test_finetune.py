@@ -3,7 +3,8 @@
 The cohort (benchmarks/finetune_phantoms.py): five MR phantoms (five patients) converted by
 ``dicom-node convert``, each label grown in-plane by 3 mm. The pretrained model follows the
 visible edge, so its validation Dice against these labels starts near 0.84 (its masks lack
-the 3 mm rim: a systematic, known error). A few decoder updates teach the rim.
+the 3 mm rim: a systematic, known error). One epoch of decoder updates (8 of batch 4) teaches the rim: measured 0.841 -> 0.946, HD95
+4.0 -> 1.5 mm, no slice past the ends, 258 s for the whole run under CI.
 
 Why the bar is +0.05: the pipeline is deterministic (same seed, same prompts, same masks),
 so there is no run-to-run noise to beat; the bar is the size of a change a planner would
@@ -56,7 +57,7 @@ def small_cohort(tmp_path_factory):
 def finetuned(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
     rc = main(
-        ["finetune", str(cohort), str(out), "--model", "litemedsam", "epochs=2", "batch_size=4", "val.fraction=0.4"]
+        ["finetune", str(cohort), str(out), "--model", "litemedsam", "epochs=1", "batch_size=4", "val.fraction=0.4"]
         + FAST
     )
     assert rc == 0
@@ -66,12 +67,14 @@ def finetuned(cohort, tmp_path_factory):
 def test_finetune_learns_the_rim_the_model_leaves_out(finetuned):
     out = finetuned
     metrics = read_csv(out / "metrics.csv")
-    assert [m["epoch"] for m in metrics] == ["0", "1", "2"]
+    assert [m["epoch"] for m in metrics] == ["0", "1"]  # one epoch: the whole run within 5 minutes
     before = float(metrics[0]["val_dice_median"])
     after = max(float(m["val_dice_median"]) for m in metrics[1:])
     assert 0.6 < before < 0.9, "the pretrained model should miss the 3 mm rim"
     assert after >= before + 0.05, f"validation Dice {before:.3f} -> {after:.3f}"
     assert all(np.isfinite(float(m["train_loss"])) for m in metrics[1:])
+    # and the walk still ends where the tumour does (data.beyond_ends): at most a slice past per target
+    assert int(metrics[-1]["val_slices_extra"]) <= int(metrics[-1]["val_targets"])
     assert int(metrics[-1]["steps"]) > 0 and metrics[0]["train_loss"] == ""
     # the split is by patient, seeded, and written down; no case on both sides
     split = read_csv(out / "split.csv")
