@@ -46,6 +46,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import format_number_as_ds
 
+from rtstruct.series import TYPE2_ATTRIBUTES
+
 log = logging.getLogger(__name__)
 
 UTF8 = "ISO_IR 192"
@@ -71,20 +73,7 @@ MAX_LENGTH = {
 
 #: Copied attributes that are Type 2 in the result (written empty when not valid); all
 #: the others copied are Type 3 (left out when not valid).
-TYPE2 = frozenset(
-    {
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "StudyID",
-        "AccessionNumber",
-        "ReferringPhysicianName",
-        "PositionReferenceIndicator",
-    }
-)
+TYPE2 = frozenset((*TYPE2_ATTRIBUTES, "PositionReferenceIndicator"))
 
 #: Enumerated values of copied CS attributes.
 _ENUMERATED = {

@@ -26,7 +26,14 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from inference.volume import Volume
 from rtstruct.reader import RTStructError
-from rtstruct.writer import _EXTRA_PATIENT_STUDY, _PATIENT_STUDY, _software_version, copied_attributes, set_copied
+from rtstruct.writer import (
+    _EXTRA_PATIENT_STUDY,
+    _PATIENT_STUDY,
+    _software_version,
+    copied_attributes,
+    patient_study_arguments,
+    set_copied,
+)
 
 __all__ = ["Picture", "write_secondary_captures"]
 
@@ -88,15 +95,7 @@ def write_secondary_captures(
             sop_instance_uid=highdicom.UID(),
             instance_number=number,
             manufacturer="STARDUST",
-            patient_id=copied["PatientID"],
-            patient_name=None,  # set below, as in the RTSTRUCT: highdicom warns about valid one-part names
-            patient_birth_date=copied["PatientBirthDate"],
-            patient_sex=copied["PatientSex"],
-            accession_number=copied["AccessionNumber"],
-            study_id=copied["StudyID"],
-            study_date=copied["StudyDate"],
-            study_time=copied["StudyTime"],
-            referring_physician_name=copied["ReferringPhysicianName"],
+            **patient_study_arguments(copied),
             patient_orientation=orientation,
             series_description=series_description,
             manufacturer_model_name="STARDUST DICOM node",

@@ -230,6 +230,23 @@ def copied_attributes(
     return charset, {k: conform(k, attributes.get(k), charset) for k in keywords}
 
 
+def patient_study_arguments(copied: dict[str, Any]) -> dict[str, Any]:
+    """highdicom's ``SOPClass`` arguments for the copied Patient and General Study attributes
+    (from :func:`copied_attributes`). ``patient_name`` is None: set ``PatientName`` on the
+    instance afterwards, as highdicom warns about valid one-component names."""
+    return {
+        "patient_id": copied["PatientID"],
+        "patient_name": None,
+        "patient_birth_date": copied["PatientBirthDate"],
+        "patient_sex": copied["PatientSex"],
+        "accession_number": copied["AccessionNumber"],
+        "study_id": copied["StudyID"],
+        "study_date": copied["StudyDate"],
+        "study_time": copied["StudyTime"],
+        "referring_physician_name": copied["ReferringPhysicianName"],
+    }
+
+
 #: Every attribute the RTSTRUCT copies from the images.
 _COPIED = (
     *_PATIENT_STUDY,
@@ -316,15 +333,7 @@ class RTStructureSet(highdicom.base.SOPClass):
             manufacturer=manufacturer,
             manufacturer_model_name=manufacturer_model_name,
             software_versions=software_versions or _software_version(),
-            patient_id=copied["PatientID"],
-            patient_name=None,  # set below: highdicom warns about valid one-component names
-            patient_birth_date=copied["PatientBirthDate"],
-            patient_sex=copied["PatientSex"],
-            accession_number=copied["AccessionNumber"],
-            study_id=copied["StudyID"],
-            study_date=copied["StudyDate"],
-            study_time=copied["StudyTime"],
-            referring_physician_name=copied["ReferringPhysicianName"],
+            **patient_study_arguments(copied),
             series_description=series_description,
             series_date=now.date(),
             series_time=now.time(),
