@@ -269,7 +269,7 @@ def find_cases(npz_dir: Path, label_regex: re.Pattern, min_area_px: int) -> list
         entry = CaseEntry(npz=npz, patient=npz.name)
         try:
             with np.load(npz.path, allow_pickle=False) as z:
-                meta = {k: z[k] for k in ("patient", "label_names") if k in z.files}
+                meta = {"patient": z["patient"]} if "patient" in z.files else {}
             entry.patient = patient_of(npz, meta)
             loaded = load_npz_case(npz, None)
         except CaseLoadError as exc:
