@@ -18,7 +18,9 @@ sheared stacks), both with the position tolerance described in :func:`load_serie
 finally pixel data that cannot be decoded (the message names the transfer syntax and
 the pydicom plugins that would decode it). The same SOP Instance in two files is read
 once. A single slice takes its spacing from SpacingBetweenSlices or SliceThickness
-(1.0 mm with a warning when it has neither).
+(1.0 mm with a warning when it has neither). With ``select_consistent=True`` the strays
+of a series (localizers, images of another size, orientation or spacing, a second
+instance at one position) are left out first, and said so (:mod:`rtstruct.selection`).
 """
 
 from __future__ import annotations
@@ -161,6 +163,8 @@ def load_series(
     *,
     series_instance_uid: str | None = None,
     spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    select_consistent: bool = False,
+    left_out: list | None = None,
 ) -> Volume:
     """Read one CT or MR series into a :class:`Volume`.
 
@@ -179,13 +183,54 @@ def load_series(
     array is int16 when every slope is 1, every intercept integral and the values fit,
     float32 otherwise.
 
+    With ``select_consistent`` the volume is built from the largest geometrically
+    consistent set of the series' images (:func:`rtstruct.selection.select_consistent`:
+    strays such as localizers, images of another size, orientation or spacing, a second
+    instance at one position are left out) instead of refusing the series for them;
+    among files named explicitly, those that are not CT/MR images count as left out too.
+    What is left out is appended to ``left_out`` (:class:`rtstruct.selection.LeftOut`
+    items, each a reason with its count) when the caller passes a list, which then
+    reports it; otherwise it is logged here as one WARNING line. Faults of the kept
+    images (a missing slice, non-uniform spacing) are refused as without selection.
+
     Raises :class:`VolumeError` with a message that names what is wrong and where
     (files, UIDs; never patient names or IDs).
     """
     files, explicit, where = _collect_files(paths)
     headers, skipped = _read_headers(files, explicit)
     series = _select_series(headers, skipped, where, series_instance_uid)
+    if select_consistent:
+        series = _consistent_part(series, skipped if explicit else Counter(), spacing_tolerance, left_out)
     return _build_volume(series, spacing_tolerance)
+
+
+def _consistent_part(
+    series: list[_Header], not_images: Counter, spacing_tolerance: float, left_out: list | None
+) -> list[_Header]:
+    """The images :func:`rtstruct.selection.select_consistent` keeps; what it left out
+    goes to ``left_out`` or, without a list, to the log."""
+    from rtstruct.selection import LeftOut, select_consistent
+
+    chosen = select_consistent(series, spacing_tolerance=spacing_tolerance)
+    items = list(chosen.left_out)
+    for kind, n in not_images.most_common():
+        noun = "file" if n == 1 else "files"
+        items.append(LeftOut(f"{n} {noun} of {kind} (not a CT or MR image)", n))
+    series_uid = series[0].series_uid or "<no SeriesInstanceUID>"
+    if items:
+        n_out = sum(item.count for item in items)
+        text = "; ".join(item.reason for item in items)
+        if left_out is not None:
+            left_out.extend(items)
+        level = logging.INFO if left_out is not None else logging.WARNING
+        log.log(
+            level, "series %s: %d image(s) kept, %d file(s) left out: %s", series_uid, len(chosen.kept), n_out, text
+        )
+    if not chosen.kept:
+        raise VolumeError(
+            f"no usable image in series {series_uid}: all {_n(len(series))} were left out ({chosen.describe()})"
+        )
+    return list(chosen.kept)
 
 
 # -- collecting files -------------------------------------------------------------------
