@@ -313,11 +313,24 @@ def scan_dataset(data: bytes | memoryview, transfer_syntax: str) -> HeaderInfo:
 
 
 def _check_pixels(walker: _Walker, little: bool) -> None:
-    """An image must carry all of its native pixel data (a cut at an element boundary
-    leaves a well-formed but shorter dataset: caught here)."""
+    """An image's pixel description must agree with itself and with its pixel data.
+
+    Missing Rows/Columns/PixelData in a CT/MR image (what a cut at an element boundary
+    leaves: a well-formed but shorter dataset) is :class:`Undecodable` (0xC210). A header
+    that contradicts itself: Rows or Columns 0, NumberOfFrames or SamplesPerPixel 0,
+    BitsAllocated other than 8, 16 or 32 (1 too for objects other than CT/MR images:
+    segmentations and overlays are bit-packed), or native PixelData whose length is not
+    Rows x Columns x frames x samples x bytes (plus the one pad byte of an odd length),
+    is refused with 0xA900. PS3.4 Annex B (Table B.2-1) has two C-STORE error classes:
+    "Cannot understand" (Cxxx) for a dataset the SCP cannot parse, and "Data Set does
+    not match SOP Class" (A9xx) for one that parses but is not a valid instance of its
+    SOP class; such a header parses and breaks the Image Pixel Module of the CT/MR IOD,
+    so it is A900. Encapsulated (compressed) pixel data is not length-checked here.
+    """
+    contradicts = 0xA900  # PS3.4 Table B.2-1: Error, Data Set does not match SOP Class
     found = walker.found
+    modality = (_text(found.get("modality")) or "").upper()
     if "rows" not in found or "columns" not in found:
-        modality = (_text(found.get("modality")) or "").upper()
         if modality in IMAGE_MODALITIES:
             raise Undecodable(f"{modality} image without Rows/Columns/PixelData (data cut off?)")
         return
@@ -330,15 +343,27 @@ def _check_pixels(walker: _Walker, little: bool) -> None:
         frames = int(_text(found.get("number_of_frames")) or 1)
     except (struct.error, ValueError):
         raise Undecodable("image pixel module has unreadable Rows/Columns/BitsAllocated") from None
+    for name, value in (("Rows", rows), ("Columns", cols), ("NumberOfFrames", frames), ("SamplesPerPixel", spp)):
+        if value < 1:
+            raise InvalidInstance(f"{name} is {value}: an image has at least 1", status=contradicts)
+    valid_bits = (8, 16, 32) if modality in IMAGE_MODALITIES else (1, 8, 16, 32)
+    if bits not in valid_bits:
+        allowed = ", ".join(str(b) for b in valid_bits[:-1]) + f" or {valid_bits[-1]}"
+        raise InvalidInstance(f"BitsAllocated {bits} is not {allowed}", status=contradicts)
     if walker.pixel_length is None:
         raise Undecodable(f"image of {rows}x{cols} pixels has no PixelData (data cut off?)")
-    if walker.pixel_length >= 0:
-        expected = (rows * cols * spp * frames * bits + 7) // 8
-        if walker.pixel_length < expected:
-            raise Undecodable(
-                f"PixelData has {walker.pixel_length} bytes, {rows}x{cols}x{frames} pixels of "
-                f"{bits} bits need {expected}"
-            )
+    if walker.pixel_length < 0:
+        return  # encapsulated: the codec knows the frame sizes, not this walk
+    expected = (rows * cols * frames * spp * bits + 7) // 8
+    allowed_lengths = {expected, expected + expected % 2}
+    if spp == 3 and bits == 8:  # YBR_FULL_422 stores two samples per pixel
+        half = rows * cols * frames * 2
+        allowed_lengths |= {half, half + half % 2}
+    if walker.pixel_length not in allowed_lengths:
+        raise InvalidInstance(
+            f"PixelData {walker.pixel_length} bytes, {rows}x{cols}x{frames}x{spp} of {bits} bits need {expected}",
+            status=contradicts,
+        )
 
 
 def read_part10(raw: bytes) -> tuple[str, memoryview, str | None]:
