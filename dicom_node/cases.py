@@ -9,11 +9,16 @@ when each waiting case is ready:
   association that brought the last of these pieces (RTSTRUCT included) has been released
   (or ``cases.settle_seconds`` have passed since that piece, for peers that keep an
   association open). There is no fixed quiet time: a case completed by one association is
-  ready the moment that association is released.
+  ready the moment that association is released. The case's images are exactly the
+  referenced ones (of the series most of them belong to), never other instances that
+  share the SeriesInstanceUID: a localizer or a damaged re-sent slice with the CT's series
+  UID does not spoil a case whose references are good.
 * **fallback** when the per-image references are stale (none of them is stored): the
   images of the referenced series, or else of the RTSTRUCT's frame of reference, once the
   association that brought the last of them is released and
-  ``cases.stale_reference_wait_seconds`` have passed without more of them arriving.
+  ``cases.stale_reference_wait_seconds`` have passed without more of them arriving. The
+  case takes them all; the worker keeps their largest geometrically consistent set
+  (:mod:`rtstruct.selection`) and logs and audits what it left out.
 
 Images may come before or after the RTSTRUCT, in one association or several, interleaved
 with other patients. A case whose pieces stop arriving fails after
@@ -289,7 +294,7 @@ class CaseAssembler:
         rt = self.db.one("SELECT received_at, assoc_id FROM instances WHERE sop_instance_uid = ?", (case.rtstruct_uid,))
         rt_piece = (rt["received_at"], rt["assoc_id"]) if rt else (case.created_at, None)
         present = self.db.query(
-            f"""SELECT i.sop_instance_uid, i.series_uid, i.received_at, i.assoc_id
+            f"""SELECT i.sop_instance_uid, i.series_uid, i.path, i.received_at, i.assoc_id
                 FROM case_refs r JOIN instances i ON i.sop_instance_uid = r.sop_instance_uid
                 WHERE r.case_id = ? AND i.modality IN {_IMAGE_SQL}""",
             (cid,),
@@ -302,7 +307,9 @@ class CaseAssembler:
         if n_refs and len(present) == n_refs:
             mode = CaseMode.REFERENCES
             series_uid = Counter(r["series_uid"] for r in present).most_common(1)[0][0]
-            images = self._images_of_series(series_uid)
+            # exactly the referenced images (of that series): strays that share the
+            # SeriesInstanceUID (a localizer, a damaged re-sent slice) are not the case's
+            images = [r for r in present if r["series_uid"] == series_uid]
             pieces += [(r["received_at"], r["assoc_id"]) for r in present]
         elif not present:
             series_uid, mode = self._fallback_series(case)

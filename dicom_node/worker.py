@@ -91,6 +91,8 @@ def segment_for_job(
     device: str,
     allow_frame_of_reference_only: bool,
     cache_dir: Path | None = None,
+    select_consistent: bool = False,
+    on_left_out: Callable[[int, list], None] | None = None,
 ):
     """Run the segmentation chain for one job's case; returns (:class:`~dicom_node.pipeline.CaseResult`, info dict).
 
@@ -99,9 +101,18 @@ def segment_for_job(
     Problems of the input (:class:`dicom_node.pipeline.CaseError`) raise
     :class:`PermanentJobError` with the reason; anything else propagates (the job is
     retried in a fresh worker).
+
+    ``select_consistent`` (cases assembled from stale references, which take every image
+    of a series or frame of reference) builds the volume from the largest geometrically
+    consistent set of the images (:mod:`rtstruct.selection`); ``on_left_out(kept, left_out)``
+    is told what was left out (:class:`rtstruct.selection.LeftOut` items), also when the
+    rest is then refused, and ``info["left_out"]`` lists the reasons.
     """
     from dicom_node.pipeline import CaseError, RoiNaming, segment_case
 
+    volume, load_seconds, left_out = None, 0.0, []
+    if select_consistent:
+        volume, load_seconds, left_out = _load_consistent(image_paths, series_uid, on_left_out)
     try:
         case = segment_case(
             image_paths,
@@ -111,9 +122,12 @@ def segment_for_job(
             naming=RoiNaming(template=action.output_roi_name, color=tuple(action.output_color or (255, 0, 0))),
             allow_frame_of_reference_only=allow_frame_of_reference_only,
             series_instance_uid=series_uid,
+            volume=volume,
         )
     except CaseError as exc:
         raise PermanentJobError(str(exc)) from None
+    case.load_seconds += load_seconds
+    case.seconds += load_seconds
     first = case.targets[0].result
     _dz, dy, dx = case.volume.spacing
     info = {
@@ -146,11 +160,62 @@ def segment_for_job(
             }
             for t in case.targets
         ],
-        "warnings": list(case.warnings),
+        "warnings": list(case.warnings) + ([_left_out_line(left_out)] if left_out else []),
         "load_seconds": round(case.load_seconds, 3),
         "slices": case.volume.shape[0],
+        "left_out": [item.reason for item in left_out],
     }
     return case, info
+
+
+def _load_consistent(
+    image_paths: list[Path], series_uid: str | None, on_left_out: Callable[[int, list], None] | None
+) -> tuple:
+    """The volume of the largest consistent set of ``image_paths`` (``load_series`` with
+    ``select_consistent``): (volume, seconds, left-out items). What was left out is told
+    to ``on_left_out`` before a refusal of the rest propagates, as :class:`PermanentJobError`
+    with the text :func:`dicom_node.pipeline.load_volume` gives."""
+    from rtstruct.series import VolumeError, load_series
+
+    left_out: list = []
+    t0 = time.perf_counter()
+    try:
+        volume = load_series(image_paths, series_instance_uid=series_uid, select_consistent=True, left_out=left_out)
+    except VolumeError as exc:
+        raise PermanentJobError(f"image series unusable: {exc}") from None
+    finally:
+        if left_out and on_left_out is not None:
+            on_left_out(len(image_paths) - sum(item.count for item in left_out), left_out)
+    return volume, time.perf_counter() - t0, left_out
+
+
+def _left_out_reporter(audit: AuditLog, job_id: int, case_id: int) -> Callable[[int, list], None]:
+    """``on_left_out`` of a job: one WARNING line and one audit record saying how many of
+    the case's images were kept and what was left out and why (counts, sizes, SOP class
+    names: no patient data)."""
+
+    def report(kept: int, left_out: list) -> None:
+        reasons = [item.reason for item in left_out]
+        n = sum(item.count for item in left_out)
+        event(
+            log,
+            "images_left_out",
+            level=logging.WARNING,
+            job=job_id,
+            case=case_id,
+            kept=kept,
+            left_out=n,
+            why="; ".join(reasons),
+        )
+        audit.write("images_left_out", case=case_id, job=job_id, kept=kept, left_out=n, reasons=reasons)
+
+    return report
+
+
+def _left_out_line(left_out: list) -> str:
+    """What selection left out, as one line: "4 of the case's images left out: ..."."""
+    n = sum(item.count for item in left_out)
+    return f"{n} of the case's images left out: " + "; ".join(item.reason for item in left_out)
 
 
 class _LeaseKeeper(threading.Thread):
@@ -230,6 +295,8 @@ def _run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner:
             device,
             allow_frame_of_reference_only=case.mode != CaseMode.REFERENCES,
             cache_dir=cfg.cache_dir,
+            select_consistent=case.mode != CaseMode.REFERENCES,
+            on_left_out=_left_out_reporter(audit, job_id, case_id),
         )
         ds = result.dataset
         written = write_outputs(
