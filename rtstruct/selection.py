@@ -4,10 +4,11 @@ A case whose references are stale takes every image that shares the referenced
 SeriesInstanceUID (or frame of reference). Real series carry strays with that UID: a
 localizer, a secondary capture or dose report, a re-sent slice, a damaged instance with
 Rows 1. :func:`select_consistent` keeps the images that form one stack and says, by
-count and reason, what it left out ("3 files of 1x512 instead of 512x512",
-"1 LOCALIZER image"), so that :func:`rtstruct.series.load_series` (``select_consistent=True``),
-the node's worker, ``dicom-node segment`` and the research tools build the volume from
-the rest instead of refusing the whole series.
+count and reason, what it left out ("3 files of 1x512 instead of 512x512 (Rows x
+Columns)", "1 image of ImageType LOCALIZER (scout views)"), so that
+:func:`rtstruct.series.load_series` (``select_consistent=True``), the node's worker,
+``dicom-node segment`` and the research tools build the volume from the rest instead of
+refusing the whole series.
 
 It works on headers read by :func:`rtstruct.headers.read_header` (any objects with a
 ``path`` and a pydicom ``ds``) and is pure: no file is read, nothing is logged. Each
@@ -19,7 +20,7 @@ image is left out at the first of these steps it fails:
    series has single-frame images, and kept untouched (no further step) when it has
    none: then there is nothing to choose among, and the loader decides.
 2. **Modality**: the modality of the most images (of their SOP class); the others are
-   left out ("2 MR images in a CT series").
+   left out ("2 images of modality MR in a CT series").
 3. **Image type**: ImageType containing ``LOCALIZER`` (scout views).
 4. **Geometry present**: ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
    Rows and Columns present and numeric.
@@ -85,7 +86,7 @@ class Selection:
         return sum(item.count for item in self.left_out)
 
     def describe(self) -> str:
-        """The reasons in one line ("3 files of 1x512 instead of 512x512; 1 LOCALIZER image")."""
+        """The reasons in one line, separated by "; "."""
         return "; ".join(item.reason for item in self.left_out)
 
 

@@ -305,6 +305,21 @@ def test_every_real_file_in_shared_data_passes_the_receive_checks():
     assert counts.get("CT", 0) >= 100 and counts.get("MR", 0) >= 40 and counts.get("RTSTRUCT", 0) >= 5, counts
 
 
+@pytest.mark.parametrize(
+    "folder", ["lung1-001-ct/CT", "ge-phantom-ct/CT", "sts-001-mr/MR_T1/IMAGES", "sts-001-mr/MR_T2/IMAGES"]
+)
+def test_real_series_are_kept_whole(folder):
+    """Selection leaves nothing out of a clean real series (the oblique MR included)."""
+    from rtstruct.headers import read_header
+
+    root = SHARED_DATA / folder
+    if not root.is_dir():
+        pytest.skip(f"real DICOM data not found at {root}")
+    headers = [SimpleNamespace(path=f, ds=read_header(f)) for f in sorted(root.glob("*.dcm"))]
+    chosen = select_consistent(headers)
+    assert chosen.left_out == () and len(chosen.kept) == len(headers) >= 5
+
+
 # ======================================================================================
 # The running node: the issue's scenario, with dcmtk storescu and storescp
 # ======================================================================================
