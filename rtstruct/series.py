@@ -289,10 +289,10 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
 
     headers = _drop_repeated_instances(headers, series_uid)
     for keyword in _GEOMETRY_ATTRIBUTES:
-        missing = [h.path for h in headers if keyword not in h.ds or h.ds[keyword].value in (None, "", [])]
+        missing = [h for h in headers if keyword not in h.ds or h.ds[keyword].value in (None, "", [])]
         if missing:
             raise VolumeError(
-                f"{keyword} missing in {_files(missing)} of series {series_uid}: "
+                f"{keyword} missing in {_headers(missing)} of series {series_uid}: "
                 "the slice geometry cannot be known without it"
             )
 
@@ -610,7 +610,7 @@ def _check_one_stack(frames: list[_Header], series_uid: str) -> None:
         stacks[h.path][str(h.ds.get("StackID", "") or "")] += 1
     for path, counts in stacks.items():
         if len(counts) > 1:
-            desc = ", ".join(f"StackID {sid or '<none>'}: {_n(n, 'frame')}" for sid, n in counts.most_common())
+            desc = ", ".join(f"StackID {sid or '<none>'}: {_n(n, 'frame')}" for sid, n in sorted(counts.items()))
             raise VolumeError(
                 f"{path} holds {len(counts)} stacks of frames ({desc}) in series {series_uid}: one volume is one "
                 "stack; export the stack the prompts were drawn on as its own instance or series"
@@ -842,6 +842,13 @@ def _counts(counter: Counter) -> str:
 
 def _n(count: int, noun: str = "file") -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _headers(headers: list[_Header]) -> str:
+    """``3 file(s) (a.dcm, b.dcm, c.dcm)`` or, for frames, ``1 frame(s) (x.dcm frame 4)``."""
+    unit = "frame" if headers[0].frame is not None else "file"
+    shown = ", ".join(h.name for h in headers[:3])
+    return f"{len(headers)} {unit}(s) ({shown}{', ...' if len(headers) > 3 else ''})"
 
 
 def _files(paths: list[Path]) -> str:
