@@ -2,11 +2,26 @@
 
 ``load_series`` reads a CT or MR series from files into a :class:`Volume` and refuses,
 with a :class:`VolumeError` whose message says exactly what is wrong, anything that is
-not one clean, uniformly spaced stack of single-frame slices.
+not one clean, uniformly spaced stack of slices: single-frame images, or the frames of
+multi-frame Enhanced CT/MR and Legacy Converted Enhanced CT/MR instances.
+
+Multi-frame images: each instance becomes one header per frame (:func:`_frame_headers`),
+with the frame's ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+SliceThickness/SpacingBetweenSlices, RescaleSlope/Intercept/Type, GantryDetectorTilt and
+StackID taken from its functional groups (PS3.3 C.7.6.16: the frame's item of the
+Per-frame Functional Groups Sequence, else the Shared one), so every check below applies
+to frames as to single-frame slices and the frames are sorted along the normal whatever
+order they are stored in. Several instances of one series holding different frames of one
+stack make one volume. Refused: single-frame and multi-frame images mixed in a series, a
+multi-frame image of a single-frame SOP class, NumberOfFrames that does not match the
+per-frame items, and an instance with several stacks (StackID values) or several
+orientations: one volume is one stack, and which one the prompts were drawn on is not
+this loader's guess (the refusal names the stacks). The volume's ``frame_numbers`` say
+which frame each slice is.
 
 What is checked, in this order (each refusal names the files or UIDs, never a patient):
 no CT/MR image files; several series (``series_instance_uid=`` picks one); multi-frame
-objects (Enhanced/Legacy Converted SOP classes or NumberOfFrames > 1); missing Series,
+images as above; missing Series,
 Study, Frame of Reference or SOP Instance UIDs; mixed SOP classes, modalities, studies,
 patients or frames of reference; missing ImagePositionPatient, ImageOrientationPatient,
 PixelSpacing, Rows or Columns; mixed orientations (cosines differ by more than
@@ -530,8 +545,8 @@ def _expand_multi_frame(headers: list[_Header], series_uid: str) -> list[_Header
     if len(multi) < len(headers):
         raise VolumeError(
             f"series {series_uid} mixes {_n(len(headers) - len(multi), 'single-frame image')} and "
-            f"{_n(len(multi), 'multi-frame instance')} ({sop_class_name(multi[0].sop_class_uid)}): "
-            "one volume is either one multi-frame image or a series of single-frame images"
+            f"{_n(len(multi), 'multi-frame instance')} ({sop_class_name(multi[0].sop_class_uid)}, e.g. "
+            f"{multi[0].path.name}): one volume is either multi-frame images or single-frame images"
         )
     frames: list[_Header] = []
     for h in multi:

@@ -104,7 +104,9 @@ def test_enhanced_ct_loads_like_the_single_frame_series(ct, tmp_path, kind, opti
     assert np.array_equal(volume.array, single.array)  # HU, rescaled from the functional groups
     assert volume.array.dtype == single.array.dtype == np.int16
     assert volume.geometry.same_grid(single.geometry)
-    assert volume.sop_class_uid == (EnhancedCTImageStorage if kind == "enhanced" else LegacyConvertedEnhancedCTImageStorage)
+    assert volume.sop_class_uid == (
+        EnhancedCTImageStorage if kind == "enhanced" else LegacyConvertedEnhancedCTImageStorage
+    )
     assert volume.modality == "CT"
     instance = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
     assert set(volume.sop_instance_uids) == {instance}
@@ -129,7 +131,9 @@ def test_oblique_enhanced_mr_loads_like_the_single_frame_series(oblique_mr, tmp_
     assert volume.geometry.same_grid(single.geometry)
     assert not np.allclose(volume.geometry.direction, np.eye(3)[::-1])  # really oblique
     assert volume.modality == "MR"
-    assert volume.sop_class_uid == (EnhancedMRImageStorage if kind == "enhanced" else LegacyConvertedEnhancedMRImageStorage)
+    assert volume.sop_class_uid == (
+        EnhancedMRImageStorage if kind == "enhanced" else LegacyConvertedEnhancedMRImageStorage
+    )
     assert path.exists()
 
 
