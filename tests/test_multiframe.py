@@ -282,3 +282,39 @@ def test_the_node_negotiates_the_enhanced_classes_by_default():
         LegacyConvertedEnhancedCTImageStorage,
         LegacyConvertedEnhancedMRImageStorage,
     ]
+
+
+def test_seg_on_an_enhanced_instance_references_its_frames(ct, tmp_path):
+    from rtstruct.seg import write_seg
+
+    p, single = ct
+    path = write_enhanced(image_files(p), tmp_path / "enh.dcm", frame_order="shuffled")
+    volume = load_series(path)
+    mask = rasterize_roi(read_rtstruct(p["truth"]).roi("GTV"), volume.geometry)
+    out = tmp_path / "seg.dcm"
+    write_seg(volume, [path], [RoiMask("GTV_AI", mask)]).save_as(out, enforce_file_format=True)
+    assert dciodvfy_errors(out) == []
+    seg = pydicom.dcmread(out)
+    frames = seg.pixel_array.reshape(-1, *volume.shape[1:]).astype(bool)
+    assert len(frames) == int(mask.any(axis=(1, 2)).sum())
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        position = np.array([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient])
+        k = int(round(volume.geometry.patient_to_index(position[None])[0, 0]))
+        source = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert int(source.ReferencedFrameNumber) == volume.frame_numbers[k]  # the frame of that slice
+        assert np.array_equal(frame, mask[k])
+
+
+def test_qa_pictures_reference_the_frame_they_show(ct, tmp_path):
+    from rtstruct.secondary_capture import Picture, write_secondary_captures
+
+    p, _ = ct
+    volume = load_series(write_enhanced(image_files(p), tmp_path / "enh.dcm"))
+    rgb = np.zeros((32, 32, 3), dtype=np.uint8)
+    (sc,) = write_secondary_captures(volume, [Picture(rgb, 30, "GTV_AI: slice 31")])
+    (source,) = sc.SourceImageSequence
+    assert (source.ReferencedSOPInstanceUID, int(source.ReferencedFrameNumber)) == volume.image_reference(30)
+    assert volume.frame_numbers[30] == volume.shape[0] - 30  # stored reversed: not the slice index
+    out = tmp_path / "sc.dcm"
+    sc.save_as(out, enforce_file_format=True)
+    assert dciodvfy_errors(out) == []
