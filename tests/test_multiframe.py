@@ -318,3 +318,16 @@ def test_qa_pictures_reference_the_frame_they_show(ct, tmp_path):
     out = tmp_path / "sc.dcm"
     sc.save_as(out, enforce_file_format=True)
     assert dciodvfy_errors(out) == []
+
+
+def test_compressed_enhanced_ct_is_decoded_frame_by_frame(ct, tmp_path):
+    from pydicom.uid import RLELossless
+
+    p, single = ct
+    path = write_enhanced(image_files(p), tmp_path / "enh.dcm", frame_order="shuffled")
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless)  # pydicom's own RLE encoder: one fragment per frame
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == RLELossless
+    volume = load_series(path)
+    assert np.array_equal(volume.array, single.array)
