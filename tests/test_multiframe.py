@@ -331,3 +331,21 @@ def test_compressed_enhanced_ct_is_decoded_frame_by_frame(ct, tmp_path):
     assert pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == RLELossless
     volume = load_series(path)
     assert np.array_equal(volume.array, single.array)
+
+
+def test_the_multiframe_benchmark_runs():
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/multiframe_load.py", "--slices", "24", "--size", "384", "--reps", "1"],
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "series: 24 slices of 384x384" in proc.stdout
+    assert "ratio multi-frame/single-frame: time " in proc.stdout
