@@ -37,18 +37,36 @@ __all__ = [
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "node.yaml"
 
-#: short names accepted in ``network.sop_classes`` (UIDs are accepted too)
+#: short names accepted in ``network.sop_classes`` (UIDs are accepted too); compared
+#: without case, ``_``, ``-`` or spaces, so ``EnhancedCT`` and ``enhanced-ct`` name
+#: ENHANCED_CT. LEGACY_CT / LEGACY_MR are the Legacy Converted Enhanced CT / MR classes.
 SOP_CLASS_NAMES: dict[str, str] = {
     "CT": uid.CTImageStorage,
     "ENHANCED_CT": uid.EnhancedCTImageStorage,
+    "LEGACY_CT": uid.LegacyConvertedEnhancedCTImageStorage,
     "MR": uid.MRImageStorage,
     "ENHANCED_MR": uid.EnhancedMRImageStorage,
+    "LEGACY_MR": uid.LegacyConvertedEnhancedMRImageStorage,
     "RTSTRUCT": uid.RTStructureSetStorage,
     "PT": uid.PositronEmissionTomographyImageStorage,
     "RTPLAN": uid.RTPlanStorage,
     "RTDOSE": uid.RTDoseStorage,
     "REG": uid.SpatialRegistrationStorage,
 }
+
+#: The image and structure set classes the node segments, negotiated unless
+#: ``network.sop_classes`` says otherwise: single-frame CT/MR and the multi-frame Enhanced
+#: and Legacy Converted Enhanced CT/MR, which ``rtstruct.series.load_series`` reads frame
+#: by frame (a sender with such images is otherwise refused at negotiation, before the
+#: node could say anything about them).
+DEFAULT_SOP_CLASSES = ("CT", "MR", "ENHANCED_CT", "ENHANCED_MR", "LEGACY_CT", "LEGACY_MR", "RTSTRUCT")
+
+
+def _sop_name_key(name: str) -> str:
+    return re.sub(r"[\s_-]", "", name).upper()
+
+
+_SOP_CLASS_KEYS = {_sop_name_key(name): value for name, value in SOP_CLASS_NAMES.items()}
 
 _AET = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 
@@ -148,7 +166,7 @@ class Network(_Model):
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     network_timeout_seconds: float = Field(default=120.0, gt=0)
     poll_interval_ms: float = Field(default=0.2, ge=0.05, le=1.0)
-    sop_classes: list[str] = Field(default_factory=lambda: ["CT", "MR", "RTSTRUCT"])
+    sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_SOP_CLASSES))
 
     @field_validator("bind")
     @classmethod
@@ -176,8 +194,8 @@ class Network(_Model):
         out = []
         for item in value:
             key = str(item).strip()
-            if key.upper() in SOP_CLASS_NAMES:
-                out.append(SOP_CLASS_NAMES[key.upper()])
+            if _sop_name_key(key) in _SOP_CLASS_KEYS:
+                out.append(_SOP_CLASS_KEYS[_sop_name_key(key)])
             elif is_valid_uid(key):
                 out.append(key)
             else:

@@ -335,6 +335,12 @@ def check_references(
     With ``allow_frame_of_reference_only`` only the frame of reference must match (the
     fallback for RTSTRUCTs whose image references are absent or stale; contours are
     still checked against the image planes when they are mapped).
+
+    A multi-frame image (Enhanced CT/MR) is referenced by its SOP Instance UID, with or
+    without ReferencedFrameNumber: it is present when the volume holds its frames (a
+    volume holds every frame of the instances it is built from, or refuses to load). The
+    frame numbers are not needed to place a contour, which is mapped onto the frame whose
+    plane it lies on, as a single-frame contour is mapped onto its slice.
     """
     label = structure_set.label or structure_set.sop_instance_uid
     for_uid = volume.frame_of_reference_uid

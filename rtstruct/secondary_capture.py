@@ -114,7 +114,10 @@ def write_secondary_captures(
         sc.ContentTime = now.strftime("%H%M%S")
         source = Dataset()
         source.ReferencedSOPClassUID = volume.sop_class_uid
-        source.ReferencedSOPInstanceUID = volume.sop_instance_uids[picture.slice_index]
+        uid, frame = volume.image_reference(picture.slice_index)
+        source.ReferencedSOPInstanceUID = uid
+        if frame is not None:  # a frame of an Enhanced CT/MR instance
+            source.ReferencedFrameNumber = frame
         sc.SourceImageSequence = DicomSequence([source])
         out.append(sc)
     return out

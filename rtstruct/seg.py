@@ -5,7 +5,9 @@
 (label = the ROI name, property category "Morphologically Abnormal Structure", type
 "Neoplasm", algorithm type AUTOMATIC with the algorithm's name and version as in the
 RTSTRUCT, the ROI colour as its recommended display colour), frames only where a segment
-is present, each frame referencing its source slice. highdicom takes patient, study and
+is present, each frame referencing its source slice (for a volume of the frames of one
+Enhanced CT/MR instance: that instance and its frame, in its frame order; the frames of
+several multi-frame instances are refused, as highdicom takes one multi-frame source). highdicom takes patient, study and
 frame of reference from the source images' headers, which are read (without pixel data)
 from the image files and put in the volume's slice order; their values are made valid for
 their VR first (:mod:`rtstruct.conform`), as for the RTSTRUCT. The SEG is a new series and a
@@ -44,7 +46,23 @@ def _source_images(volume: Volume, image_paths: Sequence[str | Path]) -> list:
     missing = [uid for uid in volume.sop_instance_uids if uid not in by_uid]
     if missing:
         raise RTStructError(f"{len(missing)} of the volume's {len(volume.sop_instance_uids)} slices have no image file")
+    if volume.multi_frame:  # highdicom segments one multi-frame source image, by its frames
+        instances = list(dict.fromkeys(volume.sop_instance_uids))
+        if len(instances) > 1:
+            raise RTStructError(
+                f"a SEG on the frames of {len(instances)} multi-frame instances cannot be written (a SEG "
+                "references one multi-frame source image); the RTSTRUCT result references them all"
+            )
+        return [by_uid[instances[0]]]
     return [by_uid[uid] for uid in volume.sop_instance_uids]
+
+
+def _in_frame_order(volume: Volume, planes: np.ndarray, frames: int) -> np.ndarray:
+    """The (slice, row, column, segment) planes of a volume of frames put in the source
+    instance's frame order (highdicom's order for a multi-frame source image)."""
+    out = np.zeros((frames, *planes.shape[1:]), dtype=planes.dtype)
+    out[np.asarray(volume.frame_numbers) - 1] = planes
+    return out
 
 
 def _conform_sources(sources: list, texts: Sequence[str]) -> object:
@@ -121,6 +139,8 @@ def write_seg(
             )
         )
     sources = _source_images(volume, image_paths)
+    if volume.multi_frame:
+        planes = _in_frame_order(volume, planes, int(sources[0].NumberOfFrames))
     texts = [series_description] + [t for roi in rois for t in (roi.name, roi.algorithm_name, roi.algorithm_version)]
     charset = _conform_sources(sources, texts)
     seg = Segmentation(

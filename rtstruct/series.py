@@ -2,11 +2,26 @@
 
 ``load_series`` reads a CT or MR series from files into a :class:`Volume` and refuses,
 with a :class:`VolumeError` whose message says exactly what is wrong, anything that is
-not one clean, uniformly spaced stack of single-frame slices.
+not one clean, uniformly spaced stack of slices: single-frame images, or the frames of
+multi-frame Enhanced CT/MR and Legacy Converted Enhanced CT/MR instances.
+
+Multi-frame images: each instance becomes one header per frame (:func:`_frame_headers`),
+with the frame's ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+SliceThickness/SpacingBetweenSlices, RescaleSlope/Intercept/Type, GantryDetectorTilt and
+StackID taken from its functional groups (PS3.3 C.7.6.16: the frame's item of the
+Per-frame Functional Groups Sequence, else the Shared one), so every check below applies
+to frames as to single-frame slices and the frames are sorted along the normal whatever
+order they are stored in. Several instances of one series holding different frames of one
+stack make one volume. Refused: single-frame and multi-frame images mixed in a series, a
+multi-frame image of a single-frame SOP class, NumberOfFrames that does not match the
+per-frame items, and an instance with several stacks (StackID values) or several
+orientations: one volume is one stack, and which one the prompts were drawn on is not
+this loader's guess (the refusal names the stacks). The volume's ``frame_numbers`` say
+which frame each slice is.
 
 What is checked, in this order (each refusal names the files or UIDs, never a patient):
 no CT/MR image files; several series (``series_instance_uid=`` picks one); multi-frame
-objects (Enhanced/Legacy Converted SOP classes or NumberOfFrames > 1); missing Series,
+images as above; missing Series,
 Study, Frame of Reference or SOP Instance UIDs; mixed SOP classes, modalities, studies,
 patients or frames of reference; missing ImagePositionPatient, ImageOrientationPatient,
 PixelSpacing, Rows or Columns; mixed orientations (cosines differ by more than
@@ -36,8 +51,8 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.pixels import get_decoder
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_decoder, iter_pixels
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from inference.files import files_under
@@ -48,6 +63,7 @@ from rtstruct.headers import (
     SINGLE_FRAME_IMAGE_CLASSES,
     DicomFileError,
     FileKind,
+    image_modality,
     kind_of,
     read_header,
     sop_class_name,
@@ -144,14 +160,23 @@ _GEOMETRY_ATTRIBUTES = ("ImagePositionPatient", "ImageOrientationPatient", "Pixe
 
 @dataclass
 class _Header:
-    """What ``load_series`` needs from one file's header."""
+    """What ``load_series`` needs from one file's header, or from one frame of a
+    multi-frame file (``frame`` its 1-based number; ``ds`` then holds the file's top-level
+    attributes with the frame's functional-group values in their single-frame places,
+    see :func:`_frame_headers`)."""
 
     path: Path
     ds: Any  # pydicom Dataset without pixel data
+    frame: int | None = None
 
     @property
     def sop_class_uid(self) -> str:
         return str(self.ds.get("SOPClassUID", ""))
+
+    @property
+    def name(self) -> str:
+        """The file's name, with the frame for a frame of a multi-frame file."""
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame}"
 
     @property
     def series_uid(self) -> str:
@@ -309,16 +334,9 @@ def _describe_series(by_series: dict[str, list[_Header]]) -> str:
 # -- checks and geometry ----------------------------------------------------------------
 def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
     series_uid = headers[0].series_uid or "<no SeriesInstanceUID>"
-    # Multi-frame objects first: none of the per-slice checks make sense for them.
-    for h in headers:
-        frames = _int_or_none(h.ds.get("NumberOfFrames"))
-        if h.sop_class_uid in MULTI_FRAME_IMAGE_CLASSES or (frames is not None and frames > 1):
-            what = sop_class_name(h.sop_class_uid)
-            nf = f" with {frames} frames" if frames else ""
-            raise VolumeError(
-                f"multi-frame image ({what}{nf}) in series {series_uid}: {h.path}; "
-                "only single-frame CT Image Storage / MR Image Storage series are supported"
-            )
+    # Multi-frame objects become one header per frame; every check below then applies to
+    # the frames as it does to single-frame slices.
+    headers = _expand_multi_frame(headers, series_uid)
     for keyword in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID"):
         missing = [h.path for h in headers if not str(h.ds.get(keyword, "") or "")]
         if missing:
@@ -331,13 +349,14 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
 
     headers = _drop_repeated_instances(headers, series_uid)
     for keyword in _GEOMETRY_ATTRIBUTES:
-        missing = [h.path for h in headers if keyword not in h.ds or h.ds[keyword].value in (None, "", [])]
+        missing = [h for h in headers if keyword not in h.ds or h.ds[keyword].value in (None, "", [])]
         if missing:
             raise VolumeError(
-                f"{keyword} missing in {_files(missing)} of series {series_uid}: "
+                f"{keyword} missing in {_headers(missing)} of series {series_uid}: "
                 "the slice geometry cannot be known without it"
             )
 
+    unit = "frame" if headers[0].frame is not None else "file"
     positions = np.array([_floats(h, "ImagePositionPatient", 3) for h in headers])
     orientations = np.array([_floats(h, "ImageOrientationPatient", 6) for h in headers])
     pixel_spacings = np.array([_floats(h, "PixelSpacing", 2) for h in headers])
@@ -349,7 +368,7 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
     if differs.any():
         groups = _group_rows(orientations, ORIENTATION_TOLERANCE)
         desc = "; ".join(
-            f"[{', '.join(f'{v:.4g}' for v in orientations[idx[0]])}] in {_n(len(idx))} (e.g. {headers[idx[0]].path.name})"
+            f"[{', '.join(f'{v:.4g}' for v in orientations[idx[0]])}] in {_n(len(idx), unit)} (e.g. {headers[idx[0]].name})"
             for idx in groups
         )
         raise VolumeError(f"mixed orientations (ImageOrientationPatient) in series {series_uid}: {desc}")
@@ -365,13 +384,13 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
     # One size and one pixel spacing.
     size_counts = Counter(sizes)
     if len(size_counts) > 1:
-        desc = ", ".join(f"{r}x{c} in {_n(n)}" for (r, c), n in size_counts.most_common())
-        odd = next(h.path.name for h, s in zip(headers, sizes) if s != size_counts.most_common(1)[0][0])
+        desc = ", ".join(f"{r}x{c} in {_n(n, unit)}" for (r, c), n in size_counts.most_common())
+        odd = next(h.name for h, s in zip(headers, sizes) if s != size_counts.most_common(1)[0][0])
         raise VolumeError(f"mixed image sizes (Rows x Columns) in series {series_uid}: {desc} (e.g. {odd})")
     rel = np.abs(pixel_spacings - pixel_spacings[0]) / pixel_spacings[0]
     if (rel > PIXEL_SPACING_TOLERANCE).any():
         groups = _group_rows(pixel_spacings, PIXEL_SPACING_TOLERANCE * float(pixel_spacings[0].max()))
-        desc = ", ".join(f"{pixel_spacings[idx[0]].tolist()} mm in {_n(len(idx))}" for idx in groups)
+        desc = ", ".join(f"{pixel_spacings[idx[0]].tolist()} mm in {_n(len(idx), unit)}" for idx in groups)
         raise VolumeError(f"mixed PixelSpacing in series {series_uid}: {desc}")
     if (pixel_spacings[0] <= 0).any():
         raise VolumeError(f"PixelSpacing {pixel_spacings[0].tolist()} of series {series_uid} is not positive")
@@ -382,7 +401,7 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
         if tilt is not None and abs(tilt) > GANTRY_TILT_TOLERANCE_DEG:
             raise VolumeError(
                 f"gantry tilt of {tilt:g} degrees (GantryDetectorTilt) in series {series_uid} "
-                f"(e.g. {h.path.name}): tilted slices do not form a rectilinear volume; "
+                f"(e.g. {h.name}): tilted slices do not form a rectilinear volume; "
                 "resample the series to an orthogonal grid first"
             )
 
@@ -402,13 +421,15 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
 
     rows, cols = sizes[0]
     geometry = Geometry.from_dicom(positions[0], reference, tuple(pixel_spacings[0]), slice_spacing, (n, rows, cols))
-    array = _read_pixels(headers, series_uid)
+    multi_frame = headers[0].frame is not None
+    array = _read_frames(headers, series_uid) if multi_frame else _read_pixels(headers, series_uid)
     first = headers[0].ds
     return Volume(
         array=array,
         geometry=geometry,
         sop_instance_uids=tuple(str(h.ds.SOPInstanceUID) for h in headers),
-        modality=str(first.get("Modality", "") or SINGLE_FRAME_IMAGE_CLASSES[headers[0].sop_class_uid]),
+        frame_numbers=tuple(h.frame for h in headers) if multi_frame else (),
+        modality=image_modality(first),
         series_instance_uid=str(first.SeriesInstanceUID),
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
@@ -435,7 +456,7 @@ def _check_positions(
     dup = np.flatnonzero(steps <= dup_tol)
     if dup.size:
         k = int(dup[0])
-        names = f"{headers[k].path.name} and {headers[k + 1].path.name}"
+        names = f"{headers[k].name} and {headers[k + 1].name}"
         raise VolumeError(
             f"duplicate slice positions in series {series_uid}: {dup.size} pair(s) of slices at the "
             f"same position, first at z={along[k]:.2f} mm ({names}); several acquisitions, echoes "
@@ -465,7 +486,7 @@ def _check_positions(
         raise VolumeError(
             f"non-uniform slice spacing in series {series_uid}: steps between slices range from "
             f"{steps.min():.4g} to {steps.max():.4g} mm; the slice at z={along[k]:.2f} mm "
-            f"({headers[k].path.name}) lies {deviation[k]:.3g} mm from a uniform {spacing:.4g} mm "
+            f"({headers[k].name}) lies {deviation[k]:.3g} mm from a uniform {spacing:.4g} mm "
             f"grid (tolerance {tol:.3g} mm = {100 * spacing_tolerance:.3g}% of the spacing)"
         )
 
@@ -481,7 +502,7 @@ def _check_positions(
             f"slice positions of series {series_uid} are not along the slice normal (gantry tilt "
             f"or sheared stack): consecutive slices shift up to {step_offset[j]:.3g} mm in-plane "
             f"(about {angle:.2g} degrees), {offset[k]:.3g} mm in total at z={along[k]:.2f} mm "
-            f"({headers[k].path.name}); resample the series to an orthogonal grid first"
+            f"({headers[k].name}); resample the series to an orthogonal grid first"
         )
     return spacing
 
@@ -500,9 +521,9 @@ def _single_slice_spacing(header: _Header, series_uid: str) -> float:
 
 def _drop_repeated_instances(headers: list[_Header], series_uid: str) -> list[_Header]:
     """The same SOP Instance in several files (a copy): keep the first file."""
-    seen: dict[str, _Header] = {}
+    seen: dict[tuple[str, int | None], _Header] = {}
     for h in headers:
-        seen.setdefault(str(h.ds.SOPInstanceUID), h)
+        seen.setdefault((str(h.ds.SOPInstanceUID), h.frame), h)
     if len(seen) < len(headers):
         log.warning(
             "series %s: %d files repeat a SOP Instance UID already read; using one file each",
@@ -531,6 +552,195 @@ def _check_consistent_identity(headers: list[_Header], series_uid: str) -> None:
                 f"series {series_uid} mixes {len(values)} different {keyword} values: "
                 "its files do not belong to one patient"
             )
+
+
+# -- multi-frame images -------------------------------------------------------------------
+#: The functional groups a frame's geometry and values come from, and the attributes each
+#: contributes, put where a single-frame image has them (PS3.3 C.7.6.16: a frame's item in
+#: PerFrameFunctionalGroupsSequence first, else SharedFunctionalGroupsSequence).
+_FRAME_GROUPS: dict[str, tuple[str, ...]] = {
+    "PlanePositionSequence": ("ImagePositionPatient",),
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"),
+    "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType"),
+    "CTAcquisitionDetailsSequence": ("GantryDetectorTilt",),
+    "FrameContentSequence": ("StackID", "InStackPositionNumber", "TemporalPositionIndex"),
+}
+_FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
+def _is_multi_frame(h: _Header) -> bool:
+    frames = _int_or_none(h.ds.get("NumberOfFrames"))
+    return h.sop_class_uid in MULTI_FRAME_IMAGE_CLASSES or (frames is not None and frames > 1)
+
+
+def _expand_multi_frame(headers: list[_Header], series_uid: str) -> list[_Header]:
+    """The headers with every multi-frame instance replaced by one header per frame.
+
+    A series of single-frame files comes back unchanged. One or several Enhanced / Legacy
+    Converted Enhanced CT or MR instances become their frames (several instances of one
+    series that hold different frames of one stack make one volume, as single-frame
+    files do). Refused: single-frame and multi-frame images mixed in one series; a
+    multi-frame image of a single-frame SOP class (no functional groups to place its
+    frames); an instance that holds several stacks (StackID).
+    """
+    multi = [h for h in headers if _is_multi_frame(h)]
+    if not multi:
+        return headers
+    if len(multi) < len(headers):
+        raise VolumeError(
+            f"series {series_uid} mixes {_n(len(headers) - len(multi), 'single-frame image')} and "
+            f"{_n(len(multi), 'multi-frame instance')} ({sop_class_name(multi[0].sop_class_uid)}, e.g. "
+            f"{multi[0].path.name}): one volume is either multi-frame images or single-frame images"
+        )
+    frames: list[_Header] = []
+    for h in multi:
+        if h.sop_class_uid in SINGLE_FRAME_IMAGE_CLASSES:
+            raise VolumeError(
+                f"{h.path} is a {sop_class_name(h.sop_class_uid)} with {h.ds.get('NumberOfFrames')} frames "
+                f"(series {series_uid}): that SOP class has one frame per instance and no per-frame "
+                "positions; send it as single-frame images or as Enhanced CT/MR"
+            )
+        frames.extend(_frame_headers(h, series_uid))
+    _check_one_stack(frames, series_uid)
+    return frames
+
+
+def _frame_headers(h: _Header, series_uid: str) -> list[_Header]:
+    """One :class:`_Header` per frame of a multi-frame instance.
+
+    Each frame's dataset holds the instance's top-level attributes (patient, study,
+    series, Rows, Columns, ...) without the functional-group sequences, plus the frame's
+    position, orientation, pixel spacing, slice thickness, rescale, gantry tilt and stack
+    from its functional groups (:data:`_FRAME_GROUPS`); a top-level value of the same
+    attribute (Legacy Converted images may carry one) is replaced by the frame's own.
+    """
+    ds = h.ds
+    count = _int_or_none(ds.get("NumberOfFrames"))
+    if count is None or count < 1:
+        raise VolumeError(
+            f"NumberOfFrames missing or not a positive number in {h.path} ({sop_class_name(h.sop_class_uid)}, "
+            f"series {series_uid}): its frames cannot be counted"
+        )
+    shared_seq = ds.get("SharedFunctionalGroupsSequence") or []
+    shared = shared_seq[0] if len(shared_seq) else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != count:
+        raise VolumeError(
+            f"{h.path} has NumberOfFrames {count} but {len(per_frame)} items in PerFrameFunctionalGroupsSequence "
+            f"(series {series_uid}): the frames cannot be placed"
+        )
+    base = Dataset()
+    for elem in ds:
+        if elem.keyword not in _FUNCTIONAL_GROUPS:
+            base[elem.tag] = elem
+    meta = getattr(ds, "file_meta", None)
+    out = []
+    for index in range(count):
+        frame = Dataset()
+        frame.update(base)
+        if meta is not None:
+            frame.file_meta = meta
+        for group, keywords in _FRAME_GROUPS.items():
+            item = _group_item(per_frame[index], group) or _group_item(shared, group)
+            if item is None:
+                continue
+            for keyword in keywords:
+                if keyword in item:
+                    frame[item[keyword].tag] = item[keyword]
+        out.append(_Header(h.path, frame, frame=index + 1))
+    return out
+
+
+def _group_item(groups: Any, sequence: str) -> Any:
+    """The single item of functional group ``sequence`` in one functional-groups item."""
+    if groups is None or sequence not in groups:
+        return None
+    seq = groups[sequence].value
+    return seq[0] if seq else None
+
+
+def _check_one_stack(frames: list[_Header], series_uid: str) -> None:
+    """An instance whose frames carry several StackID values holds several stacks (e.g.
+    an MR with sagittal, coronal and axial stacks, or several slabs): refused, since one
+    volume is one stack and which stack the prompts were drawn on is not the loader's
+    guess to make."""
+    stacks: dict[Path, Counter] = defaultdict(Counter)
+    for h in frames:
+        stacks[h.path][str(h.ds.get("StackID", "") or "")] += 1
+    for path, counts in stacks.items():
+        if len(counts) > 1:
+            desc = ", ".join(f"StackID {sid or '<none>'}: {_n(n, 'frame')}" for sid, n in sorted(counts.items()))
+            raise VolumeError(
+                f"{path} holds {len(counts)} stacks of frames ({desc}) in series {series_uid}: one volume is one "
+                "stack; export the stack the prompts were drawn on as its own instance or series"
+            )
+
+
+def _read_frames(headers: list[_Header], series_uid: str) -> np.ndarray:
+    """The rescaled pixel values of the sorted frames of multi-frame files.
+
+    Each file is decoded frame by frame (from its path, so its whole pixel data is never
+    held at once), each frame rescaled with its own functional-group RescaleSlope and
+    RescaleIntercept; the array is int16 or float32 as in :func:`_read_pixels`.
+    """
+    rows, cols = int(headers[0].ds.Rows), int(headers[0].ds.Columns)
+    array = np.empty((len(headers), rows, cols), dtype=np.int16)
+    int16 = np.iinfo(np.int16)
+    by_file: dict[Path, dict[int, int]] = defaultdict(dict)  # path -> {frame index: slice}
+    for k, h in enumerate(headers):
+        by_file[h.path][int(h.frame) - 1] = k
+    for path, slices in by_file.items():
+        header = headers[next(iter(slices.values()))].ds
+        samples = int(header.get("SamplesPerPixel", 1) or 1)
+        if samples != 1:
+            raise VolumeError(f"{path} has {samples} samples per pixel: only greyscale images are supported")
+        source = _frame_source(path, header, series_uid)
+        indices = sorted(slices)
+        try:
+            for index, pixels in zip(indices, iter_pixels(source, indices=indices)):
+                k = slices[index]
+                if pixels.shape != (rows, cols):
+                    raise VolumeError(
+                        f"frame {index + 1} of {path} has shape {pixels.shape}, expected {rows}x{cols} (Rows x Columns)"
+                    )
+                array = _put_slice(array, k, pixels, headers[k].ds, int16)
+        except VolumeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pydicom raises several types here
+            raise VolumeError(_decode_failure(path, source if isinstance(source, Dataset) else header, exc)) from exc
+    return array
+
+
+def _frame_source(path: Path, header: Any, series_uid: str) -> Any:
+    """What to decode frames from: the path of a Part 10 file (frames read one at a time),
+    or the whole dataset of a bare one (its transfer syntax taken from how it was read)."""
+    meta = getattr(header, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return path
+    ds = pydicom.dcmread(path, force=True)
+    _ensure_transfer_syntax(ds)
+    if "PixelData" not in ds:
+        raise VolumeError(f"no pixel data in {path} (series {series_uid})")
+    return ds
+
+
+def _put_slice(array: np.ndarray, k: int, pixels: np.ndarray, ds: Any, int16: Any) -> np.ndarray:
+    """``array[k]`` = ``pixels`` rescaled with ``ds``'s RescaleSlope/Intercept; the array
+    (turned into float32 once, when a value needs it) is returned."""
+    slope = _float_or_none(ds.get("RescaleSlope"))
+    intercept = _float_or_none(ds.get("RescaleIntercept"))
+    slope = 1.0 if slope is None else slope
+    intercept = 0.0 if intercept is None else intercept
+    if array.dtype == np.int16 and slope == 1.0 and intercept == round(intercept):
+        values = pixels.astype(np.int32) + int(intercept)
+        if values.size == 0 or (values.min() >= int16.min and values.max() <= int16.max):
+            array[k] = values
+            return array
+    if array.dtype != np.float32:
+        array = array.astype(np.float32)
+    array[k] = pixels.astype(np.float64) * slope + intercept
+    return array
 
 
 # -- pixels -------------------------------------------------------------------------------
@@ -692,6 +902,13 @@ def _counts(counter: Counter) -> str:
 
 def _n(count: int, noun: str = "file") -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _headers(headers: list[_Header]) -> str:
+    """``3 file(s) (a.dcm, b.dcm, c.dcm)`` or, for frames, ``1 frame(s) (x.dcm frame 4)``."""
+    unit = "frame" if headers[0].frame is not None else "file"
+    shown = ", ".join(h.name for h in headers[:3])
+    return f"{len(headers)} {unit}(s) ({shown}{', ...' if len(headers) > 3 else ''})"
 
 
 def _files(paths: list[Path]) -> str:

@@ -12,6 +12,9 @@
 * ReferencedFrameOfReferenceSequence > RTReferencedStudySequence >
   RTReferencedSeriesSequence listing every slice of the volume in its
   ContourImageSequence, and a ContourImageSequence with its slice on every contour;
+  a slice that is a frame of a multi-frame image (Enhanced or Legacy Converted Enhanced
+  CT/MR) is referenced by its instance and ReferencedFrameNumber, one item per frame (see
+  "Multi-frame images" below);
 * CLOSED_PLANAR contours from sub-pixel marching squares
   (``skimage.measure.find_contours`` at 0.5 on the zero-padded slice mask), simplified
   with a tolerance of 0.25 pixel (see below), mapped to patient coordinates with
@@ -46,6 +49,21 @@ collapse to their end points.
 
 An empty mask is refused (:class:`~rtstruct.reader.RTStructError`): an ROI without
 contours imports as an empty structure, which a planner could mistake for a result.
+
+Multi-frame images
+------------------
+For a volume built from the frames of Enhanced CT/MR or Legacy Converted Enhanced CT/MR
+instances, every Contour Image Sequence item (in RTReferencedSeriesSequence, one per
+slice of the volume, and on each contour, its one slice) holds ReferencedSOPClassUID and
+ReferencedSOPInstanceUID of the instance plus ReferencedFrameNumber of the frame: the
+Image SOP Instance Reference Macro of PS3.3 Table 10-3, which C.8.8.5 (Structure Set) and
+C.8.8.6 (ROI Contour) use, makes ReferencedFrameNumber required when a reference applies
+to some frames of a multi-frame image. Every point of a contour still lies on its frame's
+plane (from the frame's Plane Position and Plane Orientation functional groups, PS3.3
+C.7.6.16). A TPS that imported the enhanced images the planner drew on resolves such
+references; one that cannot import Enhanced CT/MR at all would not have sent them. Which
+TPSs import such an RTSTRUCT has not been checked here (check it once per site, as for
+the ring-shaped structure above).
 
 The transfer syntax is Implicit VR Little Endian (highdicom's default): in Explicit VR a
 DS element is limited to 64 KiB, which a long contour can exceed.
@@ -291,6 +309,20 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
+def _image_reference(volume: Volume, k: int) -> Dataset:
+    """A Contour Image Sequence item for slice ``k`` (PS3.3 Table 10-3, Image SOP Instance
+    Reference Macro): its SOP class and instance, and for a frame of a multi-frame image its
+    ReferencedFrameNumber (Type 1C there: required when the reference is to some frames of a
+    multi-frame image, here always one frame)."""
+    uid, frame = volume.image_reference(k)
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = volume.sop_class_uid
+    ref.ReferencedSOPInstanceUID = uid
+    if frame is not None:
+        ref.ReferencedFrameNumber = frame
+    return ref
+
+
 class RTStructureSet(highdicom.base.SOPClass):
     """An RT Structure Set instance (SOP class 1.2.840.10008.5.1.4.1.1.481.3).
 
@@ -358,12 +390,7 @@ class RTStructureSet(highdicom.base.SOPClass):
         self.StructureSetDate = now.strftime("%Y%m%d")
         self.StructureSetTime = now.strftime("%H%M%S")
 
-        image_refs = []
-        for uid in volume.sop_instance_uids:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = volume.sop_class_uid
-            ref.ReferencedSOPInstanceUID = uid
-            image_refs.append(ref)
+        image_refs = [_image_reference(volume, k) for k in range(volume.shape[0])]
         series_item = Dataset()
         series_item.SeriesInstanceUID = volume.series_instance_uid
         series_item.ContourImageSequence = DicomSequence(image_refs)
@@ -398,11 +425,8 @@ class RTStructureSet(highdicom.base.SOPClass):
             rc.ROIDisplayColor = [int(v) for v in roi.color]
             contour_items = []
             for number, (k, points) in enumerate(entry.contours, start=1):
-                ref = Dataset()
-                ref.ReferencedSOPClassUID = volume.sop_class_uid
-                ref.ReferencedSOPInstanceUID = volume.sop_instance_uids[k]
                 c = Dataset()
-                c.ContourImageSequence = DicomSequence([ref])
+                c.ContourImageSequence = DicomSequence([_image_reference(volume, k)])
                 c.ContourGeometricType = "CLOSED_PLANAR"
                 c.NumberOfContourPoints = len(points)
                 c.ContourNumber = number
