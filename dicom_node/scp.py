@@ -28,12 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -42,19 +36,12 @@ from dicom_node.logs import event, get_logger
 from dicom_node.metrics import metrics
 from dicom_node.states import InstanceSource
 from dicom_node.store import Origin, Store, StoreError
+from dicom_node.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 __all__ = ["StorageSCP", "build_server_ssl_context", "AssociationInfo", "ACCEPTED_TRANSFER_SYNTAXES"]
 
 log = get_logger(__name__)
-
-#: Uncompressed transfer syntaxes: what the inference pipeline can always decode.
-ACCEPTED_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,  # retired, still sent by old systems
-]
 
 
 #: modalities counted by name in the metrics (any other value, which the peer chooses, is "other")

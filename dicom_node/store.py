@@ -44,6 +44,7 @@ from dicom_node.part10 import (
     scan_dataset,
 )
 from dicom_node.states import InstanceSource
+from dicom_node.transfer_syntaxes import ACCEPTED_TRANSFER_SYNTAXES, refusal
 from dicom_node.uids import clean_uid
 from rtstruct.headers import IMAGE_MODALITIES
 
@@ -253,6 +254,8 @@ class Store:
         """Store a DICOM file from disk (the watch folder) exactly like a received instance."""
         raw = Path(path).read_bytes()
         ts, dataset, source_aet = read_part10(raw)
+        if clean_uid(ts) not in ACCEPTED_TRANSFER_SYNTAXES:  # what negotiation would not accept
+            raise Undecodable(str(refusal(clean_uid(ts))))
         if origin.calling_aet is None and source_aet:
             origin = Origin(origin.source, origin.assoc_id, source_aet, origin.called_aet, origin.peer)
         return self.put(dataset, ts, origin)

@@ -43,8 +43,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +55,17 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import get_decoder, iter_pixels
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 from inference.files import files_under
 from inference.geometry import Geometry
@@ -747,12 +759,16 @@ def _put_slice(array: np.ndarray, k: int, pixels: np.ndarray, ds: Any, int16: An
 def _read_pixels(headers: list[_Header], series_uid: str) -> np.ndarray:
     """The rescaled pixel values of the sorted slices, read one file at a time.
 
+    Native and compressed pixel data alike are decoded by pydicom (compressed through its
+    pixel-data plugins, see :mod:`dicom_node.transfer_syntaxes`); a slice that does not
+    decode is refused with a sentence naming its transfer syntax (:func:`_decode_failure`).
     The array starts as int16 and turns into float32 (once) at the first slice whose
     slope is not 1, whose intercept is not integral or whose values do not fit.
     """
     rows, cols = int(headers[0].ds.Rows), int(headers[0].ds.Columns)
     array = np.empty((len(headers), rows, cols), dtype=np.int16)
     int16 = np.iinfo(np.int16)
+    compressed: Counter = Counter()
     for k, h in enumerate(headers):
         ds = pydicom.dcmread(h.path, force=True)
         _ensure_transfer_syntax(ds)
@@ -761,27 +777,89 @@ def _read_pixels(headers: list[_Header], series_uid: str) -> np.ndarray:
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         if samples != 1:
             raise VolumeError(f"{h.path} has {samples} samples per pixel: only greyscale images are supported")
+        tsuid = _transfer_syntax(ds)
+        if tsuid.is_compressed:
+            compressed[tsuid] += 1
+            _check_codestream_ends(h.path, ds, tsuid)
         try:
-            pixels = ds.pixel_array
+            with _DECODE_LOG_FILTER.active():
+                pixels = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - pydicom raises several types here
             raise VolumeError(_decode_failure(h.path, ds, exc)) from exc
         if pixels.shape != (rows, cols):
             raise VolumeError(
                 f"pixel data of {h.path} has shape {pixels.shape}, expected {rows}x{cols} (Rows x Columns)"
             )
-        slope = _float_or_none(ds.get("RescaleSlope"))
-        intercept = _float_or_none(ds.get("RescaleIntercept"))
-        slope = 1.0 if slope is None else slope
-        intercept = 0.0 if intercept is None else intercept
-        if array.dtype == np.int16 and slope == 1.0 and intercept == round(intercept):
-            values = pixels.astype(np.int32) + int(intercept)
-            if values.size == 0 or (values.min() >= int16.min and values.max() <= int16.max):
-                array[k] = values
-                continue
-        if array.dtype != np.float32:
-            array = array.astype(np.float32)
-        array[k] = pixels.astype(np.float64) * slope + intercept
+        array = _put_slice(array, k, pixels, ds, int16)
+    if compressed:
+        log.info(
+            "series %s: compressed pixel data decoded: %s",
+            series_uid,
+            ", ".join(f"{_n(n)} in {uid.name}" for uid, n in compressed.most_common()),
+        )
     return array
+
+
+#: JPEG, JPEG-LS, JPEG 2000 and HTJ2K: every codestream ends with the marker FFD9 (EOI / EOC).
+_MARKER_CODED = frozenset(JPEGTransferSyntaxes + JPEGLSTransferSyntaxes + JPEG2000TransferSyntaxes)
+
+
+def _check_codestream_ends(path: Path, ds, tsuid: UID) -> None:
+    """Refuse a JPEG-family frame whose codestream lacks its end marker.
+
+    libjpeg decodes a codestream that was cut off without an error (the missing part comes
+    out as garbage pixels), so a frame must end with FFD9 (after the zero byte that pads a
+    fragment to even length). A received dataset cut off inside its pixel data never gets
+    here: the store refuses it; this is a sender's encoder or a disk that lost data.
+    """
+    if tsuid not in _MARKER_CODED:
+        return
+    frames = _int_or_none(ds.get("NumberOfFrames")) or 1
+    name = f"{tsuid.name} ({tsuid})"
+    try:
+        ends = [
+            frame.rstrip(b"\x00").endswith(b"\xff\xd9")
+            for frame in generate_frames(ds.PixelData, number_of_frames=frames)
+        ]
+    except (ValueError, TypeError, struct.error) as exc:  # broken item tags or offset table
+        raise VolumeError(
+            f"cannot decode pixel data of {path} ({name}): its encapsulated fragments are broken ({exc})"
+        ) from exc
+    cut = [k + 1 for k, ok in enumerate(ends) if not ok]
+    if cut:
+        where = f"frame {cut[0]} of " if frames > 1 else ""
+        raise VolumeError(
+            f"cannot decode pixel data of {where}{path} ({name}): its codestream has no end marker (FFD9), "
+            "the compressed data is cut off or damaged"
+        )
+
+
+class _DecodeLogFilter(logging.Filter):
+    """Drops the tracebacks pydicom logs while :func:`_read_pixels` decodes in this thread.
+
+    pydicom logs every exception of a plugin that fails to decode a frame (``LOGGER.exception``,
+    at ERROR, with the traceback) before it tries the next plugin. In the node's log that reads
+    like a crash; the :class:`VolumeError` raised instead carries each plugin's message.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    @contextmanager
+    def active(self):
+        self._local.on = True
+        try:
+            yield
+        finally:
+            self._local.on = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(self._local, "on", False) and record.exc_info)
+
+
+_DECODE_LOG_FILTER = _DecodeLogFilter()
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_DECODE_LOG_FILTER)
 
 
 def _ensure_transfer_syntax(ds) -> None:
@@ -800,10 +878,16 @@ def _ensure_transfer_syntax(ds) -> None:
         meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
-def _decode_failure(path: Path, ds, exc: Exception) -> str:
+def _transfer_syntax(ds) -> UID:
     meta = getattr(ds, "file_meta", None)
-    tsuid = UID(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else UID("")
-    name = f"{tsuid.name} ({tsuid})" if tsuid else "unknown transfer syntax"
+    return UID(str(meta.get("TransferSyntaxUID", "") or "").strip("\x00 ")) if meta is not None else UID("")
+
+
+def _decode_failure(path: Path, ds, exc: Exception) -> str:
+    """One sentence: the file, its transfer syntax, and why its pixel data does not decode
+    (no decoder at all, no plugin installed, or what each installed plugin reported)."""
+    tsuid = _transfer_syntax(ds)
+    name = f"{tsuid.name} ({tsuid})" if tsuid and tsuid.name != tsuid else f"transfer syntax {tsuid or 'unknown'}"
     try:
         decoder = get_decoder(tsuid)
     except Exception:  # noqa: BLE001 - no decoder exists for this transfer syntax
@@ -815,8 +899,18 @@ def _decode_failure(path: Path, ds, exc: Exception) -> str:
             f"installed ({needs}); install one (e.g. pip install pylibjpeg pylibjpeg-libjpeg "
             "pylibjpeg-openjpeg) or decompress the files first (e.g. dcmdjpeg)"
         )
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"cannot decode pixel data of {path} ({name}): {first_line}"
+    return f"cannot decode pixel data of {path} ({name}): {_failure_text(exc)}"
+
+
+def _failure_text(exc: Exception) -> str:
+    """pydicom's failure as one clause: ``plugin: message; plugin: message`` when every
+    plugin failed (its message lists them on lines of their own), else its first line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and lines[0].startswith("Unable to decode"):
+        return "every decoding plugin failed (" + "; ".join(lines[1:]) + ")"
+    return lines[0]
 
 
 # -- small helpers ------------------------------------------------------------------------
