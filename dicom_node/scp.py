@@ -145,9 +145,11 @@ _PAIRED_MESSAGES = (
     "State Machine received an exception",
     "Received an invalid DIMSE message",
 )
-#: pynetdicom's association threads count against this many times max_associations
-#: (a backstop: the node's own limit counts open connections, see StorageSCP._on_requested)
-_THREAD_BACKSTOP = 4
+#: pynetdicom's own limit, on its association threads, is set this far above the node's
+#: (StorageSCP._on_requested, on open connections): the thread of a connection that closed
+#: before its A-ASSOCIATE-RQ waits out the ACSE timeout (blocked, without socket or CPU),
+#: and a burst of port scans must not make pynetdicom refuse valid peers meanwhile
+_LINGERING_THREADS = 1000
 
 
 @dataclass
@@ -171,6 +173,8 @@ class ConnectionInfo:
     first_pdu: int | None = None  # PDU type of the first PDU read
     last_pdu: int | None = None
     requested: bool = False  # an A-ASSOCIATE-RQ PDU arrived
+    request_dropped: bool = False  # ... and pynetdicom dropped it (undecodable, wrong protocol version)
+    handed_over: bool = False  # ... and was handed to the node (EVT_REQUESTED)
     established: bool = False
     released: bool = False
     peer_aborted: bool = False  # the peer sent A-ABORT
@@ -229,6 +233,7 @@ def _message_problem(conn: ConnectionInfo, msg: str, network_timeout: float) -> 
         conn.bytes += got
         return "cut", f"closed in the middle of a PDU ({got} of {whole} bytes)"
     if m := re.match(r"A-ASSOCIATE-RQ: Unsupported protocol version '(0x[0-9A-Fa-f]+)'", msg):
+        conn.request_dropped = True
         return "malformed", f"A-ASSOCIATE-RQ with protocol version {m.group(1)} (rejected)"
     if m := re.match(r"Invalid event '(Evt\d+)' for the current state '(Sta\d+)'", msg):
         what = _PDU_NAMES.get(_PDU_EVENTS.get(m.group(1), 0), m.group(1))
@@ -254,6 +259,8 @@ def _exception_problem(
         return "reset", f"connection error: {_exc_text(exc)}"
     if pending.startswith("Unable to decode"):
         name = _PDU_NAMES.get(conn.last_pdu or 0, "PDU")
+        if conn.last_pdu == 0x01:
+            conn.request_dropped = True
         return "malformed", f"malformed {name} (it does not decode: {_exc_text(exc)})"
     if pending.startswith("Received an invalid DIMSE"):
         return "malformed", f"an invalid DIMSE message ({_exc_text(exc)})"
@@ -376,7 +383,7 @@ class StorageSCP:
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         # the node's own limit counts open connections (_on_requested); pynetdicom's, on its
         # threads, also counts those of connections already gone (they end at the ACSE timeout)
-        ae.maximum_associations = cfg.network.max_associations * _THREAD_BACKSTOP
+        ae.maximum_associations = cfg.network.max_associations + _LINGERING_THREADS
         ae.maximum_pdu_size = cfg.network.max_pdu_size
         ae.acse_timeout = cfg.network.acse_timeout_seconds
         ae.dimse_timeout = cfg.network.dimse_timeout_seconds
@@ -491,6 +498,7 @@ class StorageSCP:
         conn = getattr(assoc, "stardust_conn", None)
         if conn is not None:
             conn.calling = calling
+            conn.handed_over = True
         reason = None
         rsd = None
         label = ""
@@ -541,7 +549,7 @@ class StorageSCP:
     def _open_connections(self, besides: Any) -> int:
         """Inbound connections still open, other than ``besides`` (the node's association limit)."""
         with self._lock:
-            return sum(1 for a, c in self._conns.items() if c.connected and a is not besides)
+            return sum(1 for a, c in self._conns.items() if a is not besides and c.connected and a.dul.is_alive())
 
     @staticmethod
     def _set_socket_timeout(assoc, seconds: float) -> None:
@@ -659,12 +667,23 @@ class StorageSCP:
                 log.exception("connection watch failed")
 
     def _sweep(self) -> None:
-        """Finish the connections whose pynetdicom threads are over."""
+        """Finish the connections that are over.
+
+        A connection is over when pynetdicom's threads for it are, or, for one closed
+        without an A-ASSOCIATE-RQ for the node (none, or one pynetdicom dropped), as soon
+        as its reader (DUL) thread is: its association thread only waits out the ACSE
+        timeout then, and nothing more can happen on it.
+        """
         with self._lock:
             conns = list(self._conns.values())
         for conn in conns:
-            assoc = conn.assoc
-            if assoc.ident is not None and not assoc.is_alive() and not assoc.dul.is_alive():
+            assoc, dul = conn.assoc, conn.assoc.dul
+            if assoc.ident is None:
+                continue  # not started yet
+            reader_over = dul.ident is not None and not dul.is_alive()
+            if not assoc.is_alive() and not dul.is_alive():
+                self._finish(conn)
+            elif reader_over and not conn.connected and (conn.request_dropped or not conn.requested):
                 self._finish(conn)
 
     def _finish(self, conn: ConnectionInfo) -> None:
