@@ -15,12 +15,13 @@ import re
 import socket
 import ssl
 import struct
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import NodeProcess, echoscu, storescu, wait_for, write_config
+from helpers import NodeProcess, echoscu, require_tool, storescu, wait_for, write_config
 from pydicom.dataset import FileMetaDataset
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -299,4 +300,58 @@ def test_idle_half_and_stalled_connections_hold_slots_only_until_their_timeout(t
     finally:
         for abuser, _ in abusers:
             abuser.close()
+        node.stop()
+
+
+def test_plain_dicom_and_http_on_the_tls_port(tmp_path):
+    """On a TLS port, a plain A-ASSOCIATE-RQ, an HTTP request and a TLS client that stops
+    in its handshake are one WARNING each; a TLS echoscu works afterwards."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    subprocess.run(
+        [
+            require_tool("openssl"),
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "node.key",
+            "-out",
+            "node.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        cwd=pki,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    tls = {"enabled": True, "cert_file": str(pki / "node.crt"), "key_file": str(pki / "node.key")}
+    config = write_config(
+        tmp_path / "node",
+        rules=False,
+        network={"bind": "127.0.0.1", "acse_timeout_seconds": 2, "network_timeout_seconds": 3},
+        tls=tls,
+    )
+    node = NodeProcess(config).start()
+    stalled = None
+    try:
+        plain = hit(node.port, association_rq())
+        http = hit(node.port, b"GET / HTTP/1.1\r\nHost: stardust\r\n\r\n")
+        stalled = Abuser(node.port).send(tls_client_hello())
+        assert re.search(r"TLS failed", dropped_why(node, plain))
+        assert re.search(r"TLS failed", dropped_why(node, http))
+        assert re.search(r"stopped sending .* for 2 s", dropped_why(node, stalled.port))
+        out = echoscu(node.port, extra=["+tla", "+cf", str(pki / "node.crt")])
+        assert out.returncode == 0, out.stderr
+        assert_clean_log(node)
+    finally:
+        if stalled is not None:
+            stalled.close()
         node.stop()
