@@ -22,10 +22,20 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["event", "get_logger", "setup_logging", "patient_ref", "load_secret", "JsonFormatter", "TextFormatter"]
+__all__ = [
+    "event",
+    "get_logger",
+    "setup_logging",
+    "patient_ref",
+    "load_secret",
+    "JsonFormatter",
+    "TextFormatter",
+    "route_pynetdicom_records",
+]
 
 _secret: bytes | None = None
 _secret_lock = threading.Lock()
@@ -103,6 +113,60 @@ def setup_logging(level: str = "INFO", fmt: str = "text", file: Path | None = No
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+
+
+def _pynetdicom_loggers() -> list[logging.Logger]:
+    """pynetdicom's loggers: one per module (``pynetdicom.dul``, ``pynetdicom.fsm`` ...) and their parent.
+
+    A filter on a logger sees only the records logged to that logger itself, not those
+    its children propagate, so every module's logger gets the filter.
+    """
+    import pynetdicom  # noqa: F401  (imports its modules, which create their loggers)
+
+    names = [n for n in logging.root.manager.loggerDict if n == "pynetdicom" or n.startswith("pynetdicom.")]
+    return [logging.getLogger(n) for n in sorted(names)]
+
+
+class _RouteFilter(logging.Filter):
+    """Offers each WARNING-or-worse record to ``sink``; a record it takes is logged at DEBUG or not at all."""
+
+    def __init__(self, sink: Callable[[logging.LogRecord], bool]) -> None:
+        super().__init__("stardust-pynetdicom-route")
+        self.sink = sink
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        try:
+            taken = self.sink(record)
+        except Exception:  # a broken sink must not lose the record
+            return True
+        if not taken:
+            return True
+        # demoted: the traceback stays available to whoever runs the node at DEBUG
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("dicom_node").isEnabledFor(logging.DEBUG)
+
+
+def route_pynetdicom_records(sink: Callable[[logging.LogRecord], bool]) -> Callable[[], None]:
+    """Hand pynetdicom's WARNING and ERROR records to ``sink`` before they are logged.
+
+    pynetdicom logs a malformed PDU, a peer that closes mid-PDU or a timeout as ERROR,
+    often with a traceback, from the threads of the association. ``sink(record)`` returns
+    True when the record is about a connection it accounts for (the SCP then writes one
+    WARNING for the whole connection); such records are logged at DEBUG only (with their
+    traceback), others pass unchanged. Returns the function that removes the routing.
+    """
+    route = _RouteFilter(sink)
+    loggers = _pynetdicom_loggers()
+    for logger in loggers:
+        logger.addFilter(route)
+
+    def remove() -> None:
+        for logger in loggers:
+            logger.removeFilter(route)
+
+    return remove
 
 
 def load_secret(data_dir: Path) -> bytes:

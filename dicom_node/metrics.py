@@ -82,6 +82,9 @@ class Metrics:
             "DICOM associations by outcome (released, aborted, closed, rejected) and reason of a rejection",
             ["outcome", "reason"],
         )
+        self.connections_dropped = Counter(
+            "stardust_connections_dropped", "Inbound connections that misbehaved (one WARNING each), by kind", ["kind"]
+        )
         self.instances_received = Counter(
             "stardust_instances_received", "Instances stored and answered Success, by modality", ["modality"]
         )
