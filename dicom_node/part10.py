@@ -124,6 +124,20 @@ _WANTED = {
 }
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
+#: Sequences nested deeper than this are refused: CT, MR and RTSTRUCT nest four or five
+#: levels, and pydicom (which reads what the store keeps) recurses per level and needs
+#: memory out of all proportion to the bytes for a few hundred.
+MAX_SEQUENCE_DEPTH = 32
+
+
+def _sequence_tags() -> frozenset[int]:
+    """The standard attributes whose VR is SQ: what an implicit VR dataset does not say."""
+    from pydicom.datadict import DicomDictionary
+
+    return frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+
+
+_SQ_TAGS = _sequence_tags()
 
 
 class _Truncated(Exception):
@@ -140,6 +154,7 @@ class _Walker:
         self.u32 = struct.Struct(e + "L").unpack_from
         self.found: dict[str, bytes] = {}
         self.pixel_length: int | None = None  # None: absent; -1: encapsulated
+        self.depth = 0  # sequences entered and not yet left
 
     def _tag(self, pos: int) -> int:
         if pos + 4 > self.n:
@@ -198,7 +213,9 @@ class _Walker:
                     f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) needs {length} bytes at byte {pos}, "
                     f"only {limit - pos} left"
                 )
-            if vr == b"SQ":
+            if vr == b"SQ" or (vr is None and tag in _SQ_TAGS):
+                # implicit VR: a standard sequence is walked too, so a broken item inside
+                # it is found here (not by the first reader of the stored file)
                 self.sequence(pos, pos + length)
             elif top and tag in _WANTED:
                 self.found[_WANTED[tag]] = bytes(self.data[pos : pos + length])
@@ -210,6 +227,15 @@ class _Walker:
         return pos
 
     def sequence(self, pos: int, end: int) -> int:
+        if self.depth >= MAX_SEQUENCE_DEPTH:
+            raise _Truncated(f"sequences nested more than {MAX_SEQUENCE_DEPTH} levels deep at byte {pos}")
+        self.depth += 1
+        try:
+            return self._items(pos, end)
+        finally:
+            self.depth -= 1
+
+    def _items(self, pos: int, end: int) -> int:
         while True:
             if end >= 0 and pos >= end:
                 if pos != end:
