@@ -710,13 +710,14 @@ def _read_frames(headers: list[_Header], series_uid: str) -> np.ndarray:
         source = _frame_source(path, header, series_uid)
         indices = sorted(slices)
         try:
-            for index, pixels in zip(indices, iter_pixels(source, indices=indices)):
-                k = slices[index]
-                if pixels.shape != (rows, cols):
-                    raise VolumeError(
-                        f"frame {index + 1} of {path} has shape {pixels.shape}, expected {rows}x{cols} (Rows x Columns)"
-                    )
-                array = _put_slice(array, k, pixels, headers[k].ds, int16)
+            with _DECODE_LOG_FILTER.active():
+                for index, pixels in zip(indices, iter_pixels(source, indices=indices)):
+                    k = slices[index]
+                    if pixels.shape != (rows, cols):
+                        raise VolumeError(
+                            f"frame {index + 1} of {path} has shape {pixels.shape}, expected {rows}x{cols} (Rows x Columns)"
+                        )
+                    array = _put_slice(array, k, pixels, headers[k].ds, int16)
         except VolumeError:
             raise
         except Exception as exc:  # noqa: BLE001 - pydicom raises several types here

@@ -60,37 +60,22 @@ SEED = 11
 STORESCU_KINDS = ("uid.", "pixels.", "contour.", "value.")
 STORESCU_COUNT = 12
 
-# -- known failures on main, fixed by other helpers of issue 11 (remove after merging) ---------------
-#: mutation kinds the node must refuse but main still answers with Success: the series
-#: helper's ``part10._check_pixels`` refuses Rows/Columns 0, BitsAllocated not 8/16/32 and
-#: a pixel data length that does not match (item 1 of issue 11)
-KNOWN_ACCEPTED = {
-    "pixels.rows_zero",
-    "pixels.rows_one",
-    "pixels.bits",
-    "pixels.frames",
-    "pixels.data_length",
-}
-#: probes of the port the node should answer but main does not: a C-STORE-RQ with an empty
+# -- known failures of the node, each with its cause (empty where none is known) ------------
+#: mutation kinds the node must refuse but answers with Success
+KNOWN_ACCEPTED: set[str] = set()
+#: probes of the port the node should answer but does not: a C-STORE-RQ with an empty
 #: Affected SOP Instance UID is dropped by pynetdicom ("Received unexpected C-STORE service
-#: message"), the peer waits for its DIMSE timeout (the protocol abuse helper, scp.py)
+#: message") and the peer waits for its DIMSE timeout; fixing it needs pynetdicom's DIMSE layer
+KNOWN_UNANSWERED = {"c-store-rq-empty-affected-sop-instance"}
 #: a C-STORE the node occasionally leaves unanswered in the middle of the fuzz run (seen once
 #: for 0442-length.off_by, whose dataset alone is refused in 10 ms; cause not found yet):
 #: at most this many "no response" outcomes are tolerated until it is understood
 KNOWN_UNANSWERED_STORES = 1
-KNOWN_UNANSWERED = {"c-store-rq-empty-affected-sop-instance"}
-#: tracebacks in the node's log that other helpers are removing: (pattern on the log line
-#: the traceback belongs to, who fixes it)
-KNOWN_TRACEBACKS: list[tuple[str, str]] = [
-    (
-        r"ERROR pynetdicom\.(dul|utils): ",
-        "malformed PDUs: pynetdicom logs a traceback (the protocol abuse helper, scp.py/logs.py)",
-    ),
-]
-#: junk connections that never become associations hold association slots until the ACSE
-#: timeout: C-ECHO right after them is rejected "local limit exceeded" (the protocol abuse
-#: helper); the test waits for C-ECHO instead of asking it at once
-KNOWN_SLOTS_HELD_BY_JUNK = True
+#: tracebacks allowed in the node's log: (pattern on the log line the traceback belongs to, why)
+KNOWN_TRACEBACKS: list[tuple[str, str]] = []
+#: whether junk connections that never become associations hold association slots until
+#: the ACSE timeout (then the test waits for C-ECHO instead of asking it at once)
+KNOWN_SLOTS_HELD_BY_JUNK = False
 
 
 # --------------------------------------------------------------------------------------
