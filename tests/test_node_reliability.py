@@ -70,9 +70,22 @@ def test_kill9_during_a_300_slice_transfer(tmp_path, tps):
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        wait_for(
-            lambda: node.query("SELECT count(*) AS n FROM instances")[0]["n"] >= 80, 120, 0.02, "80 stored instances"
-        )
+
+        def stored_80_or_sender_gone() -> str | None:
+            if node.query("SELECT count(*) AS n FROM instances")[0]["n"] >= 80:
+                return "stored"
+            return "sender exited" if sender.poll() is not None else None
+
+        try:
+            outcome = wait_for(stored_80_or_sender_gone, 120, 0.02, "80 stored instances")
+        except AssertionError as exc:
+            outcome = str(exc)
+        if outcome != "stored":
+            log.flush()
+            raise AssertionError(
+                f"{outcome} (storescu status {sender.poll()})\nstorescu log:\n"
+                f"{(tmp_path / 'storescu.log').read_text()[-3000:]}\nnode log:\n{node.log_text()[-4000:]}"
+            )
         node.kill9()
         sender.wait(60)
         log.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -315,3 +316,31 @@ def test_a_rules_outputs_are_checked():
                          ([], "list at least one")):  # fmt: skip
         with pytest.raises(ValidationError, match=message):
             Action(outputs=bad)
+
+
+def test_metrics_created_once_when_many_threads_count_first(tmp_path):
+    """The first count can come from several threads at once (a C-STORE handler and the
+    SCP's connection watch: the node once answered its first C-STORE with 0xC001 after a
+    port probe): exactly one set of series is registered and every thread gets it."""
+    script = """
+import sys, threading
+from dicom_node import metrics as m
+m.use_directory(sys.argv[1])
+barrier = threading.Barrier(16)
+got, errors = [], []
+def first_count():
+    barrier.wait()
+    try:
+        got.append(m.metrics())
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=first_count) for _ in range(16)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(len(errors), len({id(x) for x in got}), errors[:1])
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "metrics")], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[:2] == ["0", "1"], out.stdout
