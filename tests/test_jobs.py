@@ -19,9 +19,20 @@ from dicom_node.config import config_from_data
 from dicom_node.db import Database
 from dicom_node.sender import Sender, export_file
 
+_dbs = None
+
+
+@pytest.fixture(autouse=True)
+def _backend(databases):
+    """Every test of this module runs on SQLite and on PostgreSQL (``databases``)."""
+    global _dbs
+    _dbs = databases
+    yield
+    _dbs = None
+
 
 def make_db(tmp_path: Path) -> Database:
-    return Database(tmp_path / "node.db")
+    return _dbs.open(tmp_path / "node.db")
 
 
 def add_case_and_job(db: Database, action: dict | None = None) -> int:
@@ -42,7 +53,7 @@ def test_claim_is_exclusive_and_ordered(tmp_path):
     lock = threading.Lock()
 
     def worker(n):
-        mydb = Database(db.path)
+        mydb = _dbs.reopen(db)
         while True:
             job = q.claim_job(mydb, f"w{n}", 30)
             if job is None:
@@ -64,7 +75,7 @@ def test_one_job_per_case(tmp_path):
     db = make_db(tmp_path)
     job = add_case_and_job(db)
     case_id = db.one("SELECT case_id FROM jobs WHERE id=?", (job,))["case_id"]
-    with pytest.raises(Exception, match="UNIQUE"):
+    with pytest.raises(Exception, match="(?i)unique"):
         with db.tx() as c:
             q.create_job(c, case_id, "r", {}, [])
 
@@ -124,9 +135,20 @@ def test_recover_on_start(tmp_path):
             "VALUES (?, 'tps', 'dicom', 'sending', 1, 0)",
             (job.id,),
         )
+    if not db.is_postgresql:
+        counts = q.recover_on_start(db, max_attempts=3)
+        assert counts == {"jobs_requeued": 1, "jobs_failed": 0, "sends_requeued": 1}
+        assert db.one("SELECT state FROM jobs")["state"] == "pending"
+        return
+    # a database shared by several nodes: another node's job and its delivery are left alone
+    # (they come back by the lease), this node's job is requeued
+    add_case_and_job(db)
+    mine = q.claim_job(db, q.owner_name(0) + ":456", 30)
     counts = q.recover_on_start(db, max_attempts=3)
-    assert counts == {"jobs_requeued": 1, "jobs_failed": 0, "sends_requeued": 1}
-    assert db.one("SELECT state FROM jobs")["state"] == "pending"
+    assert counts == {"jobs_requeued": 1, "jobs_failed": 0, "sends_requeued": 0}
+    assert db.one("SELECT state FROM jobs WHERE id=?", (mine.id,))["state"] == "pending"
+    assert db.one("SELECT state FROM jobs WHERE id=?", (job.id,))["state"] == "running"
+    assert q.release_expired(db, max_attempts=3, now=time.time() + 60) == [(job.id, "pending")]
 
 
 def test_fail_permanent_vs_retryable(tmp_path):
