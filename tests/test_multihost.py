@@ -1,6 +1,7 @@
 """Two nodes (receiver + sender + local worker each), separate data_dirs, one shared_dir and
 one PostgreSQL: cases sent across both receivers, some split between them (images to one,
-the prompt to the other), are each delivered exactly once to one storescp."""
+the prompt to the other), are each delivered exactly once to one storescp; kill -9 of the
+node whose worker runs a job: the job completes on the other node after the lease."""
 
 from __future__ import annotations
 
@@ -64,6 +65,37 @@ def test_two_receivers_one_postgresql_every_case_delivered_once(tmp_path, postgr
         assert len(results) == N_CASES  # exactly once each at the TPS
         assert len({r.SOPInstanceUID for r in results}) == N_CASES
         assert all(n.alive() for n in nodes)
+
+        # kill -9 of the node that runs a (long) job: the other takes it after the lease
+        big = phantom(7, "CT", shape=(200, 128, 128))
+        assert storescu([big["images"], big["prompt"]], a.port).returncode == 0
+        big_uid = pydicom.dcmread(big["prompt"], stop_before_pixels=True).SOPInstanceUID
+
+        def running_on():
+            for n in nodes:
+                if any(e["event"] == "inference_start" and e.get("case") == N_CASES + 1 for e in n.audit()):
+                    return n
+            return None
+
+        victim = wait_for(running_on, 300, 0.01, "inference of the long case to start")
+        victim.kill9()
+        survivor = b if victim is a else a
+        (job,) = _query(url, f"SELECT * FROM jobs WHERE case_id = {N_CASES + 1}")
+        assert job["state"] == "running", f"the job was {job['state']} when its node was killed"
+        wait_for(
+            lambda: _query(url, f"SELECT state FROM sends WHERE job_id = {job['id']}") == [{"state": "sent"}],
+            600,
+            0.5,
+            "the long case delivered by the other node",
+        )
+        (job,) = _query(url, f"SELECT * FROM jobs WHERE id = {job['id']}")
+        assert job["state"] == "done" and job["attempts"] == 2
+        starts = [e for e in survivor.audit() if e["event"] == "inference_start" and e.get("case") == N_CASES + 1]
+        assert len(starts) == 1  # the survivor ran it once
+        results = [pydicom.dcmread(f, stop_before_pixels=True) for f in tps.files()]
+        assert len(results) == N_CASES + 1 and len({r.SOPInstanceUID for r in results}) == N_CASES + 1
+        (case,) = _query(url, f"SELECT rtstruct_uid, state FROM cases WHERE id = {N_CASES + 1}")
+        assert case == {"rtstruct_uid": big_uid, "state": "done"}
     finally:
         for node in nodes:
             node.stop()
