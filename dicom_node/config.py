@@ -453,6 +453,9 @@ class DatabaseSettings(_Model):
     sslkey: Path | None = None
     #: seconds to wait for the server when connecting
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: PostgreSQL: a delivery or webhook POST claimed by a node that died is attempted again
+    #: after this long (longer than one delivery can take)
+    delivery_lease_seconds: float = Field(default=900.0, gt=0)
 
     @field_validator("url")
     @classmethod

@@ -263,8 +263,25 @@ def has_pending_jobs(db: Database) -> bool:
 
 def release_expired(db: Database, max_attempts: int, now: float | None = None) -> list[tuple[int, JobState]]:
     """Jobs whose lease expired (their worker or its whole host is gone: kill -9, a cut
-    network) go back to pending, or fail after ``max_attempts``: any node may call it."""
+    network) go back to pending, or fail after ``max_attempts``: any node may call it.
+
+    On PostgreSQL also deliveries and webhook POSTs left 'sending' past their lease
+    (``next_attempt_at`` of a row being sent, ``database.delivery_lease_seconds``) by a
+    node that died become due again.
+    """
+    from dicom_node.states import NotificationState
+
     now = now or time.time()
+    if db.is_postgresql:
+        with db.tx() as c:
+            c.execute(
+                "UPDATE sends SET state=?, next_attempt_at=? WHERE state=? AND next_attempt_at < ?",
+                (DeliveryState.PENDING, now, DeliveryState.SENDING, now),
+            )
+            c.execute(
+                "UPDATE notifications SET state=?, next_attempt_at=? WHERE state=? AND next_attempt_at < ?",
+                (NotificationState.PENDING, now, NotificationState.SENDING, now),
+            )
     with db.tx() as c:
         jobs = c.execute(
             "SELECT id, attempts, lease_owner FROM jobs WHERE state=? AND lease_expires < ?", (JobState.RUNNING, now)
