@@ -2,8 +2,10 @@
 
 For each backend: ``--jobs`` jobs are queued one at a time while one worker (another
 connection, in a thread) waits and claims; the latency is enqueue commit -> claim return.
-The worker waits as the node's would: on SQLite it polls ``claim_job`` every ``--poll``
-seconds, on PostgreSQL it waits for ``NOTIFY jobs`` (``db.wait``) and claims at once. Then
+The worker waits as the node's would: on SQLite (one host) it is woken in-process right
+after the commit (the supervisor writes to its worker's stdin), with ``--poll`` seconds
+as the fallback poll; on PostgreSQL it waits for ``NOTIFY jobs`` (``db.wait``, the wake-up
+across hosts) and claims at once. Then
 ``claim_job`` calls per second on a full queue (one claimer). PostgreSQL is a cluster this
 script starts in a temporary folder (as the tests do: Debian's postgresql package).
 
@@ -45,12 +47,17 @@ def latency(db, other, n: int, poll: float) -> list[float]:
     queued: dict[int, float] = {}
     got: dict[int, float] = {}
     done = threading.Event()
+    local_wake = threading.Event()
 
     def worker():
         while not done.is_set():
             job = q.claim_job(other, "bench", 30)
             if job is None:
-                other.wait(["jobs"], poll if not other.is_postgresql else 1.0)
+                if other.is_postgresql:
+                    other.wait(["jobs"], 1.0)
+                else:
+                    local_wake.wait(poll)
+                    local_wake.clear()
                 continue
             got[job.id] = time.perf_counter()
             q.complete_job(
@@ -64,6 +71,8 @@ def latency(db, other, n: int, poll: float) -> list[float]:
     for _ in range(n):
         t0 = time.perf_counter()
         job = _enqueue(db, time.time())
+        if not db.is_postgresql:
+            local_wake.set()
         queued[job] = t0
         while job not in got:
             time.sleep(0.0005)
@@ -93,7 +102,7 @@ def _stats(xs: list[float]) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=200)
-    ap.add_argument("--poll", type=float, default=0.05, help="SQLite worker's polling interval (seconds)")
+    ap.add_argument("--poll", type=float, default=0.5, help="SQLite worker's fallback poll (seconds)")
     args = ap.parse_args()
     from helpers.postgres import PostgresServer, pg_bindir
 
