@@ -4,8 +4,8 @@ The same interface as the SQLite :class:`dicom_node.db.Database` (``tx``, ``quer
 ``one``, ``execute``, ``get_meta``, ``set_meta``, ``notify``, ``wait``), so that the rest
 of the node does not know which it has. The node's SQL is written once, in SQLite's
 dialect with ``?`` placeholders; :func:`translate` turns a statement into PostgreSQL's
-(placeholders, ``INSERT OR IGNORE``, ``group_concat``, ``RETURNING id`` for
-``lastrowid``) and caches it. Rows are read by column name or index, like ``sqlite3.Row``.
+(``?`` and ``:name`` placeholders, ``INSERT OR IGNORE``, ``group_concat``, ``instr``,
+``RETURNING id`` for ``lastrowid``) and caches it. Rows are read by column name or index, like ``sqlite3.Row``.
 
 Transactions. The node's code was written for SQLite's one writer at a time (``BEGIN
 IMMEDIATE``), and some transactions are correct only so (case assembly reads, then
@@ -51,14 +51,18 @@ _GENERATED_IDS = {"cases": "id", "jobs": "id", "sends": "id", "notifications": "
 
 _INSERT = re.compile(r"^\s*INSERT\s+(OR\s+(IGNORE|REPLACE)\s+)?INTO\s+(\w+)", re.IGNORECASE)
 _GROUP_CONCAT = re.compile(r"\bgroup_concat\s*\(", re.IGNORECASE)
+_INSTR = re.compile(r"\binstr\s*\(", re.IGNORECASE)
+_NAMED = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
 _cache: dict[str, tuple[str, str, str | None]] = {}
 
 
 def _placeholders(statement: str) -> str:
-    """``?`` -> ``%s`` outside string literals, and every ``%`` -> ``%%``."""
+    """``?`` -> ``%s`` and ``:name`` -> ``%(name)s`` outside string literals, every ``%`` -> ``%%``."""
     out = []
     quote = None
-    for ch in statement:
+    i, n = 0, len(statement)
+    while i < n:
+        ch = statement[i]
         if quote:
             out.append("%%" if ch == "%" else ch)
             if ch == quote:
@@ -70,8 +74,13 @@ def _placeholders(statement: str) -> str:
             out.append("%s")
         elif ch == "%":
             out.append("%%")
+        elif ch == ":" and (m := _NAMED.match(statement, i)) and (i == 0 or statement[i - 1] != ":"):
+            out.append(f"%({m.group(1)})s")
+            i = m.end()
+            continue
         else:
             out.append(ch)
+        i += 1
     return "".join(out)
 
 
@@ -96,6 +105,7 @@ def translate(statement: str) -> tuple[str, str, str | None]:
             returning = _GENERATED_IDS[table]
             text += f" RETURNING {returning}"
     text = _GROUP_CONCAT.sub("string_agg(", text)
+    text = _INSTR.sub("strpos(", text)  # instr(haystack, needle): the same arguments
     result = (_placeholders(text), text, returning)
     _cache[statement] = result
     return result
