@@ -122,3 +122,49 @@ def test_claims_race_across_connections_and_notify_wakes(databases, tmp_path):
         other.notify("jobs")
     waiter.join()
     assert got == [{"jobs"}] if db.is_postgresql else got == [set()]
+
+
+def test_translation_of_the_nodes_sqlite_dialect():
+    from dicom_node.pg import translate
+
+    assert translate("INSERT OR IGNORE INTO case_refs (case_id, sop_instance_uid) VALUES (?, ?)")[0] == (
+        "INSERT INTO case_refs (case_id, sop_instance_uid) VALUES (%s, %s) ON CONFLICT DO NOTHING"
+    )
+    text, _plain, returning = translate("INSERT INTO jobs (case_id) VALUES (?)")
+    assert text.endswith("RETURNING id") and returning == "id"
+    assert translate("INSERT INTO arrivals (sop_instance_uid) VALUES (?)")[2] == "seq"
+    assert translate("INSERT INTO meta(key, value) VALUES (?, ?)")[2] is None  # no generated id
+    text = translate("SELECT x FROM t WHERE a LIKE ? AND b = '50%?' AND c < :cutoff AND instr(d, 'e') > 0")[0]
+    assert text == "SELECT x FROM t WHERE a LIKE %s AND b = '50%%?' AND c < %(cutoff)s AND strpos(d, 'e') > 0"
+    assert "string_agg(" in translate("SELECT group_concat(s.state, ', ') FROM sends s")[0]
+    with pytest.raises(ValueError, match="INSERT OR REPLACE"):
+        translate("INSERT OR REPLACE INTO meta VALUES (?, ?)")
+
+
+def test_job_list_and_detail_with_deliveries(databases, tmp_path):
+    """``dicom-node jobs`` and ``jobs show``: the deliveries column is an aggregate."""
+    db = databases.open(tmp_path / "node.db")
+    now = time.time()
+    with db.tx() as c:
+        cid = c.execute(
+            """INSERT INTO cases (state, rtstruct_uid, rtstruct_sha256, prompt_path, n_refs, created_at,
+                   last_progress_at) VALUES ('queued', '1.2', 'h', 'prompts/h.dcm', 1, ?, ?)""",
+            (now, now),
+        ).lastrowid
+        jid = q.create_job(c, cid, "r", {}, [], now)
+    job = q.claim_job(db, "w", 30)
+    assert q.complete_job(
+        db, jid, "w", result_path=tmp_path / "results" / "1" / "RS.1.dcm", result_sop_uid="1.9",
+        result_series_uid="1.8", engine="classic", inference_seconds=1.5, detail={"files": {}},
+        deliveries=[("tps", "dicom"), ("folder:/x", "folder")], outputs=("rtstruct", "seg"),
+    )  # fmt: skip
+    (summary,) = q.list_jobs(db)
+    assert summary.id == job.id and summary.state == "done"
+    assert sorted(summary.deliveries.split(", ")) == sorted(
+        ["tps=pending", "tps/seg=pending", "folder:/x=pending", "folder:/x/seg=pending"]
+    )
+    detail = q.job_detail(db, jid)
+    assert detail.case.prompt_path == tmp_path / "prompts" / "h.dcm"
+    assert detail.job.result_path == tmp_path / "results" / "1" / "RS.1.dcm"
+    assert len(detail.sends) == 4
+    assert q.resend_job(db, jid, "tps") == 2
