@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,6 +182,12 @@ class Connection:
     def close(self) -> None:
         self.raw.close()
 
+    def __del__(self) -> None:  # a thread that ended: its connection goes with it (as sqlite3's does)
+        try:
+            self.raw.close()
+        except Exception:
+            pass
+
 
 def _sqlite_to_pg_ddl(schema: str) -> str:
     ddl = re.sub(r"--[^\n]*", "", schema)
@@ -224,7 +231,7 @@ class PostgresDatabase:
         self._password = password
         self._kwargs = dict(connect_kwargs or {})
         self._local = threading.local()
-        self._all: list[Connection] = []
+        self._all: weakref.WeakSet[Connection] = weakref.WeakSet()  # (not kept alive by it)
         self._all_lock = threading.Lock()
         self.migration: MigrationReport | None = None
         self.path = Path(_describe(conninfo))  # for messages only
@@ -248,7 +255,7 @@ class PostgresDatabase:
             conn = Connection(self._connect())
             self._local.conn = conn
             with self._all_lock:
-                self._all.append(conn)
+                self._all.add(conn)
         return conn
 
     @property
@@ -365,7 +372,7 @@ class PostgresDatabase:
 
     def close(self) -> None:
         with self._all_lock:
-            conns, self._all = self._all, []
+            conns, self._all = list(self._all), weakref.WeakSet()
         for conn in conns:
             try:
                 conn.close()

@@ -5,9 +5,11 @@ node whose worker runs a job: the job completes on the other node after the leas
 
 from __future__ import annotations
 
+import subprocess
+
 import pydicom
 import pytest
-from helpers import NodeProcess, StoreSCP, phantom, storescu, wait_for, write_config
+from helpers import CLI, NodeProcess, StoreSCP, phantom, storescu, wait_for, write_config
 
 pytestmark = pytest.mark.network
 
@@ -96,6 +98,12 @@ def test_two_receivers_one_postgresql_every_case_delivered_once(tmp_path, postgr
         assert len(results) == N_CASES + 1 and len({r.SOPInstanceUID for r in results}) == N_CASES + 1
         (case,) = _query(url, f"SELECT rtstruct_uid, state FROM cases WHERE id = {N_CASES + 1}")
         assert case == {"rtstruct_uid": big_uid, "state": "done"}
+        # the CLI of either host sees the whole deployment's jobs
+        out = subprocess.run(
+            [*CLI, "jobs", "-c", str(survivor.config), "list", "--limit", "100"], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        assert sum("tps=sent" in line for line in out.stdout.splitlines()) == N_CASES + 1
     finally:
         for node in nodes:
             node.stop()

@@ -168,3 +168,26 @@ def test_job_list_and_detail_with_deliveries(databases, tmp_path):
     assert detail.job.result_path == tmp_path / "results" / "1" / "RS.1.dcm"
     assert len(detail.sends) == 4
     assert q.resend_job(db, jid, "tps") == 2
+
+
+def test_connections_of_ended_threads_are_closed(postgres_server, tmp_path):
+    """The sender and the assembler use short-lived threads: their connections must not
+    pile up on the server (max_connections)."""
+    from dicom_node.pg import PostgresDatabase
+
+    url = postgres_server.new_database()
+    db = PostgresDatabase(url, tmp_path)
+
+    def count() -> int:
+        return db.one("SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database()")["n"]
+
+    before = count()
+    for _ in range(60):
+        t = threading.Thread(target=lambda: db.one("SELECT 1"))
+        t.start()
+        t.join()
+    import gc
+
+    gc.collect()
+    assert count() <= before + 2
+    db.close()
