@@ -105,7 +105,7 @@ class CaseAssembler:
         self.on_queued = on_queued
         self.closed_at = closed_at  # when an association was released (the metric release -> ready)
         self.on_failed = on_failed  # a failure was recorded (wakes the failure webhook)
-        self.prompts_dir = cfg.data_dir / "prompts"
+        self.prompts_dir = cfg.prompts_dir
         self.prompts_dir.mkdir(parents=True, exist_ok=True)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -158,7 +158,10 @@ class CaseAssembler:
             cursor = row["seq"]
         if rows:
             with self.db.tx() as c:
-                self.db.set_meta("assembler_cursor", cursor, c)
+                # never backwards: several assemblers (receivers) may share the database
+                stored = c.execute("SELECT value FROM meta WHERE key = 'assembler_cursor'").fetchone()
+                if stored is None or int(stored["value"] or 0) < cursor:
+                    self.db.set_meta("assembler_cursor", cursor, c)
         return len(rows)
 
     def _handle_rtstruct(self, uid: str) -> None:
@@ -205,6 +208,15 @@ class CaseAssembler:
         prompt_path = self._freeze_prompt(path, digest)
         now = time.time()
         with self.db.tx() as c:
+            # again, inside the (serialised) transaction: another receiver of a deployment that
+            # shares one database may have made the case from this RTSTRUCT in the meantime
+            previous = c.execute(
+                "SELECT id, state, rtstruct_sha256 FROM cases WHERE rtstruct_uid = ? ORDER BY id", (uid,)
+            ).fetchall()
+            if any(
+                p["rtstruct_sha256"] == digest and p["state"] in (*ACTIVE_CASE_STATES, CaseState.DONE) for p in previous
+            ):
+                return
             for prev in previous:
                 if prev["state"] == CaseState.WAITING and prev["rtstruct_sha256"] != digest:
                     self._set_failed(c, prev["id"], _SUPERSEDED, now)
@@ -423,6 +435,7 @@ class CaseAssembler:
                 from dicom_node.jobs import create_job
 
                 job_id = create_job(c, cid, decision.rule, decision.action, decision.explanation, now)
+                self.db.notify("jobs")  # workers of every host (PostgreSQL LISTEN); at commit
         received = [r["received_at"] for r in images]
         self.audit.write(
             "case_ready",

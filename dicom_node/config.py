@@ -28,6 +28,7 @@ __all__ = [
     "TlsServer",
     "TlsClient",
     "Web",
+    "DatabaseSettings",
     "Webhook",
     "load_config",
     "config_from_data",
@@ -433,11 +434,74 @@ class Webhook(_Model):
         return value.strip()
 
 
+class DatabaseSettings(_Model):
+    """Where the index, the job queue and the delivery log live (``database:``).
+
+    ``url: sqlite`` (the default) is the file ``node.db`` in ``data_dir``, as always. A
+    ``postgresql://user@host:port/dbname`` URL shares one PostgreSQL among several hosts;
+    the password never goes into the URL: it comes from ``password_env`` or
+    ``password_file``. TLS to the server: ``sslmode`` and the certificate files (libpq's
+    settings of the same names).
+    """
+
+    url: str = "sqlite"
+    password_env: str | None = None
+    password_file: Path | None = None
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    sslrootcert: Path | None = None
+    sslcert: Path | None = None
+    sslkey: Path | None = None
+    #: seconds to wait for the server when connecting
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: PostgreSQL: a delivery or webhook POST claimed by a node that died is attempted again
+    #: after this long (longer than one delivery can take)
+    delivery_lease_seconds: float = Field(default=900.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        value = value.strip()
+        if value == "sqlite":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+            raise ValueError(f"{value!r} is neither 'sqlite' nor a postgresql://user@host:port/dbname URL")
+        if parts.password:
+            raise ValueError("put no password in the URL: use password_env or password_file")
+        if not parts.path.strip("/"):
+            raise ValueError(f"{value!r} names no database (postgresql://user@host:port/dbname)")
+        return value
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.url != "sqlite"
+
+    def password(self) -> str | None:
+        """The password, read now from the environment or the file; ``None`` if neither is set."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"password_env: environment variable {self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(f"password_file: cannot read {self.password_file}: {exc.strerror}") from exc
+        return None
+
+
 class NodeConfig(_Model):
     """The whole node configuration (see ``config/node.yaml`` for every key)."""
 
     ae_title: str = "STARDUST"
     data_dir: Path = Path("/var/lib/stardust")
+    #: the folder every host of a multi-host deployment mounts (store/, results/, prompts/);
+    #: null: data_dir. node.lock, run/, cache/ and the SQLite file stay in data_dir.
+    shared_dir: Path | None = None
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     rules: Path | None = None
     network: Network = Field(default_factory=Network)
     access: Access  # required: who may send (the allow-lists are on by default)
@@ -472,12 +536,22 @@ class NodeConfig(_Model):
 
     # -- derived paths -----------------------------------------------------------------
     @property
+    def files_dir(self) -> Path:
+        """Where instances, results and prompt copies live (``shared_dir``, default ``data_dir``);
+        the index's file paths are relative to it."""
+        return self.shared_dir or self.data_dir
+
+    @property
     def store_dir(self) -> Path:
-        return self.data_dir / "store"
+        return self.files_dir / "store"
 
     @property
     def results_dir(self) -> Path:
-        return self.data_dir / "results"
+        return self.files_dir / "results"
+
+    @property
+    def prompts_dir(self) -> Path:
+        return self.files_dir / "prompts"
 
     @property
     def db_path(self) -> Path:
@@ -503,6 +577,9 @@ class NodeConfig(_Model):
             return p if p.is_absolute() else (base / p).resolve()
 
         self.data_dir = fix(self.data_dir)  # type: ignore[assignment]
+        self.shared_dir = fix(self.shared_dir)
+        for key in ("password_file", "sslrootcert", "sslcert", "sslkey"):
+            setattr(self.database, key, fix(getattr(self.database, key)))
         self.rules = fix(self.rules)
         for obj in (self.tls, self.web.tls, *(d.tls for d in self.destinations.values())):
             for key in ("cert_file", "key_file", "ca_file", "key_password_file"):
@@ -542,6 +619,15 @@ class NodeConfig(_Model):
                 read_password_file(self.web.password_file)
             except PasswordFileError as exc:
                 problems.append(f"web.password_file: {exc}")
+        if self.database.is_postgresql:
+            try:
+                self.database.password()
+            except ConfigError as exc:
+                problems.append(f"database.{exc}")
+            for key in ("sslrootcert", "sslcert", "sslkey"):
+                path = getattr(self.database, key)
+                if path is not None and not Path(path).is_file():
+                    problems.append(f"database.{key}: {path} is not a readable file")
         if self.webhook.ca_file is not None and not Path(self.webhook.ca_file).is_file():
             problems.append(f"webhook.ca_file: {self.webhook.ca_file} is not a readable file")
         if self.rules is not None:

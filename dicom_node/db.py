@@ -23,12 +23,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node import migrations
 from dicom_node.migrations import NODE_LOCK, SCHEMA_VERSION, MigrationReport, SchemaError
 
-__all__ = ["Database", "SCHEMA_VERSION", "SchemaError", "NODE_LOCK"]
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
+
+__all__ = ["Database", "open_database", "DatabaseUnavailable", "SCHEMA_VERSION", "SchemaError", "NODE_LOCK"]
 
 # The current schema (new databases); an older one is migrated (dicom_node.migrations).
 
@@ -177,8 +180,16 @@ class Database:
     was migrated (None: nothing).
     """
 
-    def __init__(self, path: Path, timeout: float = 30.0, *, holds_node_lock: bool = False) -> None:
+    is_postgresql = False
+    #: appended to a claim's SELECT on PostgreSQL (``FOR UPDATE SKIP LOCKED``); SQLite's
+    #: transactions are serialised already
+    lock_rows = ""
+
+    def __init__(
+        self, path: Path, timeout: float = 30.0, *, holds_node_lock: bool = False, files_dir: Path | None = None
+    ) -> None:
         self.path = Path(path)
+        self.files_dir = Path(files_dir) if files_dir is not None else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout = timeout
         self._local = threading.local()
@@ -202,8 +213,9 @@ class Database:
 
     @property
     def data_dir(self) -> Path:
-        """The folder of the database file, ``data_dir``: paths in the index are relative to it."""
-        return self.path.parent
+        """The folder paths in the index are relative to: ``shared_dir`` where one is set,
+        else the folder of the database file, ``data_dir``."""
+        return self.files_dir or self.path.parent
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -219,8 +231,12 @@ class Database:
         return conn
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``), committed on success, rolled back on error."""
+    def tx(self, serial: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``), committed on success, rolled back on error.
+
+        ``serial`` matters on PostgreSQL only (:meth:`dicom_node.pg.PostgresDatabase.tx`):
+        SQLite's write transactions are always one at a time.
+        """
         conn = self.conn
         for attempt in range(50):
             try:
@@ -257,8 +273,65 @@ class Database:
             (key, str(value)),
         )
 
+    def notify(self, channel: str) -> None:
+        """Wake-ups between processes are PostgreSQL's (``NOTIFY``); on SQLite, waiters poll."""
+
+    def wait(self, channels, timeout: float) -> set[str]:
+        """On SQLite: sleep ``timeout`` seconds (the caller polls the database afterwards);
+        returns no channel. On PostgreSQL it returns early on a :meth:`notify`."""
+        if timeout > 0:
+            time.sleep(timeout)
+        return set()
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def open_database(cfg: NodeConfig, *, holds_node_lock: bool = False) -> Database:
+    """The node's database as ``cfg.database`` says: the SQLite file in ``data_dir``
+    (default) or the PostgreSQL server of a multi-host deployment
+    (:class:`dicom_node.pg.PostgresDatabase`, same interface). Index paths are relative to
+    ``cfg.files_dir`` (``shared_dir``, default ``data_dir``).
+
+    Raises :class:`SchemaError` (schema refused), :class:`dicom_node.config.ConfigError`
+    (password not readable) or :class:`DatabaseUnavailable` (PostgreSQL cannot be reached).
+    """
+    settings = cfg.database
+    if not settings.is_postgresql:
+        files_dir = cfg.shared_dir if cfg.shared_dir is not None and cfg.shared_dir != cfg.data_dir else None
+        return Database(cfg.db_path, holds_node_lock=holds_node_lock, files_dir=files_dir)
+    import psycopg
+
+    from dicom_node import jobs
+    from dicom_node.pg import PostgresDatabase
+
+    kwargs: dict[str, Any] = {"connect_timeout": max(1, int(settings.connect_timeout_seconds))}
+    for key in ("sslmode", "sslrootcert", "sslcert", "sslkey"):
+        value = getattr(settings, key)
+        if value is not None:
+            kwargs[key] = str(value)
+    jobs.set_node_identity(cfg.data_dir)
+    try:
+        return PostgresDatabase(  # type: ignore[return-value]
+            settings.url,
+            cfg.files_dir,
+            password=settings.password(),
+            connect_kwargs=kwargs,
+            holds_node_lock=holds_node_lock,
+        )
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(f"database: cannot connect to {_safe_url(settings.url)} ({first})") from None
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The configured PostgreSQL server cannot be reached or refused the login."""
+
+
+def _safe_url(url: str) -> str:
+    from dicom_node.pg import _describe
+
+    return _describe(url)

@@ -42,6 +42,8 @@ __all__ = [
     "fail_job",
     "release_owner",
     "expired_owners",
+    "release_expired",
+    "set_node_identity",
     "recover_on_start",
     "retry_job",
     "resend_job",
@@ -59,8 +61,27 @@ class JobError(ValueError):
     """A job operation that cannot be done (unknown id, wrong state); message says why."""
 
 
+_node_identity: str | None = None
+
+
+def set_node_identity(data_dir: Path) -> None:
+    """Name this node in lease owners by its host *and* its ``data_dir`` (PostgreSQL).
+
+    With one database per node (SQLite) the host name tells the workers apart; with a
+    database shared by several nodes, two nodes on one host (or containers with one host
+    name) must not release or recover each other's jobs. Called by
+    :func:`dicom_node.db.open_database`, so every process of a node agrees.
+    """
+    global _node_identity
+    import hashlib
+    import os
+
+    _node_identity = hashlib.sha256(os.path.realpath(data_dir).encode()).hexdigest()[:8]
+
+
 def owner_name(worker: str | int) -> str:
-    return f"{socket.gethostname()}:worker{worker}"
+    host = socket.gethostname() if _node_identity is None else f"{socket.gethostname()}/{_node_identity}"
+    return f"{host}:worker{worker}"
 
 
 def create_job(
@@ -83,8 +104,10 @@ def create_job(
 def claim_job(db: Database, owner: str, lease_seconds: float) -> JobRow | None:
     """Atomically take the oldest pending job (running, attempts+1, leased to ``owner``)."""
     now = time.time()
-    with db.tx() as c:
-        row = c.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT 1", (JobState.PENDING,)).fetchone()
+    with db.tx(serial=False) as c:
+        row = c.execute(
+            "SELECT id FROM jobs WHERE state = ? ORDER BY id LIMIT 1" + db.lock_rows, (JobState.PENDING,)
+        ).fetchone()
         if row is None:
             return None
         c.execute(
@@ -196,29 +219,34 @@ def fail_job(db: Database, job_id: int, owner: str, error: str, retryable: bool,
     return state
 
 
+def _release(c, jobs: list, why: str, max_attempts: int, now: float) -> list[tuple[int, JobState]]:
+    out = []
+    for job in jobs:
+        if job["attempts"] >= max_attempts:
+            error = f"{why}; gave up after {job['attempts']} attempts"
+            c.execute(
+                "UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, finished_at=? WHERE id=?",
+                (JobState.FAILED, error, now, job["id"]),
+            )
+            _fail_case_of_job(c, job["id"], error, now)
+            out.append((job["id"], JobState.FAILED))
+        else:
+            c.execute(
+                "UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL WHERE id=?",
+                (JobState.PENDING, why, job["id"]),
+            )
+            out.append((job["id"], JobState.PENDING))
+    return out
+
+
 def release_owner(db: Database, owner: str, why: str, max_attempts: int) -> list[tuple[int, JobState]]:
     """A worker is gone: its running jobs go back to pending (or fail after max attempts)."""
-    out = []
     now = time.time()
     with db.tx() as c:
-        for job in c.execute(
+        jobs = c.execute(
             "SELECT id, attempts FROM jobs WHERE state=? AND lease_owner=?", (JobState.RUNNING, owner)
-        ).fetchall():
-            if job["attempts"] >= max_attempts:
-                error = f"{why}; gave up after {job['attempts']} attempts"
-                c.execute(
-                    "UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, finished_at=? WHERE id=?",
-                    (JobState.FAILED, error, now, job["id"]),
-                )
-                _fail_case_of_job(c, job["id"], error, now)
-                out.append((job["id"], JobState.FAILED))
-            else:
-                c.execute(
-                    "UPDATE jobs SET state=?, error=?, lease_owner=NULL, lease_expires=NULL WHERE id=?",
-                    (JobState.PENDING, why, job["id"]),
-                )
-                out.append((job["id"], JobState.PENDING))
-    return out
+        ).fetchall()
+        return _release(c, jobs, why, max_attempts, now)
 
 
 def running_owners(db: Database, prefix: str = "") -> list[str]:
@@ -233,6 +261,37 @@ def has_pending_jobs(db: Database) -> bool:
     return db.one("SELECT 1 FROM jobs WHERE state=? LIMIT 1", (JobState.PENDING,)) is not None
 
 
+def release_expired(db: Database, max_attempts: int, now: float | None = None) -> list[tuple[int, JobState]]:
+    """Jobs whose lease expired (their worker or its whole host is gone: kill -9, a cut
+    network) go back to pending, or fail after ``max_attempts``: any node may call it.
+
+    On PostgreSQL also deliveries and webhook POSTs left 'sending' past their lease
+    (``next_attempt_at`` of a row being sent, ``database.delivery_lease_seconds``) by a
+    node that died become due again.
+    """
+    from dicom_node.states import NotificationState
+
+    now = now or time.time()
+    if db.is_postgresql:
+        with db.tx() as c:
+            c.execute(
+                "UPDATE sends SET state=?, next_attempt_at=? WHERE state=? AND next_attempt_at < ?",
+                (DeliveryState.PENDING, now, DeliveryState.SENDING, now),
+            )
+            c.execute(
+                "UPDATE notifications SET state=?, next_attempt_at=? WHERE state=? AND next_attempt_at < ?",
+                (NotificationState.PENDING, now, NotificationState.SENDING, now),
+            )
+    with db.tx() as c:
+        jobs = c.execute(
+            "SELECT id, attempts, lease_owner FROM jobs WHERE state=? AND lease_expires < ?", (JobState.RUNNING, now)
+        ).fetchall()
+        out = []
+        for job in jobs:
+            out += _release(c, [job], f"the lease of {job['lease_owner']} expired", max_attempts, now)
+        return out
+
+
 def expired_owners(db: Database, now: float | None = None) -> list[str]:
     """Owners of running jobs whose lease has expired (a hung worker)."""
     now = now or time.time()
@@ -243,14 +302,24 @@ def expired_owners(db: Database, now: float | None = None) -> list[str]:
 
 
 def recover_on_start(db: Database, max_attempts: int) -> dict[str, int]:
-    """At node start no worker is alive: running jobs return to pending, 'sending' rows to pending."""
+    """At node start no worker of this node is alive: its running jobs return to pending,
+    'sending' rows to pending.
+
+    On a database shared by several nodes (PostgreSQL) only this node's jobs are released
+    (the others' return by their lease, :func:`release_expired`), and 'sending' rows are
+    left alone: another node may be sending them now.
+    """
     counts = {"jobs_requeued": 0, "jobs_failed": 0, "sends_requeued": 0}
     owners = [
         r["lease_owner"] for r in db.query("SELECT DISTINCT lease_owner FROM jobs WHERE state=?", (JobState.RUNNING,))
     ]
+    if db.is_postgresql:
+        owners = [o for o in owners if o and o.startswith(owner_name(""))]
     for owner in owners:
         for _job, state in release_owner(db, owner, "the node stopped while this job was running", max_attempts):
             counts["jobs_requeued" if state == JobState.PENDING else "jobs_failed"] += 1
+    if db.is_postgresql:
+        return counts
     with db.tx() as c:
         counts["sends_requeued"] = c.execute(
             "UPDATE sends SET state=?, next_attempt_at=? WHERE state=?",

@@ -47,7 +47,16 @@ from dicom_node.logs import event, get_logger
 if TYPE_CHECKING:
     from dicom_node.db import Database
 
-__all__ = ["SchemaError", "MigrationReport", "MIGRATIONS", "SCHEMA_VERSION", "read_version", "upgrade", "backup_path"]
+__all__ = [
+    "upgrade_postgresql",
+    "SchemaError",
+    "MigrationReport",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "read_version",
+    "upgrade",
+    "backup_path",
+]
 
 log = get_logger(__name__)
 
@@ -180,6 +189,16 @@ MIGRATIONS: list[Callable[[sqlite3.Connection, Path], dict[str, int] | None]] = 
 
 #: the schema this release reads and writes
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
+
+#: the first schema a PostgreSQL database can have (support began with it): a new one is
+#: created at :data:`SCHEMA_VERSION`
+FIRST_POSTGRESQL_VERSION = 3
+
+#: PostgreSQL's steps, keyed by the version they start from (``{3: step_3_to_4, ...}``):
+#: a migration added after schema 3 needs its PostgreSQL step here too (same docstring
+#: rules; ``c.execute`` with the node's portable SQL, the translation of
+#: :mod:`dicom_node.pg`)
+POSTGRESQL_MIGRATIONS: dict[int, Callable] = {}
 
 
 # ======================================================================================
@@ -338,4 +357,32 @@ def upgrade(db: Database, *, holds_node_lock: bool = False) -> MigrationReport |
         seconds=f"{report.seconds:.3f}",
         **counts,
     )
+    return report
+
+
+def upgrade_postgresql(db, c, version: int) -> MigrationReport:
+    """Bring a PostgreSQL database at ``version`` to :data:`SCHEMA_VERSION` inside the
+    caller's (serialised) transaction ``c``: every step of :data:`POSTGRESQL_MIGRATIONS`
+    in order, then the new version; a failing step rolls everything back. There is no file
+    to copy: back the database up with ``pg_dump`` before upgrading the first host."""
+    t0 = time.monotonic()
+    counts: dict[str, int] = {}
+    for step in range(version, SCHEMA_VERSION):
+        fn = POSTGRESQL_MIGRATIONS.get(step)
+        if fn is None:
+            raise SchemaError(
+                f"{db.path}: this release cannot migrate a PostgreSQL database from schema {step} to {step + 1}: "
+                "no PostgreSQL step exists for it"
+            )
+        try:
+            for key, n in (fn(c, db.data_dir) or {}).items():
+                counts[key] = counts.get(key, 0) + n
+        except Exception as exc:
+            raise SchemaError(
+                f"{db.path}: migrating the database from schema {version} to {SCHEMA_VERSION} failed at the step "
+                f"{step} -> {step + 1} ({type(exc).__name__}: {exc}); it is unchanged (rolled back)"
+            ) from exc
+    c.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+    report = MigrationReport(version, SCHEMA_VERSION, Path("-"), round(time.monotonic() - t0, 3), counts)
+    event(log, "schema_migrated", database=str(db.path), from_version=version, to_version=SCHEMA_VERSION, **counts)
     return report

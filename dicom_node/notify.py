@@ -67,11 +67,14 @@ class Notifier:
         self._client = None
 
     def start(self) -> None:
-        with self.db.tx() as c:  # a POST interrupted by a stop or crash is due again
-            c.execute(
-                "UPDATE notifications SET state=?, next_attempt_at=? WHERE state=?",
-                (NotificationState.PENDING, time.time(), NotificationState.SENDING),
-            )
+        # a POST interrupted by a stop or crash is due again (on a database shared by several
+        # nodes, PostgreSQL, by its lease instead: another node may be posting it now)
+        if not self.db.is_postgresql:
+            with self.db.tx() as c:
+                c.execute(
+                    "UPDATE notifications SET state=?, next_attempt_at=? WHERE state=?",
+                    (NotificationState.PENDING, time.time(), NotificationState.SENDING),
+                )
         self.scheduler.add_job(
             self.pump,
             "interval",
@@ -135,11 +138,23 @@ class Notifier:
             for raw in rows:
                 if self._stopped:
                     break
-                with self.db.tx() as c:
-                    claimed = c.execute(
-                        "UPDATE notifications SET state=?, attempts=attempts+1 WHERE id=? AND state=?",
-                        (NotificationState.SENDING, raw["id"], NotificationState.PENDING),
-                    ).rowcount
+                with self.db.tx(serial=False) as c:
+                    if self.db.is_postgresql:  # several nodes: skip a row another node is taking
+                        free = c.execute(
+                            "SELECT id FROM notifications WHERE id=? AND state=?" + self.db.lock_rows,
+                            (raw["id"], NotificationState.PENDING),
+                        ).fetchone()
+                        claimed = 0
+                        if free is not None:
+                            claimed = c.execute(
+                                "UPDATE notifications SET state=?, attempts=attempts+1, next_attempt_at=? WHERE id=?",
+                                (NotificationState.SENDING, now + self.cfg.database.delivery_lease_seconds, raw["id"]),
+                            ).rowcount
+                    else:
+                        claimed = c.execute(
+                            "UPDATE notifications SET state=?, attempts=attempts+1 WHERE id=? AND state=?",
+                            (NotificationState.SENDING, raw["id"], NotificationState.PENDING),
+                        ).rowcount
                 if claimed:
                     row = NotificationRow.from_row(self.db.one("SELECT * FROM notifications WHERE id=?", (raw["id"],)))
                     sent += self._post(row)

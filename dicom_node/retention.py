@@ -71,7 +71,7 @@ def run_retention(
         resolve_path(r["prompt_path"], db.data_dir)
         for r in db.query("SELECT prompt_path FROM cases WHERE state IN (?, ?)", ACTIVE_CASE_STATES)
     }
-    prompts_dir = cfg.data_dir / "prompts"
+    prompts_dir = cfg.prompts_dir
     if prompts_dir.exists():
         for path in prompts_dir.glob("*.dcm"):
             if path not in keep and path.stat().st_mtime < cutoff:

@@ -264,11 +264,15 @@ class Sender:
             return 0
         with self._pump_lock:
             now = time.time()
-            rows = self.db.query(
-                "SELECT id FROM sends WHERE state=? AND next_attempt_at <= ? ORDER BY id LIMIT 100",
-                (DeliveryState.PENDING, now),
-            )
-            claimed = []
+            if self.db.is_postgresql:
+                claimed = self._claim_shared(now)
+                rows = []
+            else:
+                rows = self.db.query(
+                    "SELECT id FROM sends WHERE state=? AND next_attempt_at <= ? ORDER BY id LIMIT 100",
+                    (DeliveryState.PENDING, now),
+                )
+                claimed = []
             for row in rows:
                 with self.db.tx() as c:
                     n = c.execute(
@@ -283,6 +287,22 @@ class Sender:
             except RuntimeError:  # shutting down: the row goes back to pending on restart
                 break
         return len(claimed)
+
+    def _claim_shared(self, now: float) -> list[int]:
+        """PostgreSQL (senders of several nodes): take the due rows that no other sender is
+        taking (``FOR UPDATE SKIP LOCKED``); ``next_attempt_at`` of a row being sent is the
+        end of its lease (:func:`dicom_node.jobs.release_expired` requeues it after that)."""
+        with self.db.tx(serial=False) as c:
+            rows = c.execute(
+                "SELECT id FROM sends WHERE state=? AND next_attempt_at <= ? ORDER BY id LIMIT 100" + self.db.lock_rows,
+                (DeliveryState.PENDING, now),
+            ).fetchall()
+            for row in rows:
+                c.execute(
+                    "UPDATE sends SET state=?, attempts=attempts+1, next_attempt_at=? WHERE id=?",
+                    (DeliveryState.SENDING, now + self.cfg.database.delivery_lease_seconds, row["id"]),
+                )
+        return [row["id"] for row in rows]
 
     def _deliver(self, send_id: int) -> None:
         row = get_delivery(self.db, send_id)

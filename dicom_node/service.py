@@ -27,8 +27,8 @@ from apscheduler.triggers.cron import CronTrigger
 from dicom_node.audit import AuditLog
 from dicom_node.cases import CaseAssembler, Routing
 from dicom_node.config import ConfigError, NodeConfig
-from dicom_node.db import NODE_LOCK, Database, SchemaError
-from dicom_node.jobs import recover_on_start
+from dicom_node.db import NODE_LOCK, DatabaseUnavailable, SchemaError, open_database
+from dicom_node.jobs import recover_on_start, release_expired
 from dicom_node.logs import event, get_logger, load_secret
 from dicom_node.metrics import use_directory
 from dicom_node.notify import Notifier
@@ -122,8 +122,8 @@ class Node:
         t0 = time.time()
         self.secret = load_secret(cfg.data_dir)
         try:
-            self.db = Database(cfg.db_path, holds_node_lock=True)
-        except SchemaError as exc:
+            self.db = open_database(cfg, holds_node_lock=True)
+        except (SchemaError, DatabaseUnavailable, ConfigError) as exc:
             raise NodeError(str(exc)) from None
         self.audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
         if self.db.migration is not None:
@@ -189,6 +189,8 @@ class Node:
             id="retention",
             replace_existing=True,
         )
+        if self.db.is_postgresql:
+            self._start_shared_database_duties()
         self.assembler.start()
         self.supervisor.start()
         self.sender.start()
@@ -219,7 +221,36 @@ class Node:
             data_dir=str(cfg.data_dir),
         )
 
+    def _start_shared_database_duties(self) -> None:
+        """A database shared by several nodes (PostgreSQL): jobs of a node or worker host that
+        died come back when their lease expires (any node releases them), and a job queued by
+        another receiver wakes this node's workers (``LISTEN jobs``)."""
+        cfg = self.cfg
+        self.scheduler.add_job(
+            lambda: release_expired(self.db, cfg.jobs.max_attempts) and self.supervisor.wake(),
+            "interval",
+            seconds=max(1.0, min(10.0, cfg.jobs.lease_seconds / 4)),
+            id="release-expired",
+            max_instances=1,
+            coalesce=True,
+            replace_existing=True,
+        )
+
+        def listen() -> None:
+            while not self._listen_stop.is_set():
+                try:
+                    if self.db.wait(["jobs"], 1.0):
+                        self.supervisor.wake()
+                except Exception:
+                    log.exception("waiting for job notifications failed (will retry)")
+                    self._listen_stop.wait(2.0)
+
+        self._listen_stop = threading.Event()
+        threading.Thread(target=listen, name="jobs-listener", daemon=True).start()
+
     def stop(self) -> None:
+        if getattr(self, "_listen_stop", None) is not None:
+            self._listen_stop.set()
         if self._stopped.is_set():
             return
         self._stopped.set()

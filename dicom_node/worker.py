@@ -39,7 +39,7 @@ from pathlib import Path
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import NodeConfig
-from dicom_node.db import Database
+from dicom_node.db import Database, open_database
 from dicom_node.jobs import (
     claim_job,
     complete_job,
@@ -447,7 +447,7 @@ def _engine_facts(spec) -> dict:
 
 def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None) -> int:
     """The worker loop (until SIGTERM or the parent dies)."""
-    db = Database(cfg.db_path)
+    db = open_database(cfg)
     audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
     owner = f"{owner_name(index)}:{os.getpid()}"
     parent = os.getppid()

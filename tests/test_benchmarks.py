@@ -70,3 +70,13 @@ def test_partial_volume_benchmark_runs_quick():
     assert re.search(r"^LiteMedSAM sha256:[0-9a-f]{12}, runtime (openvino f32|eager)", out, re.M), out
     assert re.search(r"^case\s+rim 0 mm\s+rim 1\.5 mm$", out, re.M), out
     assert re.search(r"^phantom CT seed 0 \(small\)\s+\d\.\d{3}\s+\d\.\d\d\s+\d\.\d{3}\s+\d\.\d\d$", out, re.M), out
+
+
+def test_claim_latency_benchmark_runs_on_both_databases():
+    from helpers.postgres import require_postgres
+
+    require_postgres()
+    out = run("benchmarks/claim_latency.py", "--jobs", "20")
+    assert re.search(r"^sqlite: enqueue -> claim median [\d.]+ ms", out, re.M)
+    assert re.search(r"^postgresql: enqueue -> claim median [\d.]+ ms", out, re.M)
+    assert re.search(r"^ratio postgresql/sqlite: latency \(median\) [\d.]+, claim_job calls/s [\d.]+", out, re.M)

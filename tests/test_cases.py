@@ -13,7 +13,6 @@ from pydicom.uid import generate_uid
 from dicom_node.audit import AuditLog
 from dicom_node.cases import CaseAssembler
 from dicom_node.config import config_from_data
-from dicom_node.db import Database
 from dicom_node.rules import RuleSet
 from dicom_node.service import decide_with_rules
 from dicom_node.store import Origin, Store
@@ -22,6 +21,18 @@ from dicom_node.store import Origin, Store
 @pytest.fixture(scope="module")
 def phantoms():
     return {seed: phantom(seed, "CT", shape=(24, 128, 128), spacing=(2.5, 3.0, 3.0)) for seed in (1, 2)}
+
+
+_dbs = None
+
+
+@pytest.fixture(autouse=True)
+def _backend(databases):
+    """Every test of this module runs on SQLite and on PostgreSQL (``databases``)."""
+    global _dbs
+    _dbs = databases
+    yield
+    _dbs = None
 
 
 class Harness:
@@ -41,7 +52,7 @@ class Harness:
             }
         )
         self.cfg = cfg
-        self.db = Database(cfg.db_path)
+        self.db = _dbs.open(cfg.db_path)
         self.store = Store(cfg.store_dir, self.db, fsync=False)
         self.audit = AuditLog(cfg.audit_path)
         ruleset = RuleSet.load(write_rules(tmp_path / "rules.yaml", ["tps"]))

@@ -19,9 +19,20 @@ from dicom_node.config import config_from_data
 from dicom_node.db import Database
 from dicom_node.sender import Sender, export_file
 
+_dbs = None
+
+
+@pytest.fixture(autouse=True)
+def _backend(databases):
+    """Every test of this module runs on SQLite and on PostgreSQL (``databases``)."""
+    global _dbs
+    _dbs = databases
+    yield
+    _dbs = None
+
 
 def make_db(tmp_path: Path) -> Database:
-    return Database(tmp_path / "node.db")
+    return _dbs.open(tmp_path / "node.db")
 
 
 def add_case_and_job(db: Database, action: dict | None = None) -> int:
@@ -42,7 +53,7 @@ def test_claim_is_exclusive_and_ordered(tmp_path):
     lock = threading.Lock()
 
     def worker(n):
-        mydb = Database(db.path)
+        mydb = _dbs.reopen(db)
         while True:
             job = q.claim_job(mydb, f"w{n}", 30)
             if job is None:
@@ -64,7 +75,7 @@ def test_one_job_per_case(tmp_path):
     db = make_db(tmp_path)
     job = add_case_and_job(db)
     case_id = db.one("SELECT case_id FROM jobs WHERE id=?", (job,))["case_id"]
-    with pytest.raises(Exception, match="UNIQUE"):
+    with pytest.raises(Exception, match="(?i)unique"):
         with db.tx() as c:
             q.create_job(c, case_id, "r", {}, [])
 
@@ -124,9 +135,22 @@ def test_recover_on_start(tmp_path):
             "VALUES (?, 'tps', 'dicom', 'sending', 1, 0)",
             (job.id,),
         )
+    if not db.is_postgresql:
+        counts = q.recover_on_start(db, max_attempts=3)
+        assert counts == {"jobs_requeued": 1, "jobs_failed": 0, "sends_requeued": 1}
+        assert db.one("SELECT state FROM jobs")["state"] == "pending"
+        return
+    # a database shared by several nodes: another node's job and its delivery are left alone
+    # (they come back by the lease), this node's job is requeued
+    add_case_and_job(db)
+    mine = q.claim_job(db, q.owner_name(0) + ":456", 30)
     counts = q.recover_on_start(db, max_attempts=3)
-    assert counts == {"jobs_requeued": 1, "jobs_failed": 0, "sends_requeued": 1}
-    assert db.one("SELECT state FROM jobs")["state"] == "pending"
+    assert counts == {"jobs_requeued": 1, "jobs_failed": 0, "sends_requeued": 0}
+    assert db.one("SELECT state FROM jobs WHERE id=?", (mine.id,))["state"] == "pending"
+    assert db.one("SELECT state FROM jobs WHERE id=?", (job.id,))["state"] == "running"
+    assert q.release_expired(db, max_attempts=3, now=time.time() + 60) == [(job.id, "pending")]
+    # the delivery left 'sending' by the other node is due again once its lease is over
+    assert db.one("SELECT state FROM sends")["state"] == "pending"
 
 
 def test_fail_permanent_vs_retryable(tmp_path):
@@ -237,6 +261,54 @@ def test_delivery_waits_for_the_tps_and_sends_exactly_once(tmp_path):
         events = [e for e in read_audit(tmp_path / "audit.jsonl") if e["event"] == "sent"]
         assert len(events) == 1
     finally:
+        h.stop()
+        tps.stop()
+
+
+def test_two_senders_racing_deliver_each_result_once(tmp_path):
+    """Two senders (two nodes' views of one database) pump the same queue at once: every
+    delivery is made by one of them, once."""
+    from pydicom.dataset import FileMetaDataset
+
+    tps = StoreSCP(tmp_path / "tps").start()
+    h = SenderHarness(tmp_path, {"tps": tps.destination()})
+    other_scheduler = BackgroundScheduler()
+    other_scheduler.start()
+    other = Sender(h.cfg, _dbs.reopen(h.db), AuditLog(tmp_path / "audit2.jsonl"), other_scheduler)
+    try:
+        h.sender.stop()  # both start together below
+        h.sender = Sender(h.cfg, h.db, h.audit, h.scheduler)
+        uids = []
+        for k in range(12):
+            ds = tiny_ct()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+            path = tmp_path / "results" / str(k) / f"RS.{ds.SOPInstanceUID}.dcm"
+            path.parent.mkdir(parents=True)
+            ds.save_as(path, enforce_file_format=True)
+            uids.append(ds.SOPInstanceUID)
+            jid = add_case_and_job(h.db)
+            job = q.claim_job(h.db, "w", 30)
+            assert job.id == jid
+            assert q.complete_job(
+                h.db, jid, "w", result_path=str(path), result_sop_uid=ds.SOPInstanceUID,
+                result_series_uid=ds.SeriesInstanceUID, engine="classic", inference_seconds=0.1, detail={},
+                deliveries=[("tps", "dicom")],
+            )  # fmt: skip
+        threads = [threading.Thread(target=s.start) for s in (h.sender, other)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_for(lambda: all(r["state"] == "sent" for r in h.sends()), 60, what="12 deliveries")
+        h.wait_for_polls(2)
+        assert [(r["state"], r["attempts"]) for r in h.sends()] == [("sent", 1)] * 12
+        sent = [e for f in ("audit.jsonl", "audit2.jsonl") for e in read_audit(tmp_path / f) if e["event"] == "sent"]
+        assert sorted(e["job"] for e in sent) == list(range(1, 13))  # each once, by one sender or the other
+        assert sorted(pydicom.dcmread(f).SOPInstanceUID for f in tps.files()) == sorted(uids)
+    finally:
+        other.stop()
+        other_scheduler.shutdown(wait=False)
         h.stop()
         tps.stop()
 

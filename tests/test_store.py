@@ -60,8 +60,9 @@ def encode(ds: Dataset, ts: str = EXPLICIT) -> bytes:
 
 
 @pytest.fixture
-def store(tmp_path):
-    db = Database(tmp_path / "node.db")
+def store(tmp_path, databases):
+    """A store over the node's database, on SQLite and on PostgreSQL."""
+    db = databases.open(tmp_path / "node.db")
     return Store(tmp_path / "store", db, fsync=True, min_free_bytes=1)
 
 

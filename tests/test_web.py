@@ -71,13 +71,14 @@ def _failed_case(db: Database, prompt: Path) -> int:
 
 
 @pytest.fixture
-def served(tmp_path):
-    """start(**web) -> (cfg, db, base URL) of a WebServer over a database with one failed case."""
+def served(tmp_path, databases):
+    """start(**web) -> (cfg, db, base URL) of a WebServer over a database with one failed case
+    (on SQLite and on PostgreSQL)."""
     servers: list[WebServer] = []
 
     def start(**web):
         cfg = _cfg(tmp_path, **web)
-        db = Database(cfg.db_path)
+        db = databases.open(cfg.db_path, cfg.files_dir)
         case_id = _failed_case(db, phantom(1)["prompt"])
         server = WebServer(cfg, create_app(cfg, db))
         server.start()

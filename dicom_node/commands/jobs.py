@@ -45,16 +45,16 @@ def open_db(args):
     exactly as the node does at start.
     """
     from dicom_node.config import ConfigError, load_config
-    from dicom_node.db import Database, SchemaError
+    from dicom_node.db import SchemaError, open_database
 
     try:
         cfg = load_config(getattr(args, "config", None))
     except ConfigError as exc:
         raise CommandError(str(exc)) from None
-    if not cfg.db_path.exists():
+    if not cfg.database.is_postgresql and not cfg.db_path.exists():
         raise CommandError(f"no node database at {cfg.db_path} (has the node run with this configuration?)")
     try:
-        return cfg, Database(cfg.db_path)
+        return cfg, open_database(cfg)
     except SchemaError as exc:
         raise CommandError(str(exc)) from None
 
