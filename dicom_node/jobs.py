@@ -242,13 +242,18 @@ def expired_owners(db: Database, now: float | None = None) -> list[str]:
     return [r["lease_owner"] for r in rows if r["lease_owner"]]
 
 
-def recover_on_start(db: Database, max_attempts: int) -> dict[str, int]:
-    """At node start no worker is alive: running jobs return to pending, 'sending' rows to pending."""
+def recover_on_start(db: Database, max_attempts: int, keep: frozenset[str] | set[str] = frozenset()) -> dict[str, int]:
+    """At node start none of its workers is alive: running jobs return to pending, 'sending' rows to pending.
+
+    ``keep``: lease owners whose jobs stay running (workers of ``dicom-node worker``
+    processes sharing the database, :func:`dicom_node.worker.live_owners`)."""
     counts = {"jobs_requeued": 0, "jobs_failed": 0, "sends_requeued": 0}
     owners = [
         r["lease_owner"] for r in db.query("SELECT DISTINCT lease_owner FROM jobs WHERE state=?", (JobState.RUNNING,))
     ]
     for owner in owners:
+        if owner in keep:
+            continue
         for _job, state in release_owner(db, owner, "the node stopped while this job was running", max_attempts):
             counts["jobs_requeued" if state == JobState.PENDING else "jobs_failed"] += 1
     with db.tx() as c:
