@@ -651,15 +651,21 @@ def queue_wakeups(cfg: NodeConfig, db: Database, wake: Callable[[], None], stop:
     Runs in a thread of that process until ``stop`` is set, calling ``wake`` (which wakes
     its idle workers) when a job is waiting. Today it polls the queue every
     ``workers.poll_seconds`` (the workers also poll on their own at that interval, so a
-    missed wake-up costs at most one interval). With PostgreSQL this is where ``LISTEN``
-    on the queue's channel goes: block on the notification instead of the interval.
+    missed wake-up costs at most one interval). With a database that has
+    ``wait(channels, timeout)`` (PostgreSQL: ``LISTEN jobs``), it blocks on that instead.
     """
-    while not stop.wait(cfg.workers.poll_seconds):
+    waiter = getattr(db, "wait", None)  # db.wait(channels, timeout): LISTEN/NOTIFY where the database has it
+    while not stop.is_set():
         try:
+            if waiter is not None:
+                waiter(["jobs"], cfg.workers.poll_seconds)
+            elif stop.wait(cfg.workers.poll_seconds):
+                break
             if has_pending_jobs(db):
                 wake()
         except Exception as exc:  # the database is away for a moment: the next round tries again
             event(log, "queue_poll_failed", level=logging.WARNING, why=f"{type(exc).__name__}: {exc}")
+            stop.wait(cfg.workers.poll_seconds)
 
 
 class _WorkerHandle:

@@ -70,3 +70,14 @@ def test_partial_volume_benchmark_runs_quick():
     assert re.search(r"^LiteMedSAM sha256:[0-9a-f]{12}, runtime (openvino f32|eager)", out, re.M), out
     assert re.search(r"^case\s+rim 0 mm\s+rim 1\.5 mm$", out, re.M), out
     assert re.search(r"^phantom CT seed 0 \(small\)\s+\d\.\d{3}\s+\d\.\d\d\s+\d\.\d{3}\s+\d\.\d\d$", out, re.M), out
+
+
+def test_queue_scaling_benchmark_runs_and_prints_the_ratio():
+    require_tool("storescu")
+    out = run("benchmarks/queue_scaling.py", "--cases", "2", "--slices", "24", "--size", "64")
+    assert "cases: 2 CT phantoms of 24 slices of 64x64, classic engine" in out
+    assert re.search(r"^database: SQLite; \d+ CPUs; 1 thread\(s\) per worker process$", out, re.M), out
+    for k in (1, 2):
+        assert re.search(rf"^{k} worker process\(es\): 2 cases in [\d.]+ s: [\d.]+ cases/min$", out, re.M), out
+    (ratio,) = re.findall(r"^ratio 2 / 1 worker processes: ([\d.]+)$", out, re.M)
+    assert float(ratio) > 0

@@ -54,10 +54,19 @@ def open_worker_database(cfg):
     """The deployment's database, as a worker process may open it: existing, at this
     release's schema (it never creates or migrates one). Raises :class:`CommandError`.
 
-    PostgreSQL: this is where ``open_database(cfg)`` goes, with the same refusals."""
+    A ``database:`` URL other than sqlite goes to ``dicom_node.db.open_database(cfg)``
+    where this release has it (PostgreSQL), its errors in one sentence."""
+    from dicom_node import db as dbmod
     from dicom_node.db import Database, SchemaError
     from dicom_node.migrations import SCHEMA_VERSION, read_version
 
+    opener = getattr(dbmod, "open_database", None)
+    url = str(getattr(getattr(cfg, "database", None), "url", "sqlite") or "sqlite")
+    if opener is not None and url != "sqlite":
+        try:
+            return opener(cfg)
+        except Exception as exc:  # unreachable server, refused login, other schema: one sentence
+            raise CommandError(f"database: {exc}") from None
     path = cfg.db_path
     if not path.is_file():
         raise CommandError(
