@@ -99,6 +99,27 @@ def open_worker_database(cfg):
         raise CommandError(f"database: {path}: {exc}") from None
 
 
+def _remove_stale_files(run_dir) -> None:
+    """Files of worker processes of this data_dir that died without cleaning up (kill -9)."""
+    import re
+
+    for path in list(run_dir.glob("metrics-w*")) + list(run_dir.glob("node-w*.json")) + list(run_dir.glob("worker-w*")):
+        m = re.match(r"(?:metrics-w|node-w|worker-w)(\d+)", path.name)
+        if m is None:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive (or another user's): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def run(args) -> int:
     from dicom_node.config import ConfigError, load_config
     from dicom_node.logs import event, get_logger, setup_logging
@@ -126,6 +147,7 @@ def run(args) -> int:
 
     run_dir = cfg.data_dir / "run"
     pid = os.getpid()
+    _remove_stale_files(run_dir)
     metrics_dir = run_dir / f"metrics-w{pid}"
     use_directory(metrics_dir)  # before anything is counted; serve empties only its own run/metrics
     db = open_worker_database(cfg)
