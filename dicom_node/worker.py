@@ -8,7 +8,7 @@ rule's other outputs atomically under ``<data_dir>/results/<job>/``
 (:mod:`dicom_node.outputs`) and completes the job, which creates the delivery rows. It
 never talks DICOM: the receiving process sends results. It counts its jobs in the node's
 metrics (:mod:`dicom_node.metrics`) and describes itself (device, engines loaded, current
-job) in ``<data_dir>/run/worker-<index>.json`` for the health page.
+job) in ``<data_dir>/run/worker-<tag>-<index>.json`` for the health page.
 
 The receiving process runs a :class:`WorkerSupervisor`. A worker's crash (CUDA error,
 out of memory, ``kill -9``) therefore cannot stop reception: the supervisor notices the

@@ -15,7 +15,19 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from helpers import CLI, REPO, NodeProcess, StoreSCP, delivered, phantom, storescu, wait_for, write_config
+from helpers import (
+    CLI,
+    REPO,
+    NodeProcess,
+    StoreSCP,
+    delivered,
+    free_port,
+    phantom,
+    port_open,
+    storescu,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -106,7 +118,10 @@ def inference_starts(node: NodeProcess) -> list[dict]:
 
 
 def test_serve_without_workers_and_a_worker_process_deliver_a_case(tmp_path, tps):
-    config = role_config(tmp_path / "node", tps)
+    import httpx
+
+    web_port = free_port()
+    config = role_config(tmp_path / "node", tps, web={"enabled": True, "port": web_port})
     node = NodeProcess(config).start()
     worker = None
     try:
@@ -134,6 +149,9 @@ def test_serve_without_workers_and_a_worker_process_deliver_a_case(tmp_path, tps
 
         (seen,) = other_workers(load_config(config), f"s{node.proc.pid}")
         assert seen["pid"] != worker.proc.pid and seen["device"] == "cpu" and seen["job"] is None
+        wait_for(lambda: port_open(web_port), 30, 0.1, "the web page")
+        health = httpx.get(f"http://127.0.0.1:{web_port}/").text
+        assert f"dicom-node worker {worker.tag}" in health and str(seen["pid"]) in health
         # a second case while the worker process waits: it is woken or polls, and delivers
         other = phantom(5)
         assert storescu([other["images"], other["prompt"]], node.port).returncode == 0
