@@ -572,8 +572,9 @@ def supervisor_tag(role: str) -> str:
 
 
 def _owner_host_pid(owner: str) -> tuple[str, int | None]:
-    """``<host>:worker<index>[.<tag>]:<pid>`` -> (host, pid)."""
+    """``<host>[/<node id>]:worker<index>[.<tag>]:<pid>`` -> (host, pid)."""
     host, _, rest = owner.partition(":")
+    host = host.split("/", 1)[0]
     try:
         return host, int(rest.rsplit(":", 1)[1])
     except (IndexError, ValueError):
