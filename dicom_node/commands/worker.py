@@ -94,7 +94,7 @@ def open_worker_database(cfg):
             )
         )
     try:
-        return Database(path)
+        return opener(cfg) if opener is not None else Database(path)  # open_database: shared_dir too
     except (SchemaError, sqlite3.Error, OSError) as exc:
         raise CommandError(f"database: {path}: {exc}") from None
 
