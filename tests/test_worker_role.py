@@ -271,3 +271,60 @@ def test_worker_with_a_bad_config_exits_2_with_one_sentence(tmp_path, case):
     }[case]
     assert expected in lines[0]
     assert not (tmp / "data" / "node.db").exists()  # a worker never creates the database
+
+
+def test_postgresql_serve_on_one_host_and_a_worker_process_with_its_own_data_dir(tmp_path, tps, request):
+    """The multi-host layout on one machine: serve and a worker process with separate local
+    data_dirs, one shared_dir and one PostgreSQL; kill -9 of the worker process in
+    inference, a second one (another "host") completes the job after the lease."""
+    try:
+        pg = request.getfixturevalue("postgres_server")
+    except pytest.FixtureLookupError:
+        pytest.skip("needs the PostgreSQL database support (database: url) and its test helpers")
+    url = pg.new_database()
+    shared = tmp_path / "shared"
+    common = dict(shared_dir=str(shared), database={"url": url}, jobs={"lease_seconds": LEASE})
+    serve_cfg = role_config(tmp_path / "receiver", tps, **common)
+    node = NodeProcess(serve_cfg).start()
+    configs = []
+    for name in ("gpu1", "gpu2"):
+        cfg = role_config(tmp_path / name, tps, **common)
+        (tmp_path / name / "data").mkdir(parents=True)
+        configs.append(cfg)
+    workers = [WorkerProcess(configs[0], "--device", "cpu").start()]
+    try:
+        p = phantom(3)
+        assert storescu([p["images"], p["prompt"]], node.port).returncode == 0
+        (result,) = delivered_pg(url, tps)
+        assert pydicom.dcmread(result).SeriesDescription  # a real RTSTRUCT at the TPS
+        # the second "host", then a long case: kill -9 of the worker process running it
+        workers.append(WorkerProcess(configs[1], "--device", "cpu").start())
+        big = phantom(**BIG)
+        assert storescu([big["images"], big["prompt"]], node.port).returncode == 0
+        wait_for(lambda: len(pg_query(url, "SELECT id FROM jobs WHERE state='running'")) == 1, 120, 0.01, "inference")
+        (running,) = pg_query(url, "SELECT lease_owner FROM jobs WHERE state='running'")
+        (busy,) = [w for w in workers if f".{w.tag}:" in running["lease_owner"]]
+        busy.kill9()
+        delivered_pg(url, tps, 2)
+        jobs = pg_query(url, "SELECT state, attempts FROM jobs ORDER BY id")
+        assert [j["state"] for j in jobs] == ["done", "done"] and jobs[1]["attempts"] == 2
+        assert len(tps.files()) == 2
+    finally:
+        for w in workers:
+            w.stop()
+        node.stop()
+
+
+def pg_query(url: str, sql: str) -> list[dict]:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def delivered_pg(url: str, tps: StoreSCP, n: int = 1) -> list[Path]:
+    wait_for(
+        lambda: sum(s["state"] == "sent" for s in pg_query(url, "SELECT state FROM sends")) >= n, 300, 0.2, "deliveries"
+    )
+    return tps.files()
