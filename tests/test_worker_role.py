@@ -245,11 +245,20 @@ def test_serve_restart_leaves_a_live_worker_process_its_job(tmp_path, tps):
 
 @pytest.mark.parametrize(
     "case",
-    ["bad device", "no data_dir", "no database", "empty devices"],
+    ["bad device", "no data_dir", "no database", "empty devices", "unreachable postgresql"],
 )
 def test_worker_with_a_bad_config_exits_2_with_one_sentence(tmp_path, case):
     tmp = tmp_path / "node"
-    if case == "bad device":
+    if case == "unreachable postgresql":
+        from dicom_node.config import NodeConfig
+
+        if "database" not in NodeConfig.model_fields:
+            pytest.skip("needs the PostgreSQL database support (database: url)")
+        config = write_config(
+            tmp, workers={"devices": ["cpu"]}, database={"url": f"postgresql://stardust@127.0.0.1:{free_port()}/x"}
+        )
+        (tmp / "data").mkdir()
+    elif case == "bad device":
         config = write_config(tmp, workers={"devices": ["gpu0"]})
     else:
         config = write_config(tmp, workers={"devices": [] if case == "empty devices" else ["cpu"]})
@@ -268,6 +277,7 @@ def test_worker_with_a_bad_config_exits_2_with_one_sentence(tmp_path, case):
         "no data_dir": "does not exist",
         "no database": "start dicom-node serve first",
         "empty devices": "workers.devices is empty",
+        "unreachable postgresql": "database: cannot connect to postgresql://",
     }[case]
     assert expected in lines[0]
     assert not (tmp / "data" / "node.db").exists()  # a worker never creates the database

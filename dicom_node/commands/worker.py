@@ -66,7 +66,8 @@ def open_worker_database(cfg):
         try:
             return opener(cfg)
         except Exception as exc:  # unreachable server, refused login, other schema: one sentence
-            raise CommandError(f"database: {exc}") from None
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CommandError(text if text.startswith("database") else f"database: {text}") from None
     path = cfg.db_path
     if not path.is_file():
         raise CommandError(
