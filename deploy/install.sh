@@ -4,6 +4,7 @@
 #   sudo deploy/install.sh                 # install or upgrade from this checkout
 #   sudo deploy/install.sh --dry-run       # say what would change, change nothing
 #   deploy/install.sh --root /tmp/stage --skip-venv   # stage into a folder (packaging, tests)
+#   sudo deploy/install.sh --worker-host   # a GPU host of several: stardust-worker.service
 #
 # What it does, each step only when something differs (running it twice changes nothing):
 #   1. system user and group `stardust` (no login shell, home = the data directory),
@@ -17,7 +18,8 @@
 #      differs, it is put beside it as node.yaml.dist / rules.yaml.dist for comparison;
 #   5. the systemd unit /etc/systemd/system/stardust-node.service (and with --port-104
 #      the drop-in granting CAP_NET_BIND_SERVICE), the logrotate file, then
-#      `systemctl daemon-reload` when a unit file changed.
+#      `systemctl daemon-reload` when a unit file changed. With --worker-host the unit is
+#      stardust-worker.service (`dicom-node worker`, README "Several hosts") instead.
 # It never starts, stops or enables the service; it prints the commands for that.
 set -euo pipefail
 
@@ -30,6 +32,7 @@ ROOT=""
 DRY_RUN=0
 SKIP_VENV=0
 PORT_104=0
+WORKER_HOST=0
 WHEELHOUSE=""
 PYTHON=${PYTHON:-python3}
 
@@ -54,6 +57,9 @@ options:
   --skip-venv       do not create or update PREFIX/venv
   --wheelhouse DIR  install Python packages offline from DIR (pip --no-index)
   --port-104        allow the service to listen on port 104 (adds CAP_NET_BIND_SERVICE)
+  --worker-host     a GPU host of a deployment on several hosts: install
+                    stardust-worker.service (dicom-node worker: inference workers only)
+                    instead of stardust-node.service
   -h, --help        this text
 EOF
 }
@@ -76,6 +82,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY_RUN=1; shift ;;
         --skip-venv) SKIP_VENV=1; shift ;;
         --port-104) PORT_104=1; shift ;;
+        --worker-host) WORKER_HOST=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option: $1" ;;
     esac
@@ -90,6 +97,10 @@ for var in PREFIX CONFDIR DATADIR LOGDIR; do
         *[[:space:]\#\&\|\\]*) die "${var} must not contain spaces or the characters # & | \\ (got '${!var}')" ;;
     esac
 done
+if [ "$WORKER_HOST" = 1 ]; then
+    [ "$PORT_104" = 0 ] || die "--port-104 is for the DICOM listener: a --worker-host opens no port"
+    UNIT_NAME=stardust-worker.service
+fi
 [[ "$SERVICE_USER" =~ ^[a-z_][a-z0-9_-]*$ ]] || die "--user '$SERVICE_USER' is not a valid user name"
 if [ -n "$ROOT" ]; then
     case "$ROOT" in /*) ;; *) ROOT=$PWD/$ROOT ;; esac
@@ -99,7 +110,7 @@ fi
 if [ -z "$ROOT" ] && [ "$DRY_RUN" = 0 ] && [ "$(id -u)" != 0 ]; then
     die "run as root (sudo $0), or use --dry-run, or --root DIR to stage into a folder"
 fi
-for f in deploy/stardust-node.service deploy/port-104.conf deploy/logrotate.conf config/node.yaml config/rules.yaml; do
+for f in deploy/stardust-node.service deploy/stardust-worker.service deploy/port-104.conf deploy/logrotate.conf config/node.yaml config/rules.yaml; do
     [ -f "$SRC/$f" ] || die "$SRC/$f is missing: run this script from a complete checkout"
 done
 
@@ -269,7 +280,7 @@ ensure_config "$SRC/config/rules.yaml" "$CONFDIR/rules.yaml"
 
 # -- 5. systemd and logrotate -----------------------------------------------------------
 echo "systemd and logrotate:"
-render "$SRC/deploy/stardust-node.service" "$TMP/$UNIT_NAME"
+render "$SRC/deploy/$UNIT_NAME" "$TMP/$UNIT_NAME"
 ensure_file "$TMP/$UNIT_NAME" "/etc/systemd/system/$UNIT_NAME" 0644 root root
 DROPIN_DIR=/etc/systemd/system/$UNIT_NAME.d
 if [ "$PORT_104" = 1 ]; then
@@ -299,7 +310,18 @@ else
 fi
 cat <<EOF
 next steps:
+EOF
+if [ "$WORKER_HOST" = 1 ]; then
+    cat <<EOF
+  edit $CONFDIR/node.yaml as on the serve host (database, data_dir and shared store, rules,
+  workers.devices); add the shared mount to the unit: systemctl edit $UNIT_NAME
+EOF
+else
+    cat <<EOF
   edit $CONFDIR/node.yaml (AE title, port, allowed TPS AE titles and networks, destinations)
+EOF
+fi
+cat <<EOF
   $VENV/bin/dicom-node config check $CONFDIR/node.yaml
   systemctl enable --now $UNIT_NAME      # first install
   systemctl restart $UNIT_NAME           # after an upgrade

@@ -278,8 +278,7 @@ class Workers(_Model):
     @field_validator("devices")
     @classmethod
     def _devices(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("list at least one device (auto, cpu, cuda, cuda:0, ...)")
+        # an empty list: no local workers (dicom-node serve with dicom-node worker processes)
         for v in value:
             if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(v)):
                 raise ValueError(f"{v!r} is not a device (auto, cpu, cuda, cuda:N, mps)")

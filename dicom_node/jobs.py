@@ -301,13 +301,15 @@ def expired_owners(db: Database, now: float | None = None) -> list[str]:
     return [r["lease_owner"] for r in rows if r["lease_owner"]]
 
 
-def recover_on_start(db: Database, max_attempts: int) -> dict[str, int]:
+def recover_on_start(db: Database, max_attempts: int, keep: frozenset[str] | set[str] = frozenset()) -> dict[str, int]:
     """At node start no worker of this node is alive: its running jobs return to pending,
     'sending' rows to pending.
 
-    On a database shared by several nodes (PostgreSQL) only this node's jobs are released
-    (the others' return by their lease, :func:`release_expired`), and 'sending' rows are
-    left alone: another node may be sending them now.
+    ``keep``: lease owners whose jobs stay running (workers of ``dicom-node worker``
+    processes sharing the database, :func:`dicom_node.worker.live_owners`). On a database
+    shared by several nodes (PostgreSQL) only this node's jobs are released (the others'
+    return by their lease, :func:`release_expired`), and 'sending' rows are left alone:
+    another node may be sending them now.
     """
     counts = {"jobs_requeued": 0, "jobs_failed": 0, "sends_requeued": 0}
     owners = [
@@ -316,6 +318,8 @@ def recover_on_start(db: Database, max_attempts: int) -> dict[str, int]:
     if db.is_postgresql:
         owners = [o for o in owners if o and o.startswith(owner_name(""))]
     for owner in owners:
+        if owner in keep:
+            continue
         for _job, state in release_owner(db, owner, "the node stopped while this job was running", max_attempts):
             counts["jobs_requeued" if state == JobState.PENDING else "jobs_failed"] += 1
     if db.is_postgresql:

@@ -6,8 +6,13 @@ refusing a newer one: :mod:`dicom_node.migrations`), reconcile the store with th
 (after a crash or power loss), return interrupted jobs and deliveries to their queues,
 start the case assembler, the inference workers, the sender, the failure webhook, the
 retention schedule, the web page (``web.enabled``), the watch folder, and last the DICOM
-listener. Stop order is the reverse; SIGTERM and SIGINT stop the node cleanly (a job running in a worker is
-handed back and resumes at the next start).
+listener. Stop order is the reverse; SIGTERM and SIGINT stop the node cleanly (a job
+running in a worker is handed back and resumes at the next start).
+
+With ``workers.devices: []`` (or ``serve --no-workers``) it runs no workers of its own:
+``dicom-node worker`` processes on this or other hosts take the jobs; their running jobs
+are left to them at start (:func:`dicom_node.worker.live_owners`), and their results
+reach the sender through its poll of the deliveries.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from dicom_node.rows import CaseRow
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import Sender
 from dicom_node.store import Store
-from dicom_node.worker import WorkerSupervisor
+from dicom_node.worker import WorkerSupervisor, live_owners, other_workers, supervisor_tag
 
 __all__ = ["Node", "NodeError"]
 
@@ -144,7 +149,7 @@ class Node:
             secret=self.secret,
         )
         reconciled = self.store.reconcile()
-        recovered = recover_on_start(self.db, cfg.jobs.max_attempts)
+        recovered = recover_on_start(self.db, cfg.jobs.max_attempts, keep=live_owners(self.db))
         event(log, "recovered", **reconciled, **recovered, seconds=f"{time.time() - t0:.2f}")
         try:
             self.rules = _Rules(cfg.rules)
@@ -162,7 +167,10 @@ class Node:
         self.scp = StorageSCP(cfg, self.store)
         self.notifier = Notifier(cfg, self.db, self.scheduler)
         self.sender = Sender(cfg, self.db, self.audit, self.scheduler, on_dead=self.notifier.wake)
-        self.supervisor = WorkerSupervisor(cfg, self.db, self.audit, self.config_json, on_done=self.sender.wake)
+        self.tag = supervisor_tag("serve")
+        self.supervisor = WorkerSupervisor(
+            cfg, self.db, self.audit, self.config_json, on_done=self.sender.wake, tag=self.tag
+        )
         self.assembler = CaseAssembler(
             cfg,
             self.db,
@@ -216,7 +224,7 @@ class Node:
             "node_started",
             ae_title=cfg.ae_title,
             port=self.scp.port,
-            workers=",".join(self.supervisor.devices),
+            workers=",".join(self.supervisor.devices) or "none (dicom-node worker processes)",
             rules=str(cfg.rules) if cfg.rules else "none",
             data_dir=str(cfg.data_dir),
         )
@@ -294,7 +302,7 @@ class Node:
                 listening=self.scp.listening,
                 bind=cfg.network.bind,
                 port=self.scp.port,
-                workers=self.supervisor.status(),
+                workers=self.supervisor.status() + other_workers(cfg, self.tag),
                 started_at=started,
             )
 

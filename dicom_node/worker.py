@@ -8,7 +8,7 @@ rule's other outputs atomically under ``<data_dir>/results/<job>/``
 (:mod:`dicom_node.outputs`) and completes the job, which creates the delivery rows. It
 never talks DICOM: the receiving process sends results. It counts its jobs in the node's
 metrics (:mod:`dicom_node.metrics`) and describes itself (device, engines loaded, current
-job) in ``<data_dir>/run/worker-<index>.json`` for the health page.
+job) in ``<data_dir>/run/worker-<tag>-<index>.json`` for the health page.
 
 The receiving process runs a :class:`WorkerSupervisor`. A worker's crash (CUDA error,
 out of memory, ``kill -9``) therefore cannot stop reception: the supervisor notices the
@@ -19,6 +19,16 @@ receiving process (``PR_SET_PDEATHSIG``), so no orphan keeps a lease.
 The supervisor wakes idle workers by writing a byte to their stdin; a worker reports a
 finished job with a line ``done <job>`` on its stdout, which wakes the sender at once.
 Logs go to stderr (inherited).
+
+Roles: ``dicom-node serve`` runs a supervisor for its local workers (none with
+``workers.devices: []``); ``dicom-node worker`` (:mod:`dicom_node.commands.worker`) runs
+a supervisor and its workers only, against the same database (GPU hosts). Lease owners
+are ``<host>:worker<index>.<tag>:<pid>`` where the tag names the supervising process
+(:func:`supervisor_tag`), so no supervisor mistakes another process's worker for its own;
+each supervisor hands back the jobs of *other* processes' workers whose lease expired.
+A job finished in another process reaches the sender of ``serve`` through its poll of
+the deliveries (every second); a job queued by ``serve`` reaches the workers of another
+process through :func:`queue_wakeups` and their own poll (``workers.poll_seconds``).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -55,7 +66,17 @@ from dicom_node.metrics import mark_process_dead, metrics
 from dicom_node.rows import CaseRow, JobRow, get_case
 from dicom_node.states import CaseMode, DeliveryKind, InstanceSource, JobState
 
-__all__ = ["WorkerSupervisor", "run_worker", "resolve_devices", "main", "PermanentJobError"]
+__all__ = [
+    "WorkerSupervisor",
+    "run_worker",
+    "resolve_devices",
+    "main",
+    "PermanentJobError",
+    "supervisor_tag",
+    "live_owners",
+    "other_workers",
+    "queue_wakeups",
+]
 
 log = get_logger("dicom_node.worker")
 
@@ -425,13 +446,13 @@ def warm_up(cfg: NodeConfig, device: str) -> tuple[float, list]:
     return seconds, loaded
 
 
-def status_path(cfg: NodeConfig, index: int) -> Path:
-    """Where worker ``index`` describes itself for the health page."""
-    return cfg.data_dir / "run" / f"worker-{index}.json"
+def status_path(cfg: NodeConfig, index: int, tag: str = "") -> Path:
+    """Where worker ``index`` of the supervisor ``tag`` describes itself for the health page."""
+    return cfg.data_dir / "run" / (f"worker-{tag}-{index}.json" if tag else f"worker-{index}.json")
 
 
-def _write_status(cfg: NodeConfig, index: int, **facts) -> None:
-    path = status_path(cfg, index)
+def _write_status(cfg: NodeConfig, index: int, tag: str = "", **facts) -> None:
+    path = status_path(cfg, index, tag)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -445,11 +466,13 @@ def _engine_facts(spec) -> dict:
     return {"engine": spec.name, "checkpoint": spec.checkpoint, "model_cfg": spec.model_cfg, "device": spec.device}
 
 
-def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None) -> int:
+def run_worker(
+    cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None, tag: str = ""
+) -> int:
     """The worker loop (until SIGTERM or the parent dies)."""
     db = open_database(cfg)
     audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
-    owner = f"{owner_name(index)}:{os.getpid()}"
+    owner = f"{owner_name(f'{index}.{tag}' if tag else index)}:{os.getpid()}"
     parent = os.getppid()
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -460,7 +483,9 @@ def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str],
     ready_at = time.time()
 
     def status(job_id: int | None) -> None:
-        _write_status(cfg, index, worker=index, device=device, engines=engines, ready_at=ready_at, job=job_id)
+        _write_status(
+            cfg, index, tag, worker=index, device=device, engines=engines, ready_at=ready_at, job=job_id, owner=owner
+        )
 
     status(None)
     stdin_fd = sys.stdin.fileno() if sys.stdin is not None else None
@@ -500,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True, help="the node's effective configuration (JSON)")
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tag", default="", help="the supervising process (part of the lease owner)")
     args = parser.parse_args(argv)
     _set_parent_death_signal()
     from dicom_node.logs import setup_logging
@@ -513,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write(line + "\n")
         out.flush()
 
-    return run_worker(cfg, args.index, args.device, notify)
+    return run_worker(cfg, args.index, args.device, notify, tag=args.tag)
 
 
 # ======================================================================================
@@ -538,10 +564,116 @@ def resolve_devices(devices: list[str]) -> list[str]:
     return out
 
 
+def supervisor_tag(role: str) -> str:
+    """The name of one supervising process in its workers' lease owners: ``s<pid>`` for
+    ``dicom-node serve``, ``w<pid>`` for ``dicom-node worker`` (letters and digits only:
+    owner prefixes are matched with SQL LIKE)."""
+    return f"{'s' if role == 'serve' else 'w'}{os.getpid()}"
+
+
+def _owner_host_pid(owner: str) -> tuple[str, int | None]:
+    """``<host>[/<node id>]:worker<index>[.<tag>]:<pid>`` -> (host, pid)."""
+    host, _, rest = owner.partition(":")
+    host = host.split("/", 1)[0]
+    try:
+        return host, int(rest.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return host, None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def live_owners(db: Database, now: float | None = None) -> set[str]:
+    """Lease owners of running jobs that may still be working: their lease has not expired
+    and they are on another host or are a live process on this one.
+
+    ``dicom-node serve`` keeps their jobs at start (they belong to ``dicom-node worker``
+    processes sharing the database); every other running job is handed back at once.
+    """
+    from dicom_node.jobs import expired_owners
+
+    here = socket.gethostname()
+    out = set()
+    expired = set(expired_owners(db, now))
+    for owner in running_owners(db):
+        if owner in expired:
+            continue
+        host, pid = _owner_host_pid(owner)
+        if host == here and (pid is None or not _pid_alive(pid)):
+            continue
+        out.add(owner)
+    return out
+
+
+def other_workers(cfg: NodeConfig, own_tag: str) -> list[dict]:
+    """What the workers of other processes on this host and data_dir say of themselves
+    (``run/worker-<tag>-<index>.json`` of a live process), for the health page; workers on
+    other hosts write into their own data_dir and are not seen here."""
+    out = []
+    for path in sorted((cfg.data_dir / "run").glob("worker-*-*.json")):
+        tag = path.name[len("worker-") :].rsplit("-", 1)[0]
+        if tag == own_tag:
+            continue
+        try:
+            facts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = facts.get("pid")
+        if not isinstance(pid, int) or not _pid_alive(pid):
+            continue
+        out.append(
+            {
+                "worker": facts.get("worker"),
+                "device": facts.get("device"),
+                "pid": pid,
+                "alive": True,
+                "ready": True,
+                "started_at": facts.get("ready_at"),
+                "restarts": None,
+                "engines": facts.get("engines", []),
+                "job": facts.get("job"),
+                "process": f"dicom-node worker {tag}",
+            }
+        )
+    return out
+
+
+def queue_wakeups(cfg: NodeConfig, db: Database, wake: Callable[[], None], stop: threading.Event) -> None:
+    """WAKE-UP POINT: how a ``dicom-node worker`` process learns that another process queued a job.
+
+    Runs in a thread of that process until ``stop`` is set, calling ``wake`` (which wakes
+    its idle workers) when a job is waiting. Today it polls the queue every
+    ``workers.poll_seconds`` (the workers also poll on their own at that interval, so a
+    missed wake-up costs at most one interval). With a database that has
+    ``wait(channels, timeout)`` (PostgreSQL: ``LISTEN jobs``), it blocks on that instead.
+    """
+    waiter = getattr(db, "wait", None)  # db.wait(channels, timeout): LISTEN/NOTIFY where the database has it
+    while not stop.is_set():
+        try:
+            if waiter is not None:
+                waiter(["jobs"], cfg.workers.poll_seconds)
+            elif stop.wait(cfg.workers.poll_seconds):
+                break
+            if has_pending_jobs(db):
+                wake()
+        except Exception as exc:  # the database is away for a moment: the next round tries again
+            event(log, "queue_poll_failed", level=logging.WARNING, why=f"{type(exc).__name__}: {exc}")
+            stop.wait(cfg.workers.poll_seconds)
+
+
 class _WorkerHandle:
-    def __init__(self, index: int, device: str) -> None:
+    def __init__(self, index: int, device: str, tag: str = "") -> None:
         self.index = index
         self.device = device
+        self.tag = tag
         self.proc: subprocess.Popen | None = None
         self.failures = 0
         self.next_start = 0.0
@@ -551,11 +683,18 @@ class _WorkerHandle:
 
     @property
     def owner_prefix(self) -> str:
-        return f"{owner_name(self.index)}:"
+        return f"{owner_name(f'{self.index}.{self.tag}' if self.tag else self.index)}:"
 
 
 class WorkerSupervisor:
-    """Starts one worker process per device, restarts dead ones, relays notifications."""
+    """Starts one worker process per device, restarts dead ones, relays notifications.
+
+    It also hands back the jobs of *other* processes' workers whose lease expired (a
+    ``dicom-node worker`` host that died or was cut off), so a supervisor with no workers
+    of its own (``workers.devices: []`` in ``dicom-node serve``) still runs its watch.
+    ``tag`` (:func:`supervisor_tag`) keeps its workers' lease owners apart from those of
+    other processes sharing the database.
+    """
 
     def __init__(
         self,
@@ -564,14 +703,16 @@ class WorkerSupervisor:
         audit: AuditLog,
         config_json: Path,
         on_done: Callable[[int], None] | None = None,
+        tag: str = "",
     ) -> None:
         self.cfg = cfg
         self.db = db
         self.audit = audit
         self.config_json = config_json
         self.on_done = on_done
+        self.tag = tag
         self.devices = resolve_devices(cfg.workers.devices)
-        self.workers = [_WorkerHandle(i, d) for i, d in enumerate(self.devices)]
+        self.workers = [_WorkerHandle(i, d, tag) for i, d in enumerate(self.devices)]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -593,6 +734,8 @@ class WorkerSupervisor:
             str(w.index),
             "--device",
             w.device,
+            "--tag",
+            w.tag,
         ]
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -674,8 +817,9 @@ class WorkerSupervisor:
         from dicom_node.jobs import expired_owners
 
         for owner in expired_owners(self.db, now):
-            for w in self.workers:
-                if owner.startswith(w.owner_prefix) and w.proc is not None:
+            mine = [w for w in self.workers if owner.startswith(w.owner_prefix)]
+            for w in mine:
+                if w.proc is not None:
                     event(
                         log,
                         "worker_hung",
@@ -684,6 +828,26 @@ class WorkerSupervisor:
                         note=f"lease expired (jobs.lease_seconds={self.cfg.jobs.lease_seconds:g}); killing it",
                     )
                     w.proc.kill()
+            if not mine:
+                self._reclaim(owner)
+
+    def _reclaim(self, owner: str) -> None:
+        """Hand back the jobs of another process's worker whose lease expired (its host died,
+        was cut off, or its clock is far off: keep the hosts' clocks in step with NTP)."""
+        why = f"the lease of {owner} expired (jobs.lease_seconds={self.cfg.jobs.lease_seconds:g}): its process stopped"
+        released = release_owner(self.db, owner, why, self.cfg.jobs.max_attempts)
+        if not released:
+            return
+        event(
+            log,
+            "lease_reclaimed",
+            level=logging.WARNING,
+            owner=owner,
+            jobs=",".join(f"{j}:{s}" for j, s in released),
+        )
+        self.audit.write("lease_reclaimed", owner=owner, jobs=released)
+        if any(s == JobState.PENDING for _, s in released):
+            self.wake()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -710,6 +874,9 @@ class WorkerSupervisor:
                 proc.kill()
                 proc.wait()
             self._release(w, "the node stopped while this job was running")
+        for w in self.workers:
+            if w.tag:
+                status_path(self.cfg, w.index, w.tag).unlink(missing_ok=True)
 
     def alive(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc is not None and w.proc.poll() is None]
@@ -723,7 +890,7 @@ class WorkerSupervisor:
             alive = proc is not None and proc.poll() is None
             facts: dict = {}
             try:
-                facts = json.loads(status_path(self.cfg, w.index).read_text())
+                facts = json.loads(status_path(self.cfg, w.index, w.tag).read_text())
             except (OSError, ValueError):
                 pass
             if not alive or facts.get("pid") != proc.pid:  # type: ignore[union-attr]
@@ -739,6 +906,7 @@ class WorkerSupervisor:
                     "restarts": w.restarts,
                     "engines": facts.get("engines", []),
                     "job": facts.get("job"),
+                    "process": None,
                 }
             )
         return out

@@ -80,3 +80,14 @@ def test_claim_latency_benchmark_runs_on_both_databases():
     assert re.search(r"^sqlite: enqueue -> claim median [\d.]+ ms", out, re.M)
     assert re.search(r"^postgresql: enqueue -> claim median [\d.]+ ms", out, re.M)
     assert re.search(r"^ratio postgresql/sqlite: latency \(median\) [\d.]+, claim_job calls/s [\d.]+", out, re.M)
+
+
+def test_queue_scaling_benchmark_runs_and_prints_the_ratio():
+    require_tool("storescu")
+    out = run("benchmarks/queue_scaling.py", "--cases", "2", "--slices", "24", "--size", "64")
+    assert "cases: 2 CT phantoms of 24 slices of 64x64, classic engine" in out
+    assert re.search(r"^database: SQLite; \d+ CPUs; 1 thread\(s\) per worker process$", out, re.M), out
+    for k in (1, 2):
+        assert re.search(rf"^{k} worker process\(es\): 2 cases in [\d.]+ s: [\d.]+ cases/min$", out, re.M), out
+    (ratio,) = re.findall(r"^ratio 2 / 1 worker processes: ([\d.]+)$", out, re.M)
+    assert float(ratio) > 0

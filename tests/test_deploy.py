@@ -304,3 +304,69 @@ def test_the_installed_default_configuration_passes_config_check(tmp_path, capsy
     out, err = capsys.readouterr()
     assert rc != 0
     assert "destination 'archive' is not defined in the node configuration (defined: tps)" in out + err
+
+
+# -- the worker host's unit (dicom-node worker) ------------------------------------------
+WORKER_UNIT = REPO / "deploy" / "stardust-worker.service"
+
+
+def test_worker_unit_has_the_node_units_hardening_and_opens_no_port():
+    node, worker = unit_settings(UNIT.read_text()), unit_settings(WORKER_UNIT.read_text())
+    assert worker["ExecStart"] == ["/opt/stardust/venv/bin/dicom-node worker -c /etc/stardust/node.yaml"]
+    assert worker["SocketBindDeny"] == ["any"]  # nothing listens on a worker host
+    assert worker["KillMode"] == ["mixed"]  # SIGTERM to dicom-node worker, which stops its workers
+    assert float(worker["TimeoutStopSec"][0]) > 60  # more than dicom-node worker's default --stop-timeout
+    assert worker["RequiresMountsFor"] == ["/var/lib/stardust"]
+    # every other setting of the node's unit is the same (the hardening test above covers those)
+    differ = {"ExecStart", "Description", "TimeoutStopSec"}
+    for key, values in node.items():
+        if key not in differ:
+            assert worker.get(key) == values, key
+    for key in ("ProtectClock", "DeviceAllow", "DevicePolicy"):
+        assert key not in worker, key
+
+
+def test_staged_worker_host_install_lays_out_the_worker_unit(tmp_path):
+    root = tmp_path / "root"
+    out = install("--root", str(root), "--skip-venv", "--worker-host", "--datadir", "/data/stardust").stdout
+    unit = root / "etc/systemd/system/stardust-worker.service"
+    assert mode(unit) == "0o644"
+    s = unit_settings(unit.read_text())
+    assert s["ExecStart"] == ["/opt/stardust/venv/bin/dicom-node worker -c /etc/stardust/node.yaml"]
+    assert s["ReadWritePaths"] == ["/data/stardust /var/log/stardust"]
+    assert s["RequiresMountsFor"] == ["/data/stardust"]
+    assert not (root / "etc/systemd/system/stardust-node.service").exists()
+    assert "systemctl enable --now stardust-worker.service" in out
+    assert (
+        "nothing to change"
+        in install("--root", str(root), "--skip-venv", "--worker-host", "--datadir", "/data/stardust").stdout
+    )
+    refused = install("--root", str(tmp_path / "other"), "--skip-venv", "--worker-host", "--port-104", check=False)
+    assert refused.returncode == 2 and "a --worker-host opens no port" in refused.stderr
+
+
+def test_systemd_analyze_verify_accepts_the_worker_unit(tmp_path):
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not found: install it with 'sudo apt-get install systemd'")
+    root = tmp_path / "root"
+    install("--root", str(root), "--skip-venv", "--worker-host")
+    exe = root / "opt/stardust/venv/bin/dicom-node"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+    unit = root / "etc/systemd/system/stardust-worker.service"
+    unit.write_text(unit.read_text().replace("ExecStart=/opt/stardust", f"ExecStart={root}/opt/stardust"))
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{root}/etc/systemd/system:", SYSTEMD_LOG_COLOR="0")
+    proc = subprocess.run([tool, "verify", "stardust-worker.service"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == "", proc.stdout + proc.stderr
+    proc = subprocess.run(
+        [tool, "security", "--offline=yes", "--no-pager", "stardust-worker.service"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    m = re.search(r"Overall exposure level for stardust-worker\.service: ([0-9.]+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    print(f"systemd-analyze security exposure (worker): {m.group(1)}")
+    assert float(m.group(1)) <= 3.0

@@ -14,6 +14,11 @@ def register(sub) -> None:
     )
     p.add_argument("--port", type=int, help="override network.port")
     p.add_argument("--data-dir", help="override data_dir")
+    p.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="run no inference workers here (workers.devices: []): dicom-node worker processes take the jobs",
+    )
     p.set_defaults(func=run)
 
 
@@ -27,6 +32,8 @@ def run(args) -> int:
         overrides.setdefault("network", {})["port"] = args.port
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
+    if args.no_workers:
+        overrides["workers"] = {"devices": []}
     try:
         cfg = load_config(args.config, overrides=overrides or None)
     except ConfigError as exc:
