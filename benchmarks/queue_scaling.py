@@ -92,12 +92,11 @@ def write_config(folder: Path, database: str | None) -> Path:
 
 def jobs(config: Path, after: int = 0) -> list[dict]:
     """The jobs' state and times, through the node's own database layer."""
-    from dicom_node import db as dbmod
     from dicom_node.config import load_config
+    from dicom_node.db import open_database
 
     cfg = load_config(config)
-    opener = getattr(dbmod, "open_database", None)
-    database = opener(cfg) if opener is not None else dbmod.Database(cfg.db_path)
+    database = open_database(cfg)
     try:
         return [
             dict(r)

@@ -326,9 +326,9 @@ def _run_job(cfg: NodeConfig, db: Database, audit: AuditLog, job: JobRow, owner:
             list(rule_action.outputs),
             rule_action.window,
             image_paths,
-            cfg.data_dir,
+            cfg.files_dir,
         )
-        result_path = cfg.data_dir / written.files["rtstruct"][0]
+        result_path = cfg.files_dir / written.files["rtstruct"][0]
         info.update(files=written.files, qa=written.qa, outputs=list(rule_action.outputs))
         info["warnings"] = list(info["warnings"]) + written.warnings
     except PermanentJobError as exc:

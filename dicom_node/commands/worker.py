@@ -54,17 +54,14 @@ def open_worker_database(cfg):
     """The deployment's database, as a worker process may open it: existing, at this
     release's schema (it never creates or migrates one). Raises :class:`CommandError`.
 
-    A ``database:`` URL other than sqlite goes to ``dicom_node.db.open_database(cfg)``
-    where this release has it (PostgreSQL), its errors in one sentence."""
-    from dicom_node import db as dbmod
-    from dicom_node.db import Database, SchemaError
+    A ``database:`` URL other than sqlite goes to :func:`dicom_node.db.open_database`
+    (PostgreSQL), its errors in one sentence."""
+    from dicom_node.db import SchemaError, open_database
     from dicom_node.migrations import SCHEMA_VERSION, read_version
 
-    opener = getattr(dbmod, "open_database", None)
-    url = str(getattr(getattr(cfg, "database", None), "url", "sqlite") or "sqlite")
-    if opener is not None and url != "sqlite":
+    if str(cfg.database.url or "sqlite") != "sqlite":
         try:
-            return opener(cfg)
+            return open_database(cfg)
         except Exception as exc:  # unreachable server, refused login, other schema: one sentence
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CommandError(text if text.startswith("database") else f"database: {text}") from None
@@ -95,7 +92,7 @@ def open_worker_database(cfg):
             )
         )
     try:
-        return opener(cfg) if opener is not None else Database(path)  # open_database: shared_dir too
+        return open_database(cfg)
     except (SchemaError, sqlite3.Error, OSError) as exc:
         raise CommandError(f"database: {path}: {exc}") from None
 
