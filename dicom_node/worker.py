@@ -447,6 +447,9 @@ def _engine_facts(spec) -> dict:
 
 def run_worker(cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None) -> int:
     """The worker loop (until SIGTERM or the parent dies)."""
+    from inference.limits import set_input_limits
+
+    set_input_limits(cfg.limits.input_limits())
     db = Database(cfg.db_path)
     audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
     owner = f"{owner_name(index)}:{os.getpid()}"
