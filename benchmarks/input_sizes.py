@@ -22,7 +22,8 @@ write):
 * ``rois200``: the baseline with 200 clinical ROIs holding 2 million contour points.
 
 Columns: case, voxels, peak MB, ratio of the peak to the baseline's, seconds, engine,
-outcome (``ok`` with the result's slices, or the refusal). ``--quick``: a tiny baseline
+outcome (``ok`` with the result's slices, or the refusal). Engines other than ``classic``
+first run a tiny untimed case (the model's compiled cache is then warm). ``--quick``: a tiny baseline
 and a tiny 3-target case (a smoke run; its numbers mean little).
 
     .venv/bin/python benchmarks/input_sizes.py [--engine classic|litemedsam] [--cases a,b] [--json out.json]
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         names = ["baseline", *names]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="input_sizes_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.engine != "classic" and not args.quick:  # the first run compiles the model (OpenVINO cache): not timed
+        run_case("warm-up", QUICK_CASES["baseline"], workdir, args.engine)
     rows = []
     for name in names:
         row = run_case(name, table[name], workdir, args.engine)

@@ -7,8 +7,9 @@ frames of reference, image series and single images.
 
 Reading is lenient about what does not matter (a missing colour, an ROI without
 observations, an unknown geometric type) and strict about what would make the content
-wrong (contour data that is not a list of x/y/z triplets, non-finite coordinates):
-those raise :class:`RTStructError` with a message that names the ROI and says why.
+wrong (contour data that is not a list of x/y/z triplets, non-finite coordinates, more contour points than ``limits.max_contour_points`` of
+:mod:`inference.limits`): those raise :class:`RTStructError` with a message that names the
+ROI (or the limit) and says why.
 Nothing here needs the images; mapping onto a volume is :mod:`rtstruct.rasterize`,
 :mod:`rtstruct.prompts` and :func:`check_references`.
 """

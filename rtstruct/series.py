@@ -30,7 +30,10 @@ PixelSpacing, Rows or Columns; mixed orientations (cosines differ by more than
 sorted along the normal: duplicate positions; missing slices (a gap of about 2, 3, ...
 times the usual spacing); non-uniform spacing and positions off the normal (tilted or
 sheared stacks), both with the position tolerance described in :func:`load_series`;
-finally pixel data that cannot be decoded (the message names the transfer syntax and
+a series over the input limit
+(``limits.max_voxels``, :mod:`inference.limits`: Rows x Columns x frames from the headers
+before a header per frame is made, then slices x rows x columns before the array is
+allocated); finally pixel data that cannot be decoded (the message names the transfer syntax and
 the pydicom plugins that would decode it). The same SOP Instance in two files is read
 once. A single slice takes its spacing from SpacingBetweenSlices or SliceThickness
 (1.0 mm with a warning when it has neither). With ``select_consistent=True`` the strays
