@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,13 +133,18 @@ class Metrics:
 
 
 _metrics: Metrics | None = None
+_metrics_lock = threading.Lock()
 
 
 def metrics() -> Metrics:
-    """This process's :class:`Metrics` (created on first use)."""
+    """This process's :class:`Metrics` (created on first use, once: the first associations
+    of a node call this from several threads at once, and a second :class:`Metrics` would
+    register its series twice and fail their C-STORE)."""
     global _metrics
     if _metrics is None:
-        _metrics = Metrics()
+        with _metrics_lock:
+            if _metrics is None:
+                _metrics = Metrics()
     return _metrics
 
 
