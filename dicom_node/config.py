@@ -492,6 +492,20 @@ class DatabaseSettings(_Model):
         return None
 
 
+class Limits(_Model):
+    """How big one case's input may be (:class:`inference.limits.InputLimits`; README "Input sizes")."""
+
+    max_voxels: int = Field(default=2**29, ge=1)
+    max_targets: int = Field(default=50, ge=1)
+    max_mask_voxels: int = Field(default=2**31, ge=1)
+    max_contour_points: int = Field(default=10_000_000, ge=1)
+
+    def input_limits(self):
+        from inference.limits import InputLimits
+
+        return InputLimits(**self.model_dump())
+
+
 class NodeConfig(_Model):
     """The whole node configuration (see ``config/node.yaml`` for every key)."""
 
@@ -516,6 +530,7 @@ class NodeConfig(_Model):
     audit: Audit = Field(default_factory=Audit)
     web: Web = Field(default_factory=Web)
     webhook: Webhook = Field(default_factory=Webhook)
+    limits: Limits = Field(default_factory=Limits)
 
     #: where the file was read from (not a YAML key)
     source: Path | None = Field(default=None, exclude=True)

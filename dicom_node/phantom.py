@@ -16,6 +16,9 @@ Public API (used by tests, the demo and benchmarks):
 * :func:`make_phantom` -> :class:`Phantom` (volume, truth mask, box prompt, modality)
 * :func:`write_image_series` -> one DICOM file per slice of any :class:`Volume`
 * :func:`write_phantom` -> ``images/``, ``prompt.dcm`` (``BOX_`` ROI) and ``truth.dcm`` (``GTV``)
+* :func:`write_size_case` -> a large case for ``benchmarks/input_sizes.py`` and the size
+  tests: any number of slices, rows/columns and slice spacing, ``n`` targets
+  (``BOX_T01``...) and extra clinical ROIs holding many contour points
 """
 
 from __future__ import annotations
@@ -706,3 +709,141 @@ def save_phantom(phantom: Phantom, outdir: str | Path, *, rtstructs: bool = True
         ds.save_as(path, enforce_file_format=True)
         paths[name] = path
     return paths
+
+
+# ---------------------------------------------------------------------------------------
+# Large cases (input sizes)
+# ---------------------------------------------------------------------------------------
+def add_clinical_rois(ds: Dataset, volume: Volume, n_rois: int, points: int, *, per_contour: int = 1000) -> int:
+    """Add ``n_rois`` clinical ROIs (``ORGAN_001``..., type ORGAN) to the RTSTRUCT ``ds``
+    drawn on ``volume``: together about ``points`` contour points, as closed circles of
+    ``per_contour`` points on consecutive slices. Returns the number of points added."""
+    from pydicom.sequence import Sequence as DicomSequence
+
+    g = volume.geometry
+    n_slices, rows, cols = volume.shape
+    per_roi = max(3, points // max(n_rois, 1))
+    numbers = [int(item.ROINumber) for item in ds.StructureSetROISequence]
+    number = max(numbers, default=0)
+    added = 0
+    for r in range(n_rois):
+        number += 1
+        name = f"ORGAN_{r + 1:03d}"
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = volume.frame_of_reference_uid
+        roi.ROIName = name
+        roi.ROIGenerationAlgorithm = "MANUAL"
+        ds.StructureSetROISequence.append(roi)
+        contours = []
+        left = per_roi
+        k = (r * 7) % n_slices
+        while left > 0:
+            n = left if left < per_contour + 3 else per_contour
+            t = np.linspace(0.0, 2 * np.pi, n, endpoint=False)
+            radius = 0.2 + 0.15 * ((r % 5) / 5)
+            idx = np.column_stack(
+                [np.full(n, float(k)), rows * (0.5 + radius * np.sin(t)), cols * (0.5 + radius * np.cos(t))]
+            )
+            xyz = g.index_to_patient(idx)
+            c = Dataset()
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = volume.sop_class_uid
+            ref.ReferencedSOPInstanceUID = volume.sop_instance_uids[k]
+            c.ContourImageSequence = DicomSequence([ref])
+            c.ContourGeometricType = "CLOSED_PLANAR"
+            c.NumberOfContourPoints = n
+            c.ContourData = [f"{v:.2f}" for v in xyz.ravel()]
+            contours.append(c)
+            left -= n
+            added += n
+            k = (k + 1) % n_slices
+        item = Dataset()
+        item.ReferencedROINumber = number
+        item.ROIDisplayColor = [0, 128 + (r % 128), 255 - (r % 128)]
+        item.ContourSequence = DicomSequence(contours)
+        ds.ROIContourSequence.append(item)
+        obs = Dataset()
+        obs.ObservationNumber = number
+        obs.ReferencedROINumber = number
+        obs.RTROIInterpretedType = "ORGAN"
+        obs.ROIInterpreter = ""
+        ds.RTROIObservationsSequence.append(obs)
+    return added
+
+
+def write_size_case(
+    outdir: str | Path,
+    *,
+    slices: int = 100,
+    rows: int = 512,
+    slice_spacing: float = DEFAULT_SLICE_SPACING,
+    targets: int = 1,
+    clinical_rois: int = 0,
+    contour_points: int = 0,
+    seed: int = 0,
+) -> dict:
+    """Write a CT phantom of ``slices`` x ``rows`` x ``rows`` (a 384 mm field of view,
+    ``slice_spacing`` mm) with ``prompt.dcm``: ``targets`` box prompts on the tumour
+    (``BOX_`` for one, else ``BOX_T01``..., all the same box) plus ``clinical_rois`` ROIs
+    holding ``contour_points`` points (:func:`add_clinical_rois`). Slices are made and
+    written one at a time, so a 1000-slice 1024x1024 series never is in memory at once.
+    Returns ``{"images", "prompt", "voxels", "points", "tumour_slices"}``."""
+    from rtstruct.writer import RoiMask, write_rtstruct
+
+    outdir = Path(outdir)
+    shape = (int(slices), int(rows), int(rows))
+    spacing = (float(slice_spacing), DEFAULT_FOV_MM / rows, DEFAULT_FOV_MM / rows)
+    anatomy = _Anatomy("CT", seed, shape, spacing)
+    # the tumour's slices (only those near its centre are drawn)
+    w = np.array([anatomy.w(k) for k in range(shape[0])])
+    truth_slices = {}
+    for k in range(shape[0]):
+        if abs(w[k] - anatomy.tumour.centre[0]) <= anatomy.tumour.reach_mm:
+            t = anatomy.truth_slice(k)
+            if t.any():
+                truth_slices[k] = t
+    if not truth_slices:
+        raise ValueError(f"the tumour does not fit in a {shape} volume with spacing {spacing} mm")
+    direction = np.eye(3)[::-1]
+    centre = np.array([0.0, 0.0, -200.0])
+    half = (np.asarray(shape, dtype=float) - 1) / 2.0 * np.asarray(spacing, dtype=float)
+    geometry = Geometry(shape=shape, spacing=spacing, origin=centre - half @ direction, direction=direction)
+    study_uid, series_uid, for_uid = generate_uid(), generate_uid(), generate_uid()
+    uids = tuple(generate_uid() for _ in range(shape[0]))
+    attributes = phantom_attributes("CT", seed, study_uid, series_uid, for_uid)
+    images = outdir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for k in range(shape[0]):  # one slice at a time: a one-slice volume per file
+        one = Geometry(shape=(1, rows, rows), spacing=spacing, origin=geometry.slice_position(k), direction=direction)
+        arr = np.clip(np.rint(anatomy.slice(k)), -1024, 3071).astype(np.int16)[None]
+        vol = Volume(arr, one, (uids[k],), "CT", series_uid, study_uid, for_uid, CTImageStorage, dict(attributes))
+        (path,) = write_image_series(vol, images, prefix="tmp_")
+        path.rename(images / f"CT_{k + 1:04d}.dcm")
+    # the prompt RTSTRUCT on a volume that holds only the geometry and UIDs (no pixels needed)
+    empty = np.broadcast_to(np.int16(0), shape)  # no memory: the writer needs the grid, not the values
+    ref = Volume(empty, geometry, uids, "CT", series_uid, study_uid, for_uid, CTImageStorage, attributes)
+    largest = max(truth_slices, key=lambda k: int(truth_slices[k].sum()))
+    r0, r1, c0, c1 = _box_pixels(truth_slices[largest], geometry, BOX_MARGIN_MM)
+    box = np.zeros(shape, dtype=bool)
+    box[largest, r0 : r1 + 1, c0 : c1 + 1] = True
+    names = ["BOX_"] if targets == 1 else [f"BOX_T{i + 1:02d}" for i in range(targets)]
+    algorithm = {"algorithm_name": "STARDUST phantom", "algorithm_version": __version__}
+    prompt = write_rtstruct(
+        ref,
+        [RoiMask(n, box, color=(255, 255, 0), interpreted_type="CONTROL", **algorithm) for n in names],
+        label="PHANTOM_PROMPT",
+        series_description="STARDUST phantom prompt",
+        series_number=801,
+    )
+    del box
+    points = add_clinical_rois(prompt, ref, clinical_rois, contour_points) if clinical_rois else 0
+    path = outdir / "prompt.dcm"
+    prompt.save_as(path, enforce_file_format=True)
+    return {
+        "images": images,
+        "prompt": path,
+        "voxels": int(np.prod(shape)),
+        "points": points,
+        "tumour_slices": (min(truth_slices), max(truth_slices)),
+    }

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inference.engine import DEFAULT_ENGINE, EngineSpec, SegmentOptions
+from inference.limits import InputTooLarge, input_limits
 
 if TYPE_CHECKING:  # pragma: no cover
     from inference.engine import SegmentationResult
@@ -138,7 +139,7 @@ def extract_targets(
     from rtstruct.prompts import DEFAULT_CONVENTIONS, PromptError, extract_prompts
 
     try:
-        return extract_prompts(
+        targets = extract_prompts(
             structure_set,
             volume,
             conventions or DEFAULT_CONVENTIONS,
@@ -146,6 +147,11 @@ def extract_targets(
         )
     except PromptError as exc:
         raise CaseError("prompts", f"prompts refused: {exc}") from None
+    try:  # every target's mask is held until the result is written
+        input_limits().check_targets(len(targets), int(np.prod(volume.shape)))
+    except InputTooLarge as exc:
+        raise CaseError("prompts", f"prompts refused: {exc}") from None
+    return targets
 
 
 def prepare(

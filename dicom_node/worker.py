@@ -470,6 +470,9 @@ def run_worker(
     cfg: NodeConfig, index: int, device: str, notify: Callable[[str], None] | None = None, tag: str = ""
 ) -> int:
     """The worker loop (until SIGTERM or the parent dies)."""
+    from inference.limits import set_input_limits
+
+    set_input_limits(cfg.limits.input_limits())
     db = open_database(cfg)
     audit = AuditLog(cfg.audit_path, fsync=cfg.audit.fsync)
     owner = f"{owner_name(f'{index}.{tag}' if tag else index)}:{os.getpid()}"

@@ -1,10 +1,17 @@
-"""The limits of a segmentation walk: the one place where they and their defaults are defined.
+"""The limits of a segmentation walk and of a case's input size: the one place where they
+and their defaults are defined.
 
 A rule's action, ``dicom-node segment``/``study`` options, :class:`inference.engine.SegmentOptions`
 (what an engine is called with), :class:`inference.propagation.PropagationParams` (the 2D walk)
 and :class:`inference.sam2_video.VideoParams` (SAM2's 3D propagation) all are, or derive
 from, :class:`WalkLimits`. Lengths are in mm so that they mean the same on 1 mm and 5 mm
 slices.
+
+:class:`InputLimits` bounds what one case may hold (voxels, targets, target x voxel masks,
+contour points), so that a case too big for the worker's memory is refused with a reason
+before it is loaded, instead of taking the worker down. The loaders check the process's
+current limits (:func:`input_limits`); the node's worker sets them from ``node.yaml``'s
+``limits:`` section (:func:`set_input_limits`).
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["WalkLimits"]
+__all__ = ["InputLimits", "InputTooLarge", "WalkLimits", "input_limits", "set_input_limits"]
 
 
 @dataclass
@@ -67,3 +74,74 @@ class WalkLimits:
     def limit_values(self) -> dict[str, Any]:
         """The limits of this object as keyword arguments for another :class:`WalkLimits` subclass."""
         return {name: getattr(self, name) for name in WalkLimits.names()}
+
+
+class InputTooLarge(ValueError):
+    """A case's input exceeds an :class:`InputLimits` limit; the message names the value,
+    the limit and what to do."""
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """How big one case's input may be.
+
+    ``max_voxels``: slices x rows x columns of the image volume (2**29: 2048 slices of
+    512x512, or 512 of 1024x1024; about 1 GiB as int16). ``max_targets``: prompt targets
+    in one RTSTRUCT. ``max_mask_voxels``: targets x voxels, the result masks held at once
+    (one byte each). ``max_contour_points``: contour points of one RTSTRUCT (all ROIs).
+    """
+
+    max_voxels: int = 2**29
+    max_targets: int = 50
+    max_mask_voxels: int = 2**31
+    max_contour_points: int = 10_000_000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if int(getattr(self, f.name)) < 1:
+                raise ValueError(f"{f.name} must be at least 1, got {getattr(self, f.name)}")
+
+    def check_voxels(self, slices: int, rows: int, cols: int, what: str = "the image series") -> None:
+        voxels = int(slices) * int(rows) * int(cols)
+        if voxels > self.max_voxels:
+            raise InputTooLarge(
+                f"{what} has {slices} slices of {rows}x{cols} = {voxels:,} voxels, more than the limit of "
+                f"{self.max_voxels:,} (limits.max_voxels): send fewer slices or a smaller matrix, or raise the limit"
+            )
+
+    def check_targets(self, targets: int, voxels: int) -> None:
+        if targets > self.max_targets:
+            raise InputTooLarge(
+                f"the prompt RTSTRUCT holds {targets} targets, more than the limit of {self.max_targets} "
+                "(limits.max_targets): split the prompts over several RTSTRUCTs, or raise the limit"
+            )
+        if targets * voxels > self.max_mask_voxels:
+            raise InputTooLarge(
+                f"{targets} targets on {voxels:,} voxels need {targets * voxels:,} mask voxels, more than the limit "
+                f"of {self.max_mask_voxels:,} (limits.max_mask_voxels): send fewer targets per RTSTRUCT, or raise "
+                "the limit"
+            )
+
+    def check_contour_points(self, points: int) -> None:
+        if points > self.max_contour_points:
+            raise InputTooLarge(
+                f"the RTSTRUCT holds more than {self.max_contour_points:,} contour points "
+                f"(limits.max_contour_points; {points:,} read so far): send only the prompt ROIs, or raise the limit"
+            )
+
+
+_current = InputLimits()
+
+
+def input_limits() -> InputLimits:
+    """The input limits of this process (the defaults unless :func:`set_input_limits` changed them)."""
+    return _current
+
+
+def set_input_limits(limits: InputLimits | None = None, **values: int) -> InputLimits:
+    """Set this process's input limits: an :class:`InputLimits`, or keyword values over the
+    defaults (``set_input_limits()`` restores the defaults). Returns the previous limits."""
+    global _current
+    previous = _current
+    _current = limits if limits is not None else InputLimits(**values)
+    return previous

@@ -372,14 +372,23 @@ def postprocess(
     if fill_holes:
         for k in np.flatnonzero(mask.any(axis=(1, 2))):
             mask[k] = ndimage.binary_fill_holes(mask[k])
-    if keep_connected and mask.any():
-        labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    if keep_connected and zs.size:
+        # Label only the mask's bounding box: no component reaches outside it, and labels of
+        # the whole volume (int32) would take 4 bytes per voxel of a 1000-slice CT.
+        z0, z1 = int(zs[0]), int(zs[-1]) + 1
+        ys = np.flatnonzero(mask[z0:z1].any(axis=(0, 2)))
+        xs = np.flatnonzero(mask[z0:z1].any(axis=(0, 1)))
+        rows, cols = slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
+        sub = mask[z0:z1, rows, cols]
+        labels, n = ndimage.label(sub, structure=np.ones((3, 3, 3), dtype=bool))
         if n > 1:
             keep = set()
             for a, am in anchor_masks.items():
-                keep.update(int(v) for v in np.unique(labels[a][am & mask[a]]) if v)
+                if z0 <= a < z1:
+                    keep.update(int(v) for v in np.unique(labels[a - z0][am[rows, cols] & sub[a - z0]]) if v)
             if len(keep) < n:
-                mask &= np.isin(labels, sorted(keep))
+                sub &= np.isin(labels, sorted(keep))  # a view: mask changes in place
                 log.debug("dropped %d component(s) not connected to a prompted slice", n - len(keep))
     return mask
 

@@ -7,8 +7,9 @@ frames of reference, image series and single images.
 
 Reading is lenient about what does not matter (a missing colour, an ROI without
 observations, an unknown geometric type) and strict about what would make the content
-wrong (contour data that is not a list of x/y/z triplets, non-finite coordinates):
-those raise :class:`RTStructError` with a message that names the ROI and says why.
+wrong (contour data that is not a list of x/y/z triplets, non-finite coordinates, more contour points than ``limits.max_contour_points`` of
+:mod:`inference.limits`): those raise :class:`RTStructError` with a message that names the
+ROI (or the limit) and says why.
 Nothing here needs the images; mapping onto a volume is :mod:`rtstruct.rasterize`,
 :mod:`rtstruct.prompts` and :func:`check_references`.
 """
@@ -23,8 +24,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.multival import MultiValue
 
+from inference.limits import InputTooLarge, input_limits
 from rtstruct.headers import DicomFileError, FileKind, kind_of, read_header
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -175,23 +178,37 @@ def _read_dataset(source) -> pydicom.Dataset:
         raise RTStructError(str(exc)) from None
 
 
+def _contour_values(item, where: str) -> np.ndarray:
+    """ContourData as float64 values. Read from a file, the element is still its stored
+    string: numpy parses it in one call (a Python float per number through pydicom's DS
+    would take about 13 times the memory and 5 times the time of a 2-million-point
+    RTSTRUCT); a value that is not a number is refused as pydicom would refuse it."""
+    raw = item.get_item("ContourData") if "ContourData" in item else None
+    if raw is None:
+        raise RTStructError(f"{where}: ContourData is missing")
+    stored = raw.value
+    try:
+        if isinstance(raw, RawDataElement) and isinstance(stored, (bytes, bytearray)):
+            text = bytes(stored).strip(b" \x00")
+            return np.array(text.split(b"\\"), dtype=np.float64) if text else np.empty(0)
+        value = item.get("ContourData")  # in memory already (or stored oddly): pydicom's values
+        if value is None:
+            raise RTStructError(f"{where}: ContourData is missing")
+        if not isinstance(value, (list, tuple, MultiValue)):
+            value = [value]
+        return np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, RTStructError):
+            raise
+        raise RTStructError(f"{where}: ContourData holds a value that is not a number ({exc})") from exc
+
+
 def _contour(item, roi_label: str, index: int) -> Contour:
     where = f"ROI {roi_label}, contour {index + 1}"
     gtype = _text(item, "ContourGeometricType").upper()
     if not gtype:
         raise RTStructError(f"{where}: ContourGeometricType is missing")
-    try:
-        raw = item.get("ContourData")
-    except (ValueError, TypeError) as exc:  # pydicom converts DS strings on access
-        raise RTStructError(f"{where}: ContourData holds a value that is not a number ({exc})") from exc
-    if raw is None:
-        raise RTStructError(f"{where}: ContourData is missing")
-    if not isinstance(raw, (list, tuple, MultiValue)):
-        raw = [raw]
-    try:
-        values = np.array([float(v) for v in raw], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise RTStructError(f"{where}: ContourData holds a value that is not a number ({exc})") from exc
+    values = _contour_values(item, where)
     if values.size == 0 or values.size % 3:
         raise RTStructError(f"{where}: ContourData has {values.size} values, not a whole number of x/y/z triplets")
     if not np.all(np.isfinite(values)):
@@ -262,6 +279,7 @@ def _parse(ds: pydicom.Dataset) -> StructureSet:
 
     # -- ROIs ------------------------------------------------------------------------
     rois: dict[int, ROI] = {}
+    limits, points = input_limits(), 0
     for item in ds.get("StructureSetROISequence") or []:
         number = _int(item.get("ROINumber"), "ROINumber of a StructureSetROISequence item")
         if number in rois:
@@ -290,6 +308,11 @@ def _parse(ds: pydicom.Dataset) -> StructureSet:
         roi.color = _color(item.get("ROIDisplayColor"))
         for index, citem in enumerate(item.get("ContourSequence") or []):
             contour = _contour(citem, label, index)
+            points += len(contour.points)
+            try:
+                limits.check_contour_points(points)
+            except InputTooLarge as exc:
+                raise RTStructError(str(exc)) from None
             roi.contours.append(contour)
             images.extend(contour.referenced_sop_instance_uids)
 

@@ -30,7 +30,10 @@ PixelSpacing, Rows or Columns; mixed orientations (cosines differ by more than
 sorted along the normal: duplicate positions; missing slices (a gap of about 2, 3, ...
 times the usual spacing); non-uniform spacing and positions off the normal (tilted or
 sheared stacks), both with the position tolerance described in :func:`load_series`;
-finally pixel data that cannot be decoded (the message names the transfer syntax and
+a series over the input limit
+(``limits.max_voxels``, :mod:`inference.limits`: Rows x Columns x frames from the headers
+before a header per frame is made, then slices x rows x columns before the array is
+allocated); finally pixel data that cannot be decoded (the message names the transfer syntax and
 the pydicom plugins that would decode it). The same SOP Instance in two files is read
 once. A single slice takes its spacing from SpacingBetweenSlices or SliceThickness
 (1.0 mm with a warning when it has neither). With ``select_consistent=True`` the strays
@@ -69,6 +72,7 @@ from pydicom.uid import (
 
 from inference.files import files_under
 from inference.geometry import Geometry
+from inference.limits import InputTooLarge, input_limits
 from inference.volume import Volume
 from rtstruct.headers import (
     MULTI_FRAME_IMAGE_CLASSES,
@@ -346,6 +350,7 @@ def _describe_series(by_series: dict[str, list[_Header]]) -> str:
 # -- checks and geometry ----------------------------------------------------------------
 def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
     series_uid = headers[0].series_uid or "<no SeriesInstanceUID>"
+    _check_size(headers, series_uid)  # before a header per frame or a pixel is made
     # Multi-frame objects become one header per frame; every check below then applies to
     # the frames as it does to single-frame slices.
     headers = _expand_multi_frame(headers, series_uid)
@@ -434,6 +439,7 @@ def _build_volume(headers: list[_Header], spacing_tolerance: float) -> Volume:
     rows, cols = sizes[0]
     geometry = Geometry.from_dicom(positions[0], reference, tuple(pixel_spacings[0]), slice_spacing, (n, rows, cols))
     multi_frame = headers[0].frame is not None
+    _check_voxels(n, rows, cols, series_uid)  # the exact count, before the array is allocated
     array = _read_frames(headers, series_uid) if multi_frame else _read_pixels(headers, series_uid)
     first = headers[0].ds
     return Volume(
@@ -579,6 +585,26 @@ _FRAME_GROUPS: dict[str, tuple[str, ...]] = {
     "FrameContentSequence": ("StackID", "InStackPositionNumber", "TemporalPositionIndex"),
 }
 _FUNCTIONAL_GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
+
+
+def _check_voxels(slices: int, rows: int, cols: int, series_uid: str) -> None:
+    try:
+        input_limits().check_voxels(slices, rows, cols, f"series {series_uid}")
+    except InputTooLarge as exc:
+        raise VolumeError(str(exc)) from None
+
+
+def _check_size(headers: list[_Header], series_uid: str) -> None:
+    """Refuse a series whose headers (Rows x Columns x frames, summed) already exceed
+    ``limits.max_voxels`` (:mod:`inference.limits`), before anything is built from them."""
+    voxels, rows, cols = 0, 0, 0
+    for h in headers:
+        r, c = _int_or_none(h.ds.get("Rows")) or 0, _int_or_none(h.ds.get("Columns")) or 0
+        frames = _int_or_none(h.ds.get("NumberOfFrames")) or 1
+        voxels += r * c * max(frames, 1)
+        rows, cols = max(rows, r), max(cols, c)
+    if rows and cols and voxels > input_limits().max_voxels:
+        _check_voxels(math.ceil(voxels / (rows * cols)), rows, cols, series_uid)
 
 
 def _is_multi_frame(h: _Header) -> bool:
