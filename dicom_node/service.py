@@ -43,7 +43,7 @@ from dicom_node.scp import StorageSCP
 from dicom_node.sender import Sender
 from dicom_node.store import Store
 from dicom_node.worker import WorkerSupervisor, live_owners, other_workers, supervisor_tag
-from inference.limits import set_input_limits
+from inference.limits import InputLimits, set_input_limits
 
 __all__ = ["Node", "NodeError"]
 
@@ -125,7 +125,10 @@ class Node:
             raise NodeError(f"data_dir: {cfg.data_dir} is not writable by this user")
         self._lock()
         use_directory(cfg.data_dir / "run" / "metrics")  # before anything is counted; the workers inherit it
-        set_input_limits(cfg.limits.input_limits())  # the case assembler reads prompts under node.yaml's limits too
+        # The case assembler reads the prompt RTSTRUCTs: a contour-point limit raised in
+        # node.yaml applies to it too, a lowered one is left to the worker, whose refusal
+        # reaches the case, the job and the audit (here it would only be a log line).
+        set_input_limits(max_contour_points=max(cfg.limits.max_contour_points, InputLimits.max_contour_points))
         t0 = time.time()
         self.secret = load_secret(cfg.data_dir)
         try:
