@@ -655,14 +655,13 @@ def queue_wakeups(cfg: NodeConfig, db: Database, wake: Callable[[], None], stop:
     Runs in a thread of that process until ``stop`` is set, calling ``wake`` (which wakes
     its idle workers) when a job is waiting. Today it polls the queue every
     ``workers.poll_seconds`` (the workers also poll on their own at that interval, so a
-    missed wake-up costs at most one interval). With a database that has
-    ``wait(channels, timeout)`` (PostgreSQL: ``LISTEN jobs``), it blocks on that instead.
+    missed wake-up costs at most one interval). On PostgreSQL it blocks on ``db.wait``
+    (``LISTEN jobs``) instead.
     """
-    waiter = getattr(db, "wait", None)  # db.wait(channels, timeout): LISTEN/NOTIFY where the database has it
     while not stop.is_set():
         try:
-            if waiter is not None:
-                waiter(["jobs"], cfg.workers.poll_seconds)
+            if db.is_postgresql:
+                db.wait(["jobs"], cfg.workers.poll_seconds)
             elif stop.wait(cfg.workers.poll_seconds):
                 break
             if has_pending_jobs(db):
