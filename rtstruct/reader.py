@@ -192,15 +192,14 @@ def _contour_values(item, where: str) -> np.ndarray:
             text = bytes(stored).strip(b" \x00")
             return np.array(text.split(b"\\"), dtype=np.float64) if text else np.empty(0)
         value = item.get("ContourData")  # in memory already (or stored oddly): pydicom's values
-        if value is None:
-            raise RTStructError(f"{where}: ContourData is missing")
-        if not isinstance(value, (list, tuple, MultiValue)):
+        if value is not None and not isinstance(value, (list, tuple, MultiValue)):
             value = [value]
-        return np.array([float(v) for v in value], dtype=np.float64)
+        values = None if value is None else np.array([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, RTStructError):
-            raise
         raise RTStructError(f"{where}: ContourData holds a value that is not a number ({exc})") from exc
+    if values is None:
+        raise RTStructError(f"{where}: ContourData is missing")
+    return values
 
 
 def _contour(item, roi_label: str, index: int) -> Contour:
