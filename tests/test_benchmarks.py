@@ -72,6 +72,24 @@ def test_partial_volume_benchmark_runs_quick():
     assert re.search(r"^phantom CT seed 0 \(small\)\s+\d\.\d{3}\s+\d\.\d\d\s+\d\.\d{3}\s+\d\.\d\d$", out, re.M), out
 
 
+def test_point_prompts_benchmark_runs_on_a_phantom(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dicom_node",
+        "phantom",
+        str(tmp_path / "src" / "phantoms" / "mr0"),
+        "--modality",
+        "MR",
+    ]
+    subprocess.run([*cmd, "--size", "128"], cwd=str(REPO), check=True, capture_output=True)
+    out = run("benchmarks/point_prompts.py", str(tmp_path / "src"), "--draws", "1")
+    head = re.search(r"^group \(median Dice on the prompted slice\)\s+box\s+margins\s+margins vs box", out, re.M)
+    assert head and "refine vs box" in out, out
+    assert re.search(r"^phantoms MR(\s+\d\.\d{3}){5}$", out, re.M), out
+    assert re.search(r"^worst refine: phantoms/\S+ (largest|middle) \d\.\d{3} \(box \d\.\d{3}\)$", out, re.M), out
+
+
 def test_claim_latency_benchmark_runs_on_both_databases():
     from helpers.postgres import require_postgres
 

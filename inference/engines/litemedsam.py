@@ -31,6 +31,11 @@ Configuration (all hashable, all optional):
 ``point_margins_mm``
     with points and no box: the margins around the positive points whose boxes are tried
     (default ``(15, 20, 30, 45, 60)``; see :class:`inference.litemedsam.LiteMedSamSliceSegmenter`).
+``point_method``
+    how those boxes' masks become one: ``"margins"`` (default: the best predicted IoU among
+    those that agree with the clicks) or ``"refine"`` (each mask decoded again from its own
+    bounding box until it stops changing, then chosen the same way: better on a large MR
+    mass, worse on LUNG1-001 and STS-001 T1); :func:`inference.litemedsam.points_to_mask`.
 
 Mode: ``box2d`` only (:func:`inference.propagation.propagate_2d`).
 """
@@ -52,7 +57,7 @@ log = logging.getLogger(__name__)
 
 ALGORITHM_NAME_MAX = 64  # AlgorithmName (0066,0036) is LO
 RUNTIMES = ("auto", "openvino", "eager")
-_KNOWN = "checkpoint, runtime, precision, device, threads, cache_dir, cache_slices, batch_size, point_margins_mm"
+_KNOWN = "checkpoint, runtime, precision, device, threads, cache_dir, cache_slices, batch_size, point_margins_mm, point_method"
 
 
 def _fit(text: str, limit: int = ALGORITHM_NAME_MAX) -> str:
@@ -73,6 +78,7 @@ class LiteMedSamEngine(Engine):
         cache_slices: int = 8,
         batch_size: int = 1,
         point_margins_mm: tuple[float, ...] = lm.POINT_MARGINS_MM,
+        point_method: str = lm.POINT_METHODS[0],
         **unknown,
     ) -> None:
         if unknown:
@@ -90,6 +96,9 @@ class LiteMedSamEngine(Engine):
         )
         if not margins or min(margins) < 0:
             raise lm.LiteMedSamError(f"point_margins_mm must be non-negative margins in mm, got {point_margins_mm!r}")
+        if point_method not in lm.POINT_METHODS:
+            raise lm.LiteMedSamError(f"point_method must be one of {', '.join(lm.POINT_METHODS)}, got {point_method!r}")
+        self.point_method = point_method
         self.cache_slices = int(cache_slices)
         self.batch_size = int(batch_size)
         self.point_margins_mm = margins
@@ -174,6 +183,7 @@ class LiteMedSamEngine(Engine):
             cache_slices=self.cache_slices,
             batch_size=self.batch_size,
             point_margins_mm=self.point_margins_mm,
+            point_method=self.point_method,
         )
         params = PropagationParams.from_options(options, prefetch_batch=self.batch_size)
         with self._lock:
