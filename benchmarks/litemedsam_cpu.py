@@ -15,6 +15,9 @@ Variants (those whose runtime is missing are listed as skipped):
 * ``eager bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the encoder;
 * ``torch.compile``: inductor on the encoder (``--variants`` only: it compiles for minutes);
 * ``openvino f32`` (the engine's default on the CPU), the same on 1 thread, ``openvino bf16``;
+* ``openvino f32+bf16 tail``: the encoder split after its third stage, the first part
+  compiled in f32 and the last stage with the neck in bf16 (where bf16's error comes from:
+  every stage adds some, so only the tail can run in bf16 and keep the masks);
 * ``onnxruntime f32``: the encoder exported with ``torch.onnx.export`` (needs ``onnx``),
   eager decoder;
 * ``openvino int8``: NNCF post-training quantisation of the encoder (needs ``nncf``),
@@ -71,6 +74,7 @@ ALL_VARIANTS = [
     "openvino-f32",
     "openvino-f32-1thread",
     "openvino-bf16",
+    "openvino-bf16-tail",
     "onnxruntime-f32",
     "openvino-int8",
 ]
@@ -84,6 +88,7 @@ LABELS = {
     "openvino-f32": "openvino f32",
     "openvino-f32-1thread": "openvino f32 1 thread",
     "openvino-bf16": "openvino bf16",
+    "openvino-bf16-tail": "openvino f32+bf16 tail",
     "onnxruntime-f32": "onnxruntime f32",
     "openvino-int8": "openvino int8 (nncf)",
 }
@@ -173,6 +178,52 @@ class OrtRuntime(lm.EagerRuntime):
         return np.concatenate([self.session.run(None, {"image": images[n : n + 1]})[0] for n in range(len(images))])
 
 
+class SplitRuntime(lm.EagerRuntime):
+    """The encoder as two OpenVINO models: stages ``< split`` in f32, the rest and the neck in bf16."""
+
+    name = "openvino f32+bf16 tail"
+
+    def __init__(self, model, split: int = 3):
+        import openvino as ov
+
+        super().__init__(model)
+        enc = model.image_encoder.eval()
+
+        class Head(torch.nn.Module):
+            def forward(self, x):
+                x = enc.patch_embed(x)
+                for layer in enc.layers[:split]:
+                    x = layer(x)
+                return x
+
+        class Tail(torch.nn.Module):
+            def forward(self, x):
+                for layer in enc.layers[split:]:
+                    x = layer(x)
+                b, _, c = x.size()
+                side = lm.EMBEDDING_SHAPE[1]
+                return enc.neck(x.view(b, side, side, c).permute(0, 3, 1, 2))
+
+        x0 = torch.zeros(1, 3, lm.IMAGE_SIZE, lm.IMAGE_SIZE)
+        core = ov.Core()
+        parts = []
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for part, precision in ((Head(), "f32"), (Tail(), "bf16")):
+                ir = ov.convert_model(torch.jit.trace(part, x0, check_trace=False), example_input=x0)
+                parts.append(core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": precision}))
+                x0 = part(x0)
+        self.head, self.tail = parts
+
+    def encode(self, images):
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        out = []
+        for n in range(len(images)):
+            mid = self.head(images[n : n + 1])[0]
+            out.append(np.asarray(self.tail(mid)[0]))
+        return np.concatenate(out)
+
+
 class Int8Runtime:
     name = "openvino int8"
 
@@ -258,6 +309,17 @@ def slice_sets(quick: bool):
 # -- measurements ---------------------------------------------------------------------------
 
 
+def cpu_features() -> str:
+    """The vector and matrix instruction sets that decide f32/bf16/int8 speed (Linux; else unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     s = int(a.sum()) + int(b.sum())
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
@@ -279,6 +341,8 @@ def build(name: str, model, info, args, workdir: Path, calibration: np.ndarray):
     if name.startswith("openvino"):
         if not lm.openvino_available():
             raise Skip("openvino is not installed")
+        if name == "openvino-bf16-tail":
+            return SplitRuntime(model)
         if name == "openvino-int8":
             fp32 = lm.OpenVinoRuntime(model, info.sha256, cache_root=args.cache_dir, precision="f32")
             return Int8Runtime(fp32, calibration)
@@ -419,6 +483,7 @@ def main(argv=None) -> int:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), openvino {lm.openvino_version() or 'not installed'}"
     )
+    print(f"instruction sets: {cpu_features()}")
     model, info = lm.load_model()
     print(f"LiteMedSAM {info.short}, {lm.PACKAGE} {info.package_version}")
     with tempfile.TemporaryDirectory(prefix="litemedsam-bench-") as tmp:

