@@ -123,6 +123,53 @@ def test_classic_from_a_positive_click_only():
     assert dice(res.mask, tumour) >= 0.8
 
 
+def large_mr_tumour(seed: int = 0):
+    """An MR-like volume (1 mm pixels, 3 mm slices) with an 80 x 110 mm ellipsoidal tumour
+    (brighter than the muscle around it), far larger than one fixed box around a few clicks."""
+    rng = np.random.default_rng(seed)
+    shape = (15, 200, 200)
+    zz, yy, xx = np.indices(shape)
+    tumour = ((zz - 7) / 6.5) ** 2 + ((yy - 100) / 40.0) ** 2 + ((xx - 100) / 55.0) ** 2 <= 1.0
+    img = np.full(shape, 300.0)
+    img[:, 20:180, 10:190] = 500.0  # muscle
+    img[tumour] = 900.0
+    img += rng.normal(0, 25, shape)
+    img = ndimage.gaussian_filter(img, (0, 0.8, 0.8))
+    return img.clip(0).astype(np.int16), tumour
+
+
+def test_classic_clicks_without_a_box_find_a_tumour_larger_than_any_fixed_box():
+    """Two clicks near the middle of an 80 x 110 mm tumour and one click outside it: the box grows
+    until the mask settles (off the box's border, unchanged by the next size), so the
+    tumour is not cut at 25 mm from the clicks as a fixed box did."""
+    from inference.engines.classic import ClassicParams, ClassicSliceSegmenter
+
+    img, tumour = large_mr_tumour()
+    vol = make_volume(img, modality="MR")
+    k = 7
+    clicks = [(100.0, 95.0, True), (104.0, 110.0, True), (100.0, 170.0, False)]
+    gray = prepare(vol).gray
+    fixed = ClassicSliceSegmenter(gray, vol.spacing, ClassicParams(click_boxes_mm=(25.0,)))
+    cut, _ = fixed.segment_slice(k, None, clicks)
+    grown, _ = ClassicSliceSegmenter(gray, vol.spacing).segment_slice(k, None, clicks)
+    d_cut, d_grown = dice(cut, tumour[k]), dice(grown, tumour[k])
+    assert d_cut < 0.8, d_cut  # a 25 mm box around the clicks cuts the tumour
+    assert d_grown >= 0.9, (d_cut, d_grown)
+    assert not grown[100, 170]  # the negative click stays outside
+    prompts = TargetPrompts("", "GTV_AI", points=[PointPrompt(k, i, j, p) for i, j, p in clicks])
+    res = ClassicEngine().segment(vol, prompts, SegmentOptions())
+    assert dice(res.mask, tumour) >= 0.85, dice(res.mask, tumour)
+
+
+def test_classic_click_boxes_are_validated():
+    from inference.engines.classic import ClassicParams
+
+    assert ClassicParams(click_boxes_mm=(40, 15)).click_boxes_mm == (15.0, 40.0)
+    for bad in ((), (0.0, 10.0), (-5.0,)):
+        with pytest.raises(ValueError, match="click_boxes_mm"):
+            ClassicParams(click_boxes_mm=bad)
+
+
 def test_classic_engine_contract():
     engine = get_engine("classic")
     assert isinstance(engine, ClassicEngine) and get_engine("classic") is engine

@@ -33,6 +33,17 @@ crop around the box (fast on 512x512 images), on the 3x3-median-smoothed slice.
    pixels on the tumour's side of the Otsu level next to lung, not next to tissue that
    lost the competition).
 
+*Clicks without a box* (``POS_``/``NEG_`` points only): boxes grown from the positive clicks
+by each half-size of ``click_boxes_mm`` are tried, smallest first, and the first whose mask
+is settled is used: it agrees with every click, keeps off the box's border and barely
+changes in the next larger box (``click_stable_dice``). A single fixed box either cuts a
+large tumour or, around a small one, lets other tissue into the intensity model. Measured
+end to end (``dicom-node study SRC OUT --engine classic --prompt points --positives 2
+--negatives 1 --slice largest --seed 0``; one fixed box of +-25 mm -> settled boxes, 3D Dice):
+STS-001 T1 0.012 -> 0.689, T2 0.319 -> 0.854, 8 CT phantoms (median) 0.951 -> 0.963, 8 MR
+phantoms 0.967 -> 0.967, LUNG1-001 0.583 -> 0.583 (unchanged: its clicked slice's mask holds
+about half of the tumour, Dice 0.71 on that slice, and the walk shrinks from there).
+
 *Every further slice (walking from an anchor).* The same, with memory of the previous
 slice: the allowed region is the propagation box intersected with the previous mask
 dilated by ``step_mm``; tumour markers = the previous mask's core in tissue; background
@@ -70,7 +81,7 @@ from skimage.segmentation import watershed
 from inference.engine import Engine, SegmentationError, SegmentationResult, SegmentOptions
 from inference.preprocess import prepare
 from inference.prompts import TargetPrompts
-from inference.propagation import Box, Point, PropagationParams, StopPropagation, propagate_2d
+from inference.propagation import Box, Point, PropagationParams, StopPropagation, bounding_box, propagate_2d
 from inference.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -100,13 +111,18 @@ class ClassicParams:
     min_spread: float = 2.0  # uint8 grey levels: floor of the robust spread
     min_contrast: float = 6.0  # grey levels between the box's two classes; less: nothing to segment
     click_radius_mm: float = 2.0  # marker disc around a click
-    no_prompt_box_mm: float = 25.0  # half-size of the search box around clicks without a box
+    no_prompt_box_mm: float = 25.0  # clicks without a box: the box when no size of click_boxes_mm settles
+    click_boxes_mm: tuple[float, ...] = (15.0, 25.0, 40.0, 60.0, 80.0)  # half-sizes tried, smallest first
+    click_stable_dice: float = 0.9  # a box is settled when the next larger one gives this Dice or more
     ct_window: tuple[float, float] = CLASSIC_CT_WINDOW
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name != "ct_window" and getattr(self, f.name) < 0:
+            if f.name not in ("ct_window", "click_boxes_mm") and getattr(self, f.name) < 0:
                 raise ValueError(f"{f.name} must not be negative")
+        object.__setattr__(self, "click_boxes_mm", tuple(sorted(float(h) for h in self.click_boxes_mm)))
+        if not self.click_boxes_mm or self.click_boxes_mm[0] <= 0:
+            raise ValueError("click_boxes_mm must be positive half-sizes")
         if self.max_growth < 1:
             raise ValueError("max_growth must be >= 1")
 
@@ -163,6 +179,28 @@ def _ellipse_se(mm: float, spacing_yx: tuple[float, float]) -> np.ndarray:
     return (y / ri) ** 2 + (x / rj) ** 2 <= 1.0 + 1e-9
 
 
+def _dice_2d(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def _agrees(mask: np.ndarray, points: Sequence[Point]) -> bool:
+    """Every positive click inside the mask, every negative one outside."""
+    ny, nx = mask.shape
+    for i, j, positive in points:
+        ii, jj = min(max(int(round(i)), 0), ny - 1), min(max(int(round(j)), 0), nx - 1)
+        if bool(mask[ii, jj]) != bool(positive):
+            return False
+    return True
+
+
+def _inside(mask: np.ndarray, box: Box) -> bool:
+    """The mask keeps more than a pixel off the box's border on every side (where the box
+    was clipped, off the image's edge): the box did not cut it."""
+    m0, n0, m1, n1 = bounding_box(mask)  # type: ignore[misc]
+    return m0 > box[0] + 1 and n0 > box[1] + 1 and m1 < box[2] - 1 and n1 < box[3] - 1
+
+
 class ClassicSliceSegmenter:
     """A :class:`~inference.propagation.GuidedSliceSegmenter` over one uint8 volume."""
 
@@ -187,11 +225,7 @@ class ClassicSliceSegmenter:
         if box is None:
             if not positives:
                 raise ValueError("a slice needs a box or a positive click")
-            half_i = self.p.no_prompt_box_mm / self.spacing_yx[0]
-            half_j = self.p.no_prompt_box_mm / self.spacing_yx[1]
-            ii = [p[0] for p in positives]
-            jj = [p[1] for p in positives]
-            box = (min(ii) - half_i, min(jj) - half_j, max(ii) + half_i, max(jj) + half_j)
+            box = self._box_for_clicks(k, points, positives)
         box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], ny - 1.0), min(box[3], nx - 1.0))
         crop = self._crop(box)
         im = self._smooth(k, crop)
@@ -265,6 +299,42 @@ class ClassicSliceSegmenter:
         if previous_k != anchor_k:  # the walk never comes back to it
             self._background.pop((anchor_k, previous_k), None)
         return self._paste(mask, crop), self._edge_score(mask, im, model)
+
+    # -- clicks without a box --------------------------------------------------------
+    def _click_box(self, positives, half_mm: float) -> Box:
+        ny, nx = self.gray.shape[1:]
+        hi, hj = half_mm / self.spacing_yx[0], half_mm / self.spacing_yx[1]
+        ii = [p[0] for p in positives]
+        jj = [p[1] for p in positives]
+        return (
+            max(min(ii) - hi, 0.0),
+            max(min(jj) - hj, 0.0),
+            min(max(ii) + hi, ny - 1.0),
+            min(max(jj) + hj, nx - 1.0),
+        )
+
+    def _box_for_clicks(self, k: int, points: Sequence[Point], positives) -> Box:
+        """The box for clicks that come without one: the smallest of the boxes grown from the
+        positive clicks by ``click_boxes_mm`` whose mask is *settled*: it agrees with every
+        click, lies inside the box (off its border, and so off the image's edge) and the next
+        larger box gives nearly the same mask (Dice >= ``click_stable_dice``),
+        so the box did not cut the tumour. A fixed box cuts a tumour larger than itself (on
+        the real cases of 73-93 mm it kept 5-60 %); a box far larger than a small tumour lets
+        other tissue into the intensity model. When no size settles: the largest box whose
+        mask agrees and lies inside, else ``no_prompt_box_mm``."""
+        tried: list[tuple[float, Box, np.ndarray, bool]] = []
+        for half in self.p.click_boxes_mm:
+            box = self._click_box(positives, half)
+            mask, _ = self.segment_slice(k, box, points)
+            ok = bool(mask.any()) and _agrees(mask, points) and _inside(mask, box)
+            if tried and tried[-1][3] and _dice_2d(tried[-1][2], mask) >= self.p.click_stable_dice:
+                log.debug("slice %d: clicks settled in a box of +-%g mm", k, tried[-1][0])
+                return tried[-1][1]
+            tried.append((half, box, mask, ok))
+        enclosed = [t for t in tried if t[3]]
+        half = enclosed[-1][0] if enclosed else self.p.no_prompt_box_mm
+        log.debug("slice %d: no click box settled; +-%g mm", k, half)
+        return self._click_box(positives, half)
 
     # -- pieces ----------------------------------------------------------------------
     def _se_mm(self, mm: float) -> np.ndarray:
