@@ -191,6 +191,16 @@ def clip_box(box: Box, shape_yx: tuple[int, int]) -> Box:
     return (i0, j0, i1, j1)
 
 
+def clicks_agree(mask2d: np.ndarray, points: Sequence[Point]) -> bool:
+    """Whether every positive click ``(i, j, True)`` lies inside ``mask2d`` and every negative
+    one outside (clicks off the image count at the nearest pixel)."""
+    ny, nx = mask2d.shape
+    return all(
+        bool(mask2d[min(max(int(round(i)), 0), ny - 1), min(max(int(round(j)), 0), nx - 1)]) == bool(positive)
+        for i, j, positive in points
+    )
+
+
 def _point_in_box(p: Point, box: Box) -> bool:
     return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 

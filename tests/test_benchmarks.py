@@ -85,9 +85,9 @@ def test_point_prompts_benchmark_runs_on_a_phantom(tmp_path):
     ]
     subprocess.run([*cmd, "--size", "128"], cwd=str(REPO), check=True, capture_output=True)
     out = run("benchmarks/point_prompts.py", str(tmp_path / "src"), "--draws", "1")
-    head = re.search(r"^group \(median Dice on the prompted slice\)\s+box\s+margins\s+margins vs box", out, re.M)
+    head = re.search(r"^group \(median Dice on the prompted slice\)\s+box\s+grow\s+grow vs box\s+margins", out, re.M)
     assert head and "refine vs box" in out, out
-    assert re.search(r"^phantoms MR(\s+\d\.\d{3}){5}$", out, re.M), out
+    assert re.search(r"^phantoms MR(\s+\d\.\d{3}){7}$", out, re.M), out
     assert re.search(r"^worst refine: phantoms/\S+ (largest|middle) \d\.\d{3} \(box \d\.\d{3}\)$", out, re.M), out
 
 

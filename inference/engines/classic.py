@@ -79,9 +79,18 @@ from skimage.filters import sobel, threshold_otsu
 from skimage.segmentation import watershed
 
 from inference.engine import Engine, SegmentationError, SegmentationResult, SegmentOptions
+from inference.metrics import dice
 from inference.preprocess import prepare
 from inference.prompts import TargetPrompts
-from inference.propagation import Box, Point, PropagationParams, StopPropagation, bounding_box, propagate_2d
+from inference.propagation import (
+    Box,
+    Point,
+    PropagationParams,
+    StopPropagation,
+    bounding_box,
+    clicks_agree,
+    propagate_2d,
+)
 from inference.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -177,21 +186,6 @@ def _ellipse_se(mm: float, spacing_yx: tuple[float, float]) -> np.ndarray:
     rj = max(int(round(mm / spacing_yx[1])), 1)
     y, x = np.ogrid[-ri : ri + 1, -rj : rj + 1]
     return (y / ri) ** 2 + (x / rj) ** 2 <= 1.0 + 1e-9
-
-
-def _dice_2d(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
-def _agrees(mask: np.ndarray, points: Sequence[Point]) -> bool:
-    """Every positive click inside the mask, every negative one outside."""
-    ny, nx = mask.shape
-    for i, j, positive in points:
-        ii, jj = min(max(int(round(i)), 0), ny - 1), min(max(int(round(j)), 0), nx - 1)
-        if bool(mask[ii, jj]) != bool(positive):
-            return False
-    return True
 
 
 def _inside(mask: np.ndarray, box: Box) -> bool:
@@ -326,8 +320,8 @@ class ClassicSliceSegmenter:
         for half in self.p.click_boxes_mm:
             box = self._click_box(positives, half)
             mask, _ = self.segment_slice(k, box, points)
-            ok = bool(mask.any()) and _agrees(mask, points) and _inside(mask, box)
-            if tried and tried[-1][3] and _dice_2d(tried[-1][2], mask) >= self.p.click_stable_dice:
+            ok = bool(mask.any()) and clicks_agree(mask, points) and _inside(mask, box)
+            if tried and tried[-1][3] and dice(tried[-1][2], mask) >= self.p.click_stable_dice:
                 log.debug("slice %d: clicks settled in a box of +-%g mm", k, tried[-1][0])
                 return tried[-1][1]
             tried.append((half, box, mask, ok))

@@ -32,10 +32,12 @@ Configuration (all hashable, all optional):
     with points and no box: the margins around the positive points whose boxes are tried
     (default ``(15, 20, 30, 45, 60)``; see :class:`inference.litemedsam.LiteMedSamSliceSegmenter`).
 ``point_method``
-    how those boxes' masks become one: ``"margins"`` (default: the best predicted IoU among
-    those that agree with the clicks) or ``"refine"`` (each mask decoded again from its own
-    bounding box until it stops changing, then chosen the same way: better on a large MR
-    mass, worse on LUNG1-001 and STS-001 T1); :func:`inference.litemedsam.points_to_mask`.
+    how those boxes' masks become one: ``"grow"`` (default: each mask decoded again from its
+    bounding box grown by the walk's 3 mm until it stops changing, then the best predicted
+    IoU among those that agree with the clicks: clicks give what the planner's box gives on
+    every measured case), ``"margins"`` (the masks as they are) or ``"refine"`` (decoded
+    again from the tight bounding box: it shrinks on LUNG1-001 and STS-001 T1);
+    :func:`inference.litemedsam.points_to_mask`.
 
 Mode: ``box2d`` only (:func:`inference.propagation.propagate_2d`).
 """
