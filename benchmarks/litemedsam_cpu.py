@@ -320,6 +320,32 @@ def cpu_features() -> str:
     return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
 
 
+def encoder_gflop(model) -> float:
+    """Floating-point operations of one slice through the image encoder (PyTorch's counter), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.image_encoder(torch.zeros(1, 3, lm.IMAGE_SIZE, lm.IMAGE_SIZE))
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """This machine's matrix-multiply rate (PyTorch, all its threads, best of ``repeats``) in
+    f32 and bf16, GFLOP/s: the practical ceiling any runtime's encoder meets in that precision."""
+    rates = {}
+    for label, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        rates[label] = 2.0 * n**3 / best / 1e9
+    return rates
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     s = int(a.sum()) + int(b.sum())
     return 1.0 if s == 0 else 2.0 * int((a & b).sum()) / s
@@ -393,7 +419,8 @@ def per_slice_table(model, info, args, workdir: Path) -> None:
     slices = sum(len(s[1]) for s in sets)
     print(f"\nper slice: {slices} slices ({', '.join(f'{s[0]} {len(s[1])}' for s in sets)}), box from the truth")
     print(
-        f"{'variant':24} {'encoder s':>10} {'decoder s':>10} {'total s':>8} {'ratio':>6} {'Dice 3D':>8} {'min slice':>9}"
+        f"{'variant':24} {'encoder s':>10} {'decoder s':>10} {'total s':>8} {'ratio':>6} {'Dice 3D':>8} "
+        f"{'min slice':>9} {'GFLOP/s':>8}"
     )
     ref = "eager" if "eager" in runtimes else next(iter(runtimes))
     ref_total = np.median(enc_t[ref]) + np.median(dec_t[ref])
@@ -407,9 +434,19 @@ def per_slice_table(model, info, args, workdir: Path) -> None:
         per = [dice(a, b) for a, b in zip(m, ref_masks)]
         print(
             f"{LABELS[name]:24} {e:10.3f} {d:10.3f} {e + d:8.3f} {ref_total / (e + d):6.2f} "
-            f"{dice(m, ref_masks):8.4f} {min(per):9.4f}"
+            f"{dice(m, ref_masks):8.4f} {min(per):9.4f} {args.encoder_gflop / e:8.0f}"
         )
-    print(f"(ratio and Dice against {LABELS[ref]}; medians over the slices)")
+    print(
+        f"(ratio and Dice against {LABELS[ref]}; medians over the slices; GFLOP/s: the encoder's "
+        f"{args.encoder_gflop:.1f} GFLOP per slice over its time)"
+    )
+    rates = matmul_gflops(512 if args.quick else 2048)
+    print(
+        f"ceiling: this machine multiplies matrices at {rates['f32']:.0f} GFLOP/s in f32 and {rates['bf16']:.0f} "
+        f"in bf16 ({torch.get_num_threads()} threads), so the encoder alone needs at least "
+        f"{args.encoder_gflop / rates['f32']:.3f} s per slice in f32 and {args.encoder_gflop / rates['bf16']:.3f} s "
+        "in bf16"
+    )
 
 
 def end_to_end(args) -> None:
@@ -486,6 +523,7 @@ def main(argv=None) -> int:
     print(f"instruction sets: {cpu_features()}")
     model, info = lm.load_model()
     print(f"LiteMedSAM {info.short}, {lm.PACKAGE} {info.package_version}")
+    args.encoder_gflop = encoder_gflop(model)
     with tempfile.TemporaryDirectory(prefix="litemedsam-bench-") as tmp:
         per_slice_table(model, info, args, Path(tmp))
     if not args.no_e2e:

