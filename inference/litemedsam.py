@@ -113,7 +113,10 @@ against the eager model's over these slices, 0.94 on the worst; STS-001 T1 alone
 ``torch.autocast`` close the gap (the eager model on 1 thread beat 2 threads only while the
 other core was busy). The goal of 0.25 s per slice (10 s for 40 slices) is not reached on
 this machine with the eager model's masks: f32 runs the 75 GFLOP of a slice at about
-110 GFLOP/s (0.67 s in the quiet moment).
+110 GFLOP/s (0.67 s in the quiet moment). It cannot with any f32 runtime: a later run that also
+measured the machine's matrix multiply (``benchmarks/litemedsam_cpu.py`` prints it) found 165
+GFLOP/s in f32 on the 2 cores, a floor of 0.455 s per slice, with OpenVINO f32 at 0.62 s
+(121 GFLOP/s); 0.25 s needs about twice the f32 rate two cores have.
 
 The slice segmenter
 -------------------
@@ -880,7 +883,7 @@ class LiteMedSamSliceSegmenter:
 
 
 def points_to_mask(
-    seg: LiteMedSamSliceSegmenter, k: int, points: Sequence[tuple[float, float, bool]], method: str = "margins"
+    seg: LiteMedSamSliceSegmenter, k: int, points: Sequence[tuple[float, float, bool]], method: str = POINT_METHODS[0]
 ) -> tuple[np.ndarray, float]:
     """Slice ``k``'s mask and predicted IoU from clicks ``(i, j, positive)`` and no box.
 
