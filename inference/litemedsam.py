@@ -162,6 +162,7 @@ import torch.nn.functional as F
 
 from inference.checkpoints import file_sha256, is_state_dict, state_dict_problems
 from inference.engine import SegmentationError
+from inference.propagation import box_from_points
 
 log = logging.getLogger(__name__)
 
@@ -468,29 +469,6 @@ def mask_from_logits(logits: np.ndarray, letterbox: Letterbox, method: str = "lo
         up = F.interpolate((t > 0).float(), size=(lb.ny, lb.nx), mode="nearest")
         return (up[0, 0] > 0.5).numpy()
     raise ValueError(f"mask method must be one of {MASK_METHODS}, got {method!r}")
-
-
-def box_from_points(
-    points: Sequence[tuple[float, float, bool]],
-    shape_yx: tuple[int, int],
-    spacing_yx: tuple[float, float],
-    margin_mm: float,
-) -> tuple[float, float, float, float] | None:
-    """The bounding box of the positive points grown by ``margin_mm`` (clipped), or None."""
-    pos = [(float(i), float(j)) for i, j, positive in points if positive]
-    if not pos:
-        return None
-    ii = [p[0] for p in pos]
-    jj = [p[1] for p in pos]
-    di = margin_mm / float(spacing_yx[0])
-    dj = margin_mm / float(spacing_yx[1])
-    ny, nx = shape_yx
-    return (
-        max(0.0, min(ii) - di),
-        max(0.0, min(jj) - dj),
-        min(ny - 1.0, max(ii) + di),
-        min(nx - 1.0, max(jj) + dj),
-    )
 
 
 # -- runtimes -------------------------------------------------------------------------------

@@ -201,6 +201,30 @@ def clicks_agree(mask2d: np.ndarray, points: Sequence[Point]) -> bool:
     )
 
 
+def box_from_points(
+    points: Sequence[Point],
+    shape_yx: tuple[int, int],
+    spacing_yx: tuple[float, float],
+    margin_mm: float,
+) -> Box | None:
+    """The bounding box of the positive points grown by ``margin_mm`` (per-axis spacing), clipped
+    to the image; None without a positive point (the box both engines try around clicks)."""
+    pos = [(float(i), float(j)) for i, j, positive in points if positive]
+    if not pos:
+        return None
+    ii = [p[0] for p in pos]
+    jj = [p[1] for p in pos]
+    di = margin_mm / float(spacing_yx[0])
+    dj = margin_mm / float(spacing_yx[1])
+    ny, nx = shape_yx
+    return (
+        max(0.0, min(ii) - di),
+        max(0.0, min(jj) - dj),
+        min(ny - 1.0, max(ii) + di),
+        min(nx - 1.0, max(jj) + dj),
+    )
+
+
 def _point_in_box(p: Point, box: Box) -> bool:
     return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 

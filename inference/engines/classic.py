@@ -88,6 +88,7 @@ from inference.propagation import (
     PropagationParams,
     StopPropagation,
     bounding_box,
+    box_from_points,
     clicks_agree,
     propagate_2d,
 )
@@ -219,7 +220,7 @@ class ClassicSliceSegmenter:
         if box is None:
             if not positives:
                 raise ValueError("a slice needs a box or a positive click")
-            box = self._box_for_clicks(k, points, positives)
+            box = self._box_for_clicks(k, points)
         box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], ny - 1.0), min(box[3], nx - 1.0))
         crop = self._crop(box)
         im = self._smooth(k, crop)
@@ -295,19 +296,7 @@ class ClassicSliceSegmenter:
         return self._paste(mask, crop), self._edge_score(mask, im, model)
 
     # -- clicks without a box --------------------------------------------------------
-    def _click_box(self, positives, half_mm: float) -> Box:
-        ny, nx = self.gray.shape[1:]
-        hi, hj = half_mm / self.spacing_yx[0], half_mm / self.spacing_yx[1]
-        ii = [p[0] for p in positives]
-        jj = [p[1] for p in positives]
-        return (
-            max(min(ii) - hi, 0.0),
-            max(min(jj) - hj, 0.0),
-            min(max(ii) + hi, ny - 1.0),
-            min(max(jj) + hj, nx - 1.0),
-        )
-
-    def _box_for_clicks(self, k: int, points: Sequence[Point], positives) -> Box:
+    def _box_for_clicks(self, k: int, points: Sequence[Point]) -> Box:
         """The box for clicks that come without one: the smallest of the boxes grown from the
         positive clicks by ``click_boxes_mm`` whose mask is *settled*: it agrees with every
         click, lies inside the box (off its border, and so off the image's edge) and the next
@@ -318,7 +307,7 @@ class ClassicSliceSegmenter:
         mask agrees and lies inside, else ``no_prompt_box_mm``."""
         tried: list[tuple[float, Box, np.ndarray, bool]] = []
         for half in self.p.click_boxes_mm:
-            box = self._click_box(positives, half)
+            box = box_from_points(points, self.gray.shape[1:], self.spacing_yx, half)
             mask, _ = self.segment_slice(k, box, points)
             ok = bool(mask.any()) and clicks_agree(mask, points) and _inside(mask, box)
             if tried and tried[-1][3] and dice(tried[-1][2], mask) >= self.p.click_stable_dice:
@@ -326,9 +315,11 @@ class ClassicSliceSegmenter:
                 return tried[-1][1]
             tried.append((half, box, mask, ok))
         enclosed = [t for t in tried if t[3]]
-        half = enclosed[-1][0] if enclosed else self.p.no_prompt_box_mm
-        log.debug("slice %d: no click box settled; +-%g mm", k, half)
-        return self._click_box(positives, half)
+        if enclosed:
+            log.debug("slice %d: no click box settled; +-%g mm", k, enclosed[-1][0])
+            return enclosed[-1][1]
+        log.debug("slice %d: no click box settled; +-%g mm", k, self.p.no_prompt_box_mm)
+        return box_from_points(points, self.gray.shape[1:], self.spacing_yx, self.p.no_prompt_box_mm)
 
     # -- pieces ----------------------------------------------------------------------
     def _se_mm(self, mm: float) -> np.ndarray:
