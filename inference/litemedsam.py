@@ -162,7 +162,8 @@ import torch.nn.functional as F
 
 from inference.checkpoints import file_sha256, is_state_dict, state_dict_problems
 from inference.engine import SegmentationError
-from inference.propagation import box_from_points
+from inference.metrics import dice
+from inference.propagation import bounding_box, box_from_points, clicks_agree, expand_box
 
 log = logging.getLogger(__name__)
 
@@ -891,8 +892,6 @@ def points_to_mask(
     (0.925), CT phantoms 0.914 -> 0.914 (0.914), MR phantoms 0.952 -> 0.953 (0.954): with
     ``grow`` the clicks give what the box gives on every case.
     """
-    from inference.metrics import dice
-    from inference.propagation import bounding_box, clicks_agree, expand_box
 
     if method not in POINT_METHODS:
         raise ValueError(f"point method must be one of {', '.join(POINT_METHODS)}, got {method!r}")
