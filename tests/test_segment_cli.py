@@ -237,6 +237,12 @@ def test_segment_refuses_bad_input(phantom, other_phantom, tmp_path, capsys):
         ((images, prompt, "-o", out, "--mode", "video3d"), ["video3d needs --engine sam2"]),
         ((images, prompt, "-o", out, "--engine", "sam2", "--checkpoint", tmp_path / "no.pt"), ["no.pt: no such file"]),
         ((images, prompt, "-o", tmp_path / "no_dir" / "o.dcm"), ["does not exist"]),
+        ((images, prompt, "-o", out, "--engine-option", "point_method"), ["write KEY=VALUE"]),
+        ((images, prompt, "-o", out, "--engine-option", "device=cpu"), ["use --device instead"]),
+        ((images, prompt, "-o", out, "--engine-option", "foo=1"), ["unknown option(s) for engine litemedsam: foo"]),
+        # the option reaches the engine, which checks its value
+        ((images, prompt, "-o", out, "--engine-option", "point_method=sideways"), ["point_method must be one of"]),
+        ((images, prompt, "-o", out, "--engine", "classic", "--engine-option", "threads=2"), ["(known: none)"]),
         # sam2 options reach the sam2 engine (get_engine("sam2", checkpoint=..., device=...))
         ((images, prompt, "-o", out, "--engine", "sam2"), ["engine 'sam2' cannot be used", "needs a checkpoint"]),
         ((images, prompt, "-o", out, "--engine", "sam2", "--device", "cuda"), ["CUDA is not available"]),

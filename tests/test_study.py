@@ -304,6 +304,16 @@ def test_study_command_errors(tmp_path, capsys):
     )
     assert "engine 'sam2' cannot be used" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+    # engine options as a rule sets them: checked by the engine before the first case
+    for option, expected in (
+        ("point_method=sideways", "point_method must be one of grow, margins"),
+        ("threads=2=3", "threads"),
+        ("nonsense", "write KEY=VALUE"),
+    ):
+        argv = ["study", str(tmp_path / "cases"), str(tmp_path / "o3"), "--engine-option", option, "--no-progress"]
+        assert main(argv) == 2
+        assert expected in capsys.readouterr().err
+        assert not (tmp_path / "o3").exists()
     # a folder with nothing to score: the run completes, says so and exits 1
     (tmp_path / "src").mkdir()
     assert main(["study", str(tmp_path / "src"), str(tmp_path / "out"), "--no-progress"]) == 1

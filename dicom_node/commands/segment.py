@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from dicom_node.commands._engine_options import add_engine_option_argument, parse_engine_options
 from dicom_node.commands._limits import add_limit_arguments, limit_overrides
 from inference.engine import DEFAULT_ENGINE, ENGINES
 
@@ -45,6 +46,7 @@ def register(sub) -> None:
     p.add_argument("--model-cfg", metavar="NAME", help="SAM2 model config name or YAML path")
     p.add_argument("--window", metavar="L,W", help="CT window level,width in HU for the model (default 40,400)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="SAM2 device (default: cuda when present)")
+    add_engine_option_argument(p)
     add_limit_arguments(p.add_argument_group("the walk's limits and stop rules"))
     p.add_argument("--series-uid", metavar="UID", help="the image series, when IMAGES_DIR holds several")
     p.add_argument("--force", action="store_true", help="overwrite OUT.dcm if it exists")
@@ -113,7 +115,13 @@ def run_segment(args) -> int:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     try:
-        engine = EngineSpec(args.engine, checkpoint=args.checkpoint, model_cfg=args.model_cfg, device=args.device)
+        engine = EngineSpec(
+            args.engine,
+            checkpoint=args.checkpoint,
+            model_cfg=args.model_cfg,
+            device=args.device,
+            options=parse_engine_options(args.engine_option),
+        )
     except ValueError as exc:
         raise CommandError(f"--engine {args.engine}: {exc}") from None
     try:

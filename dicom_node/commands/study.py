@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from dicom_node.commands._engine_options import add_engine_option_argument, parse_engine_options
 from dicom_node.commands._limits import add_limit_arguments, limit_overrides
 from inference.engine import DEFAULT_ENGINE, ENGINES
 
@@ -42,6 +43,7 @@ def register(sub) -> None:
     g.add_argument("--model-cfg", help="SAM2 model config name")
     g.add_argument("--device", choices=["cpu", "cuda"], help="SAM2 device (default: cuda when present)")
     g.add_argument("--mode", choices=["box2d", "video3d"], default="box2d")
+    add_engine_option_argument(g)
     g.add_argument("--window", metavar="L,W", help="CT window level,width in HU (default 40,400)")
     g.add_argument(
         "--model-name",
@@ -166,8 +168,15 @@ def run(args) -> int:
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
+    try:
+        engine_options = dict(parse_engine_options(args.engine_option))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    if engine_options and args.predictions:
+        raise CommandError("--predictions scores saved masks: it runs no engine, so it takes no --engine-option")
     config = StudyConfig(
         engine=args.engine,
+        engine_options=engine_options,
         checkpoint=None,
         model_cfg=args.model_cfg,
         device=args.device,

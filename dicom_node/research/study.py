@@ -118,6 +118,7 @@ class StudyConfig:
     checkpoint: str | None = None
     model_cfg: str | None = None
     device: str | None = None
+    engine_options: dict = field(default_factory=dict)  # a rule's engine_options (e.g. point_method)
     mode: str = "box2d"
     window: tuple[float, float] | None = None
     model_label: str | None = None
@@ -160,6 +161,7 @@ class StudyConfig:
             checkpoint=None if self.checkpoint is None else str(self.checkpoint),
             model_cfg=self.model_cfg,
             device=None if self.device is None else str(self.device),
+            options=tuple(sorted(self.engine_options.items())),
         )
 
     def options(self) -> SegmentOptions:

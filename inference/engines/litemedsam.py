@@ -91,8 +91,9 @@ class LiteMedSamEngine(Engine):
             raise lm.LiteMedSamError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         if precision not in ("f32", "bf16"):
             raise lm.LiteMedSamError(f"precision must be f32 or bf16, got {precision!r}")
-        if int(cache_slices) < 1 or int(batch_size) < 1:
-            raise lm.LiteMedSamError(f"cache_slices and batch_size must be >= 1, got {cache_slices} and {batch_size}")
+        for name, value in (("cache_slices", cache_slices), ("batch_size", batch_size), ("threads", threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise lm.LiteMedSamError(f"{name} must be a whole number >= 1, got {value!r}")
         margins = tuple(
             float(m) for m in (point_margins_mm if isinstance(point_margins_mm, (tuple, list)) else [point_margins_mm])
         )
