@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dicom_node.research.cases import load_dicom_case, load_npz_case, scan  # noqa: E402
 from dicom_node.research.simulate import PromptSpec, case_rng, simulate_prompts  # noqa: E402
+from inference.limits import WalkLimits  # noqa: E402
 from inference.metrics import dice, hd95  # noqa: E402
 from inference.propagation import bounding_box, expand_box, postprocess  # noqa: E402
 
@@ -234,7 +235,12 @@ def main(argv=None) -> int:
     ap.add_argument("--slice", default="largest", choices=["largest", "middle"])
     ap.add_argument("--jitter", type=float, default=0.0)
     ap.add_argument("--prompt", default="box", choices=["box", "points"])
-    ap.add_argument("--extent-mm", type=float, default=60.0)
+    ap.add_argument(
+        "--extent-mm",
+        type=float,
+        default=WalkLimits().max_extent_mm,
+        help="how far each unstopped walk goes (default: the node's max_extent_mm, so that an overrun is counted whole)",
+    )
     ap.add_argument("--margin-mm", type=float, default=3.0)
     ap.add_argument("--roi", default="^(GTV-1|GTV_Mass|GTV)$")
     ap.add_argument("--seed", type=int, default=0)
@@ -253,7 +259,10 @@ def main(argv=None) -> int:
     cases = []
     for lc in loaded:
         for name, truth in lc.labels:
-            key = f"{lc.dataset}-{lc.name}-{name}-{args.prompt}-{args.slice}-{args.jitter}-{args.seed}-{args.margin_mm}"
+            key = (
+                f"{lc.dataset}-{lc.name}-{name}-{args.prompt}-{args.slice}-{args.jitter}-{args.seed}-{args.margin_mm}"
+                f"-{args.extent_mm:g}"
+            )
             prompts = simulate_prompts(truth, lc.volume.spacing, spec, case_rng(args.seed, lc.dataset, lc.name, name))
             path = cache / f"{args.engine}-{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.npz"
             vol = lc.volume
