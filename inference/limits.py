@@ -27,6 +27,9 @@ class WalkLimits:
     """How far a segmentation may walk from the prompted slices, and when a slice is too small.
 
     ``margin_mm``: the next slice's box is the previous mask's bounding box grown by this.
+    ``prompt_margin_mm``: the planner's box is grown by this before its slice is segmented,
+    so that the model sees a box drawn on the tumour's edge as it sees the walk's boxes
+    (SAM-family models were trained on boxes looser than the object); 0: the box as drawn.
     ``min_area_mm2``: a slice whose mask is smaller ends the walk (and is not kept).
     ``min_area_fraction``: likewise, below this fraction of the prompted slice's area.
     ``max_extent_mm``: the walk never goes farther than this from a prompted slice.
@@ -46,6 +49,7 @@ class WalkLimits:
     """
 
     margin_mm: float = 3.0
+    prompt_margin_mm: float = 3.0
     min_area_mm2: float = 4.0
     min_area_fraction: float = 0.05
     max_extent_mm: float = 120.0
@@ -55,8 +59,10 @@ class WalkLimits:
     ct_rim_mm: float = 1.5
 
     def __post_init__(self) -> None:
-        if self.margin_mm < 0 or self.min_area_mm2 < 0 or self.max_extent_mm < 0:
-            raise ValueError(f"margin_mm, min_area_mm2 and max_extent_mm must not be negative: {self}")
+        if self.margin_mm < 0 or self.prompt_margin_mm < 0 or self.min_area_mm2 < 0 or self.max_extent_mm < 0:
+            raise ValueError(
+                f"margin_mm, prompt_margin_mm, min_area_mm2 and max_extent_mm must not be negative: {self}"
+            )
         if not 0 <= self.min_area_fraction <= 1:
             raise ValueError(f"min_area_fraction must be within [0, 1], got {self.min_area_fraction}")
         if not 0 <= self.min_score <= 1:

@@ -3,9 +3,13 @@
 An engine supplies a :class:`SliceSegmenter` (one 2D segmentation per call); this module
 turns the planner's prompts on one or a few slices into a 3D mask:
 
-1. **Anchors.** Every slice that carries a prompt is an anchor. Each box on it is
-   segmented (with the points that lie inside that box); positive points outside every
-   box are segmented from the points alone. The anchor's mask is the union.
+1. **Anchors.** Every slice that carries a prompt is an anchor. Each box on it is grown
+   by ``prompt_margin_mm`` and segmented (with the points that lie inside the box as
+   drawn); positive points outside every box are segmented from the points alone. The
+   anchor's mask is the union. The margin makes the model see a box drawn on the
+   tumour's edge as it sees every box of the walk (the previous mask's bounding box plus
+   ``margin_mm``): SAM-family models were trained on boxes looser than the object, and
+   a tight box leaves the prompted slice's mask short of the tumour's edge.
 2. **Walk.** From each anchor the front moves slice by slice, "up" (increasing slice
    index ``k``) and "down" (decreasing ``k``). The box for slice ``k +- 1`` is the bounding
    box of the mask on slice ``k`` plus ``margin_mm`` (converted per axis with the in-plane
@@ -308,7 +312,7 @@ def propagate_2d(
     anchor_masks: dict[int, np.ndarray] = {}
     anchor_scores: dict[int, float | None] = {}
     for k in anchor_ks:
-        m, s = _segment_anchor(segmenter, k, prompts, shape_yx)
+        m, s = _segment_anchor(segmenter, k, prompts, shape_yx, (dy, dx), params.prompt_margin_mm)
         anchor_masks[k] = m
         anchor_scores[k] = s
 
@@ -484,10 +488,16 @@ def evidence_stop(
 
 
 def _segment_anchor(
-    segmenter: SliceSegmenter, k: int, prompts: TargetPrompts, shape_yx: tuple[int, int]
+    segmenter: SliceSegmenter,
+    k: int,
+    prompts: TargetPrompts,
+    shape_yx: tuple[int, int],
+    spacing_yx: tuple[float, float] = (1.0, 1.0),
+    margin_mm: float = 0.0,
 ) -> tuple[np.ndarray, float | None]:
-    """Union of the masks of every box on slice ``k`` (each with the points inside it), plus
-    the points-only mask of positive points outside every box."""
+    """Union of the masks of every box on slice ``k`` (each with the points inside it, and
+    grown by ``margin_mm`` before it is segmented), plus the points-only mask of positive
+    points outside every box."""
     boxes = [clip_box((b.i0, b.j0, b.i1, b.j1), shape_yx) for b in prompts.boxes if b.slice_index == k]
     points: list[Point] = [(p.i, p.j, p.positive) for p in prompts.points if p.slice_index == k]
     out = np.zeros(shape_yx, dtype=bool)
@@ -502,6 +512,8 @@ def _segment_anchor(
         if any(p[2] for p in loose):
             calls.append((None, loose))
     for box, pts in calls:
+        if box is not None and margin_mm > 0:
+            box = expand_box(box, margin_mm, spacing_yx, shape_yx)
         m, s = segmenter.segment_slice(k, box, pts)
         out |= _check_mask(m, shape_yx, k)
         if s is not None:

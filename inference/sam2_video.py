@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class VideoParams(WalkLimits):
     """SAM2 3D propagation's settings: the limits of :class:`~inference.limits.WalkLimits`
-    (``margin_mm`` is not used: the video predictor needs no box after the prompted slice)."""
+    (``margin_mm`` is not used: the video predictor needs no box after the prompted slice;
+    nor is ``prompt_margin_mm``, measured for the 2D walk only: the video predictor gets the
+    planner's boxes as drawn)."""
 
     batch_size: int = 8
     fill_holes: bool = True

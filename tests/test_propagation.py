@@ -120,6 +120,32 @@ def test_next_box_is_previous_bbox_plus_margin_per_axis():
     assert expand_box((0, 0, 63, 63), 5, (1, 1), (64, 64)) == (0, 0, 63, 63)
 
 
+def test_the_planners_box_is_grown_by_prompt_margin_mm_before_it_is_segmented():
+    truth = ellipsoid(SHAPE, (20, 32, 32), (6.4, 12, 10))
+    spacing = (3.0, 0.5, 2.0)  # 3 mm = 6 rows, 1.5 columns
+    i0, j0, i1, j1 = bounding_box(truth[20])
+    drawn = (i0 + 2, j0 + 1, i1 - 2, j1 - 1)  # drawn a little inside the tumour's edge
+    inside = (i0 + 3.0, j0 + 1.0, True)  # a click that only the drawn box's corner region holds
+    for margin, expected in ((3.0, (i0 - 4, j0 - 0.5, i1 + 4, j1 + 0.5)), (0.0, drawn)):
+        seg = FakeSegmenter(truth)
+        prompts = TargetPrompts(
+            target="",
+            output_name="GTV_AI",
+            boxes=[BoxPrompt(20, *drawn), BoxPrompt(20, 60, 60, 63, 63)],  # a second box: points are split
+            points=[PointPrompt(20, *inside)],
+        )
+        params = PropagationParams(prompt_margin_mm=margin, min_area_mm2=0, min_area_fraction=0)
+        res = propagate_2d(seg, SHAPE, spacing, prompts, params)
+        first = seg.calls[0]
+        assert first[0] == 20 and first[1] == pytest.approx(expected)
+        assert first[2] == (inside,)  # the click belongs to the box it was drawn in
+        # the grown box reaches the tumour's edge on the prompted slice; the drawn one does not
+        assert np.array_equal(res.mask[20], truth[20]) == (margin > 0)
+        assert seg.calls[1][1] == pytest.approx(expand_box((60, 60, 63, 63), margin, spacing[1:], SHAPE[1:]))
+    with pytest.raises(ValueError, match="must not be negative"):
+        PropagationParams(prompt_margin_mm=-1)
+
+
 def test_several_anchors_nearest_wins_and_each_slice_segmented_once():
     truth = ellipsoid(SHAPE, (20, 32, 32), (12.4, 14, 12))  # slices 8..32
     seg = FakeSegmenter(truth)

@@ -9,6 +9,7 @@ from inference.limits import WalkLimits
 
 _HELP = {
     "margin_mm": "margin around the previous mask's box, mm",
+    "prompt_margin_mm": "margin added around the planner's box before its slice is segmented, mm (0: as drawn)",
     "min_area_mm2": "a slice smaller than this ends the walk, mm2",
     "min_area_fraction": "a slice smaller than this fraction of the prompted slice ends the walk",
     "max_extent_mm": "farthest slice from a prompt, mm",

@@ -44,6 +44,7 @@ class Action(BaseModel):
     outputs: list[Literal["rtstruct", "seg", "overlay"]] = Field(default_factory=lambda: ["rtstruct"])
     export_folder: Path | None = None
     margin_mm: float = Field(default=_LIMITS.margin_mm, ge=0)
+    prompt_margin_mm: float = Field(default=_LIMITS.prompt_margin_mm, ge=0)
     min_area_mm2: float = Field(default=_LIMITS.min_area_mm2, ge=0)
     min_area_fraction: float = Field(default=_LIMITS.min_area_fraction, ge=0, le=1)
     max_extent_mm: float = Field(default=_LIMITS.max_extent_mm, gt=0)
