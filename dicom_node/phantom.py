@@ -84,6 +84,12 @@ MR_VALUES = {
 }
 CT_NOISE_HU = 12.0
 MR_NOISE = 14.0
+#: The tumour's value in a low-contrast phantom (``contrast="low"``), close to the soft
+#: tissue it touches: CT 10-15 HU above muscle and mediastinum (the noise is 12 HU), as a
+#: lung tumour abutting the chest wall or the mediastinum looks without contrast agent;
+#: MR 15 % above muscle and 10 % below the mediastinum, as a sarcoma against muscle on T1.
+LOW_CONTRAST_TUMOUR = {"CT": 50.0, "MR": 380.0}
+CONTRASTS = ("high", "low")
 
 
 @dataclass
@@ -140,14 +146,16 @@ def _random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarr
 class _Anatomy:
     """Seeded parameters of the body; draws one slice at a time."""
 
-    def __init__(self, modality: str, seed: int, shape, spacing):
+    def __init__(self, modality: str, seed: int, shape, spacing, contrast: str = "high"):
         self.modality = modality
         self.seed = seed
         self.shape = tuple(int(s) for s in shape)
         self.spacing = tuple(float(s) for s in spacing)
         nz, ny, nx = self.shape
         dz, dy, dx = self.spacing
-        self.values = CT_VALUES if modality == "CT" else MR_VALUES
+        self.values = dict(CT_VALUES if modality == "CT" else MR_VALUES)
+        if contrast == "low":
+            self.values["tumour"] = LOW_CONTRAST_TUMOUR[modality]
         rng = np.random.default_rng([seed, 7])
         # in-plane coordinates of pixel centres, mm from the centre of the slice
         self.v = ((np.arange(ny) - (ny - 1) / 2.0) * dy)[:, None]  # rows: anterior (-) to posterior (+)
@@ -402,22 +410,27 @@ def make_phantom(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     spacing: tuple[float, float, float] | None = None,
     oblique: bool = False,
+    contrast: str = "high",
 ) -> Phantom:
     """A seeded synthetic series with a lobulated tumour, in memory.
 
     ``shape`` is (slices, rows, columns); ``spacing`` (dz, dy, dx) in mm defaults to
     2.5 mm slices and a 384 mm field of view. ``oblique`` images the same body in a
-    rotated orientation (about 12 and 8 degrees off axial).
+    rotated orientation (about 12 and 8 degrees off axial). ``contrast="low"`` gives the
+    tumour a value close to the soft tissue it touches (:data:`LOW_CONTRAST_TUMOUR`); the
+    seed's anatomy, tumour and noise are the same as with ``"high"``.
     """
     modality = modality.upper()
     if modality not in ("CT", "MR"):
         raise ValueError(f"modality must be CT or MR, got {modality!r}")
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {', '.join(CONTRASTS)}, got {contrast!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be three positive sizes, got {shape}")
     if spacing is None:
         spacing = (DEFAULT_SLICE_SPACING, DEFAULT_FOV_MM / shape[1], DEFAULT_FOV_MM / shape[2])
-    anatomy = _Anatomy(modality, seed, shape, spacing)
+    anatomy = _Anatomy(modality, seed, shape, spacing, contrast)
 
     array = np.empty(shape, dtype=np.int16)
     truth = np.zeros(shape, dtype=bool)
@@ -457,6 +470,7 @@ def make_phantom(
         "tumour_slices": (int(zs[0]), int(zs[-1])),
         "tumour_extent_mm": float((zs[-1] - zs[0] + 1) * spacing[0]),
         "tumour_volume_ml": float(truth.sum() * geometry.voxel_volume_mm3 / 1000.0),
+        "contrast": contrast,
     }
     return Phantom(volume=volume, truth=truth, box=box, modality=modality, seed=seed, info=info)
 

@@ -232,6 +232,26 @@ def test_mr_intensities_are_realistic():
     assert v[:, :15, :15].mean() < 40  # air: Rician noise floor only
 
 
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_a_low_contrast_phantom_is_the_same_body_with_a_tumour_close_to_soft_tissue(modality):
+    high = make_phantom(modality, 3, shape=(40, 128, 128))
+    low = make_phantom(modality, 3, shape=(40, 128, 128), contrast="low")
+    np.testing.assert_array_equal(low.truth, high.truth)
+    assert low.box == high.box and low.info["contrast"] == "low"
+    # outside the tumour and its blurred rim (the in-plane point spread reaches 3 pixels),
+    # every voxel is the same
+    rim = ndimage.binary_dilation(high.truth, structure=np.ones((1, 3, 3), bool), iterations=3)
+    np.testing.assert_array_equal(low.volume.array[~rim], high.volume.array[~rim])
+    # the tumour's core stands above muscle by less than a third of the default's contrast
+    core = ndimage.binary_erosion(high.truth, iterations=2)
+    muscle = (CT_VALUES if modality == "CT" else MR_VALUES)["muscle"]
+    low_core = low.volume.array[core].astype(float).mean()
+    high_core = high.volume.array[core].astype(float).mean()
+    assert 0 < low_core - muscle < (high_core - muscle) / 3, (low_core, high_core, muscle)
+    with pytest.raises(ValueError, match="contrast must be one of high, low"):
+        make_phantom(modality, 3, contrast="medium")
+
+
 def test_seeds_are_reproducible_and_differ():
     a, b, c = make_phantom("CT", 7), make_phantom("CT", 7), make_phantom("CT", 8)
     np.testing.assert_array_equal(a.volume.array, b.volume.array)
@@ -260,11 +280,23 @@ def test_phantom_command_writes_images_prompt_and_truth(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "MR phantom, seed 4: 40 slices of 128x128" in text and "(oblique)" in text
+    assert "low-contrast" not in text
     assert "prompt:" in text and "truth:" in text
     assert (out / "prompt.dcm").is_file() and (out / "truth.dcm").is_file()
     volume = load_series(out / "images")
     assert volume.shape == (40, 128, 128) and volume.modality == "MR"
     np.testing.assert_array_equal(volume.array, make_phantom("MR", 4, shape=(40, 128, 128), oblique=True).volume.array)
+
+
+def test_phantom_command_writes_a_low_contrast_phantom(tmp_path, capsys):
+    out = tmp_path / "low"
+    assert cli.main(["phantom", str(out), "--seed", "2", "--slices", "40", "--size", "128", "--contrast", "low"]) == 0
+    assert "CT phantom, seed 2: 40 slices of 128x128" in capsys.readouterr().out
+    expected = make_phantom("CT", 2, shape=(40, 128, 128), contrast="low").volume.array
+    np.testing.assert_array_equal(load_series(out / "images").array, expected)
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["phantom", str(tmp_path / "x"), "--contrast", "none"])
+    assert refused.value.code == 2 and "invalid choice: 'none'" in capsys.readouterr().err
 
 
 def test_phantom_command_images_only_and_bad_arguments(tmp_path, capsys):

@@ -24,6 +24,14 @@ def register(sub) -> None:
     p.add_argument("--slice-spacing", type=float, default=2.5, help="slice spacing in mm (default 2.5)")
     p.add_argument("--fov", type=float, default=384.0, help="in-plane field of view in mm (default 384)")
     p.add_argument("--oblique", action="store_true", help="image the body in an oblique orientation")
+    p.add_argument(
+        "--contrast",
+        choices=["high", "low"],
+        default="high",
+        help="the tumour against the soft tissue it touches: high (default) or low, close to it "
+        "(CT 10-15 HU above muscle; MR 15%% above muscle), as a lung tumour abutting the chest wall or "
+        "a sarcoma on T1 looks",
+    )
     p.add_argument("--images-only", action="store_true", help="write the image series only (no RTSTRUCTs)")
     p.set_defaults(func=run)
 
@@ -48,6 +56,7 @@ def run(args) -> int:
             shape=(args.slices, args.size, args.size),
             spacing=(args.slice_spacing, pixel, pixel),
             oblique=args.oblique,
+            contrast=args.contrast,
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from exc
@@ -66,7 +75,8 @@ def describe(phantom, paths: dict, elapsed: float | None = None) -> str:
     lines = [
         f"{v.modality} phantom, seed {phantom.seed}: {nz} slices of {ny}x{nx}, "
         f"spacing {v.spacing[0]:g} x {v.spacing[1]:.4g} x {v.spacing[2]:.4g} mm"
-        + (" (oblique)" if not _axial(v.geometry) else ""),
+        + (" (oblique)" if not _axial(v.geometry) else "")
+        + (", low-contrast tumour" if phantom.info.get("contrast") == "low" else ""),
         f"  tumour: slices {first}-{last} ({phantom.info['tumour_extent_mm']:g} mm), "
         f"{phantom.info['tumour_volume_ml']:.1f} ml",
         f"  images: {paths['images']}/ ({nz} files, series {v.series_instance_uid})",
