@@ -98,6 +98,26 @@ def test_point_prompts_benchmark_runs_on_a_phantom(tmp_path):
     assert re.search(r"^worst refine: phantoms/\S+ (largest|middle) \d\.\d{3} \(box \d\.\d{3}\)$", out, re.M), out
 
 
+def test_truth_boxes_benchmark_sets_the_walk_beside_the_oracle(tmp_path):
+    src = tmp_path / "src" / "phantoms" / "ct0"
+    cli = [sys.executable, "-m", "dicom_node"]
+    subprocess.run([*cli, "phantom", str(src), "--size", "128", "--slices", "40"], cwd=str(REPO), check=True)
+    study = tmp_path / "study"
+    subprocess.run(
+        [*cli, "study", str(tmp_path / "src"), str(study), "--engine", "classic", "--no-progress"],
+        cwd=str(REPO),
+        check=True,
+        capture_output=True,
+    )
+    out = run("benchmarks/truth_boxes.py", str(tmp_path / "src"), "--study", str(study))
+    assert "oracle: the truth's box + 3 mm on every slice; CT rim 1.5 mm" in out, out
+    row = re.search(r"^phantoms/\S+/GTV\s+(\d+)\s+(\d\.\d{3})\s+(\d\.\d{3})\s+(\d\.\d{3})\s+(\d\.\d{3})$", out, re.M)
+    assert row, out
+    slices, oracle, walk, ratio = int(row[1]), float(row[3]), float(row[4]), float(row[5])
+    assert slices > 3 and abs(walk / oracle - ratio) < 0.002, out
+    assert re.search(r"^  phantoms\s+1\s+\d\.\d{3}\s+\d\.\d{3}$", out, re.M), out
+
+
 def test_claim_latency_benchmark_runs_on_both_databases():
     from helpers.postgres import require_postgres
 
