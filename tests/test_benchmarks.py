@@ -118,6 +118,25 @@ def test_truth_boxes_benchmark_sets_the_walk_beside_the_oracle(tmp_path):
     assert re.search(r"^  phantoms\s+1\s+\d\.\d{3}\s+\d\.\d{3}$", out, re.M), out
 
 
+def test_study_cases_builds_the_measured_set_and_refuses_a_used_folder(tmp_path):
+    from collections import Counter
+
+    from dicom_node.research.cases import scan
+
+    out = run("benchmarks/study_cases.py", str(tmp_path / "src"), "--no-real", "--low-contrast")
+    assert "phantom-ct-low: 8 phantoms (s0, s1, s2, s3, s4, thin, thick, oblique)" in out, out
+    found = scan(tmp_path / "src")
+    datasets = Counter(case.dataset for case in found.cases)
+    assert datasets == {"phantom-ct": 8, "phantom-mr": 8, "phantom-ct-low": 8, "phantom-mr-low": 8}, datasets
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/study_cases.py", str(tmp_path / "src")],
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "exists and is not an empty folder" in proc.stderr
+
+
 def test_claim_latency_benchmark_runs_on_both_databases():
     from helpers.postgres import require_postgres
 
