@@ -35,6 +35,7 @@ __all__ = [
     "JsonFormatter",
     "TextFormatter",
     "route_pynetdicom_records",
+    "stop_on_signals",
 ]
 
 _secret: bytes | None = None
@@ -43,6 +44,22 @@ _secret_lock = threading.Lock()
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
+
+
+def stop_on_signals(logger: logging.Logger) -> threading.Event:
+    """An event set by SIGTERM or SIGINT, each logged as a ``signal`` event (call it from the
+    main thread of a long-running command: ``serve``, ``worker``)."""
+    import signal
+
+    stop = threading.Event()
+
+    def _signal(signum, _frame) -> None:
+        event(logger, "signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    return stop
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, exc_info: Any = None, **fields: Any) -> None:

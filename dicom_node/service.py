@@ -21,7 +21,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from dicom_node.cases import CaseAssembler, Routing
 from dicom_node.config import ConfigError, NodeConfig
 from dicom_node.db import NODE_LOCK, DatabaseUnavailable, SchemaError, open_database
 from dicom_node.jobs import recover_on_start, release_expired
-from dicom_node.logs import event, get_logger, load_secret
+from dicom_node.logs import event, get_logger, load_secret, stop_on_signals
 from dicom_node.metrics import use_directory
 from dicom_node.notify import Notifier
 from dicom_node.retention import run_retention
@@ -42,7 +41,7 @@ from dicom_node.rows import CaseRow
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import Sender
 from dicom_node.store import Store
-from dicom_node.worker import WorkerSupervisor, live_owners, other_workers, supervisor_tag
+from dicom_node.worker import WorkerSupervisor, live_owners, other_workers, queue_wakeups, supervisor_tag
 from inference.limits import InputLimits, set_input_limits
 
 __all__ = ["Node", "NodeError"]
@@ -249,17 +248,13 @@ class Node:
             replace_existing=True,
         )
 
-        def listen() -> None:
-            while not self._listen_stop.is_set():
-                try:
-                    if self.db.wait(["jobs"], 1.0):
-                        self.supervisor.wake()
-                except Exception:
-                    log.exception("waiting for job notifications failed (will retry)")
-                    self._listen_stop.wait(2.0)
-
         self._listen_stop = threading.Event()
-        threading.Thread(target=listen, name="jobs-listener", daemon=True).start()
+        threading.Thread(
+            target=queue_wakeups,
+            args=(cfg, self.db, self.supervisor.wake, self._listen_stop),
+            name="queue-wakeups",
+            daemon=True,
+        ).start()
 
     def stop(self) -> None:
         if getattr(self, "_listen_stop", None) is not None:
@@ -334,14 +329,7 @@ class Node:
 
     def serve_forever(self) -> None:
         """Start, then block until SIGTERM/SIGINT."""
-        stop = threading.Event()
-
-        def _signal(signum, _frame):
-            event(log, "signal", signal=signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _signal)
-        signal.signal(signal.SIGINT, _signal)
+        stop = stop_on_signals(log)
         self.start()
         print(f"dicom-node: {self.cfg.ae_title} listening on {self.cfg.network.bind}:{self.scp.port}", flush=True)
         if self.web is not None:

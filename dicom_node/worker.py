@@ -650,7 +650,8 @@ def other_workers(cfg: NodeConfig, own_tag: str) -> list[dict]:
 
 
 def queue_wakeups(cfg: NodeConfig, db: Database, wake: Callable[[], None], stop: threading.Event) -> None:
-    """WAKE-UP POINT: how a ``dicom-node worker`` process learns that another process queued a job.
+    """WAKE-UP POINT: how a ``dicom-node worker`` process, or ``serve`` on a database shared
+    with other hosts, learns that another process queued a job.
 
     Runs in a thread of that process until ``stop`` is set, calling ``wake`` (which wakes
     its idle workers) when a job is waiting. Today it polls the queue every

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import sys
@@ -120,7 +119,7 @@ def _remove_stale_files(run_dir) -> None:
 
 def run(args) -> int:
     from dicom_node.config import ConfigError, load_config
-    from dicom_node.logs import event, get_logger, setup_logging
+    from dicom_node.logs import event, get_logger, setup_logging, stop_on_signals
 
     overrides: dict = {}
     if args.data_dir:
@@ -160,14 +159,7 @@ def run(args) -> int:
     tmp.write_text(cfg.model_dump_json(indent=1))
     os.replace(tmp, config_json)
 
-    stop = threading.Event()
-
-    def _signal(signum, _frame):
-        event(log, "signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _signal)
-    signal.signal(signal.SIGINT, _signal)
+    stop = stop_on_signals(log)
     supervisor = WorkerSupervisor(cfg, db, audit, config_json, tag=tag)
     supervisor.start()
     wakeups = threading.Thread(
