@@ -106,6 +106,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+def _read_secret(name: str, env: str | None, file: Path | None) -> str | None:
+    """A secret set as ``<name>_env`` (an environment variable's name) or ``<name>_file`` (a
+    file holding it, without its final line break), read now; ``None`` if neither is set."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"{name}_env: environment variable {env} is not set")
+        return value
+    if file:
+        try:
+            return file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{name}_file: cannot read {file}: {exc.strerror}") from exc
+    return None
+
+
 class _SecretSource(_Model):
     """Where a TLS private-key password comes from (never the YAML itself)."""
 
@@ -114,17 +130,7 @@ class _SecretSource(_Model):
 
     def key_password(self) -> str | None:
         """The password, read now from the environment or the file; ``None`` if neither is set."""
-        if self.key_password_env:
-            value = os.environ.get(self.key_password_env)
-            if value is None:
-                raise ConfigError(f"key_password_env: environment variable {self.key_password_env} is not set")
-            return value
-        if self.key_password_file:
-            try:
-                return self.key_password_file.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"key_password_file: cannot read {self.key_password_file}: {exc.strerror}") from exc
-        return None
+        return _read_secret("key_password", self.key_password_env, self.key_password_file)
 
 
 class TlsServer(_SecretSource):
@@ -479,17 +485,7 @@ class DatabaseSettings(_Model):
 
     def password(self) -> str | None:
         """The password, read now from the environment or the file; ``None`` if neither is set."""
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ConfigError(f"password_env: environment variable {self.password_env} is not set")
-            return value
-        if self.password_file:
-            try:
-                return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"password_file: cannot read {self.password_file}: {exc.strerror}") from exc
-        return None
+        return _read_secret("password", self.password_env, self.password_file)
 
 
 class Limits(_Model):
