@@ -7,8 +7,6 @@ SIGKILL (a GPU host that dies) and stopped with SIGTERM."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ from helpers import (
     CLI,
     REPO,
     NodeProcess,
+    ProcessGroup,
     StoreSCP,
     delivered,
     free_port,
@@ -37,24 +36,17 @@ BIG = dict(seed=1, shape=(300, 128, 128))
 LEASE = 5  # the smallest jobs.lease_seconds allows
 
 
-class WorkerProcess:
+class WorkerProcess(ProcessGroup):
     """``dicom-node worker -c CONFIG --device cpu`` in its own process group."""
 
     def __init__(self, config: Path, *extra: str) -> None:
         self.config = Path(config)
         self.extra = list(extra)
         self.log_path = self.config.parent / f"worker-{time.time_ns()}.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc = None
 
     def start(self, ready: bool = True) -> WorkerProcess:
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [*CLI, "worker", "-c", str(self.config), *self.extra],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=str(REPO),
-            start_new_session=True,
-        )
+        self._spawn(["worker", "-c", str(self.config), *self.extra], REPO)
         if ready:  # its worker has loaded its engines and looks for jobs
             wait_for(
                 lambda: self.proc.poll() is not None or "worker_ready" in self.log_text(), 120, 0.1, "worker ready"
@@ -66,32 +58,8 @@ class WorkerProcess:
     def tag(self) -> str:
         return f"w{self.proc.pid}"
 
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
     def stop(self, timeout: float = 60.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
+        return super().stop(timeout)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@
 - :mod:`helpers.env`: ``REPO``, ``SHARED_DATA``, ``shared_path``, ``require_tool``, ``free_port``
 - :mod:`helpers.wait`: ``wait_for``, ``port_open``
 - :mod:`helpers.peers`: ``storescu``, ``echoscu``, ``stored_successes``, ``StoreSCP``, ``Orthanc``
-- :mod:`helpers.node`: ``CLI``, ``PY``, ``write_config``, ``write_rules``, ``NodeProcess``,
+- :mod:`helpers.node`: ``CLI``, ``PY``, ``write_config``, ``write_rules``, ``NodeProcess`` (a ``ProcessGroup``),
   ``delivered``, ``deliver_later_case``
 - :mod:`helpers.data`: ``phantom``, ``image_files``, ``copy_files``, ``make_volume``, ``check_result``
 - :mod:`helpers.dicom`: ``dciodvfy_report``, ``dciodvfy_errors``
@@ -16,7 +16,7 @@
 from .data import check_result, copy_files, image_files, make_volume, phantom
 from .dicom import dciodvfy_errors, dciodvfy_report
 from .env import APT_HINT, REPO, SHARED_DATA, free_port, require_tool, shared_path
-from .node import CLI, PY, NodeProcess, deliver_later_case, delivered, write_config, write_rules
+from .node import CLI, PY, NodeProcess, ProcessGroup, deliver_later_case, delivered, write_config, write_rules
 from .peers import Orthanc, StoreSCP, echoscu, stored_successes, storescu
 from .wait import port_open, wait_for
 
@@ -27,6 +27,7 @@ __all__ = [
     "REPO",
     "SHARED_DATA",
     "NodeProcess",
+    "ProcessGroup",
     "Orthanc",
     "StoreSCP",
     "check_result",

@@ -85,38 +85,18 @@ def write_config(
 # --------------------------------------------------------------------------------------
 # the node
 # --------------------------------------------------------------------------------------
-class NodeProcess:
-    """``dicom-node serve -c CONFIG`` in its own process group.
+class ProcessGroup:
+    """A ``dicom-node`` command in its own process group, its output in ``log_path``:
+    what :class:`NodeProcess` (serve) and the tests' worker processes share."""
 
-    ``tree``: run the code of another checkout (a previous release taken from git history)
-    instead of this one: from that folder and with it on ``PYTHONPATH``, so that the
-    workers, which import from the node's working directory, run it too.
-    """
+    log_path: Path
+    proc: subprocess.Popen | None = None
 
-    def __init__(self, config: Path, tree: Path | None = None) -> None:
-        self.config = Path(config)
-        self.tree = Path(tree) if tree is not None else None
-        data = yaml.safe_load(self.config.read_text())
-        self.port = int(data["network"]["port"])
-        self.data_dir = Path(data["data_dir"])
-        self.ae_title = data.get("ae_title", "STARDUST")
-        self.log_path = self.config.parent / f"node-{int(time.time() * 1000)}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60.0) -> NodeProcess:
+    def _spawn(self, args: list[str], cwd: Path, env: dict | None = None) -> None:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [*CLI, "serve", "-c", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=str(self.tree or REPO),
-            env={**os.environ, "PYTHONPATH": str(self.tree)} if self.tree is not None else None,
-            start_new_session=True,
+            [*CLI, *args], stdout=self._log, stderr=subprocess.STDOUT, cwd=str(cwd), env=env, start_new_session=True
         )
-        wait_for(lambda: self.proc.poll() is not None or port_open(self.port), timeout, 0.1, "the node to listen")
-        if self.proc.poll() is not None:
-            raise AssertionError(f"the node exited with {self.proc.returncode}:\n{self.log_text()}")
-        return self
 
     def log_text(self) -> str:
         try:
@@ -125,12 +105,13 @@ class NodeProcess:
             return ""
 
     def kill9(self) -> None:
-        """SIGKILL the whole process group (the node and its workers), like a power cut of the service."""
+        """SIGKILL the whole process group (the process and its workers), like a power cut."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
     def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL to the group after ``timeout`` s and to any worker left behind."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -146,6 +127,33 @@ class NodeProcess:
             pass
         self._log.close()
         return self.proc.returncode
+
+
+class NodeProcess(ProcessGroup):
+    """``dicom-node serve -c CONFIG`` in its own process group.
+
+    ``tree``: run the code of another checkout (a previous release taken from git history)
+    instead of this one: from that folder and with it on ``PYTHONPATH``, so that the
+    workers, which import from the node's working directory, run it too.
+    """
+
+    def __init__(self, config: Path, tree: Path | None = None) -> None:
+        self.config = Path(config)
+        self.tree = Path(tree) if tree is not None else None
+        data = yaml.safe_load(self.config.read_text())
+        self.port = int(data["network"]["port"])
+        self.data_dir = Path(data["data_dir"])
+        self.ae_title = data.get("ae_title", "STARDUST")
+        self.log_path = self.config.parent / f"node-{int(time.time() * 1000)}.log"
+        self.proc = None
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        env = {**os.environ, "PYTHONPATH": str(self.tree)} if self.tree is not None else None
+        self._spawn(["serve", "-c", str(self.config)], self.tree or REPO, env)
+        wait_for(lambda: self.proc.poll() is not None or port_open(self.port), timeout, 0.1, "the node to listen")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the node exited with {self.proc.returncode}:\n{self.log_text()}")
+        return self
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
