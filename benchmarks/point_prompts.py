@@ -45,7 +45,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.research.cases import load_dicom_case, load_npz_case, scan  # noqa: E402
+from dicom_node.research.cases import load_cases  # noqa: E402
 from dicom_node.research.simulate import case_rng, choose_slice, simulate_points  # noqa: E402
 from inference.metrics import dice  # noqa: E402
 from inference.propagation import bounding_box  # noqa: E402
@@ -71,9 +71,7 @@ def main(argv=None) -> int:
 
     engine = get_engine("litemedsam")
     methods = args.methods.split(",")
-    found = scan(args.src)
-    regex = re.compile(args.roi)
-    loaded = [load_dicom_case(c, regex) for c in found.cases] + [load_npz_case(n, regex) for n in found.npz]
+    loaded = load_cases(args.src, re.compile(args.roi))
     rows = []
     for lc in loaded:
         vol = lc.volume

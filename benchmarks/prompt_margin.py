@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.research.cases import load_dicom_case, load_npz_case, scan  # noqa: E402
+from dicom_node.research.cases import load_cases  # noqa: E402
 from dicom_node.research.simulate import choose_slice  # noqa: E402
 from inference.metrics import dice  # noqa: E402
 from inference.propagation import bounding_box, expand_box  # noqa: E402
@@ -48,9 +48,7 @@ def main(argv=None) -> int:
     from inference.engine import get_engine
 
     engine = get_engine("litemedsam")
-    found = scan(args.src)
-    regex = re.compile(args.roi)
-    loaded = [load_dicom_case(c, regex) for c in found.cases] + [load_npz_case(n, regex) for n in found.npz]
+    loaded = load_cases(args.src, re.compile(args.roi))
     print(f"{'case, slice (Dice on that slice)':60s}" + "".join(f" {m:>6g} mm" for m in margins))
     table = []
     for lc in loaded:

@@ -41,7 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.research.cases import load_dicom_case, load_npz_case, scan  # noqa: E402
+from dicom_node.research.cases import load_cases  # noqa: E402
 from inference.limits import WalkLimits  # noqa: E402
 from inference.metrics import dice  # noqa: E402
 from inference.partial_volume import add_lung_rim  # noqa: E402
@@ -75,9 +75,7 @@ def main(argv=None) -> int:
     engine = get_engine("litemedsam")
     walked = walk_dice(args.study)
     rim_mm = WalkLimits().ct_rim_mm
-    found = scan(args.src)
-    regex = re.compile(args.roi)
-    loaded = [load_dicom_case(c, regex) for c in found.cases] + [load_npz_case(n, regex) for n in found.npz]
+    loaded = load_cases(args.src, re.compile(args.roi))
     print(f"oracle: the truth's box + {args.margin_mm:g} mm on every slice; CT rim {rim_mm:g} mm")
     print(f"{'case':52s} {'slices':>6s} {'slice Dice':>10s} {'3D oracle':>9s} {'3D walk':>8s} {'walk/oracle':>11s}")
     by_dataset: dict[str, list[tuple[float, float | None]]] = {}

@@ -20,7 +20,8 @@ name is given. So ``SRC/<dataset>/<anything below>`` is the layout for several d
 
 :func:`load_dicom_case` then reads the volume (:func:`rtstruct.series.load_series`) and
 rasterises the selected ROIs (:mod:`rtstruct`); :func:`load_npz_case` reads a case
-written by ``dicom-node convert``. Both give a :class:`LoadedCase`.
+written by ``dicom-node convert``. Both give a :class:`LoadedCase`; :func:`load_cases`
+yields every case of a folder that way, one at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,3 +493,14 @@ def load_npz_case(case: NpzCase, roi_regex: re.Pattern | None = None) -> LoadedC
         wanted = f" matching {roi_regex.pattern!r}" if roi_regex is not None else ""
         raise CaseLoadError(f"no usable ground-truth label{wanted} in the NPZ")
     return LoadedCase(case.name, case.dataset, volume, labels, notes)
+
+
+def load_cases(root: str | os.PathLike, roi_regex: re.Pattern | None = None) -> Iterator[LoadedCase]:
+    """Every case under ``root`` (:func:`scan`), DICOM cases first, then NPZ ones, each loaded
+    when the caller asks for it (one volume in memory at a time). A case that cannot be
+    loaded raises :class:`CaseLoadError` (the measurement scripts want every case)."""
+    found = scan(root)
+    for case in found.cases:
+        yield load_dicom_case(case, roi_regex)
+    for npz in found.npz:
+        yield load_npz_case(npz, roi_regex)
