@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -49,8 +50,6 @@ def get_logger(name: str) -> logging.Logger:
 def stop_on_signals(logger: logging.Logger) -> threading.Event:
     """An event set by SIGTERM or SIGINT, each logged as a ``signal`` event (call it from the
     main thread of a long-running command: ``serve``, ``worker``)."""
-    import signal
-
     stop = threading.Event()
 
     def _signal(signum, _frame) -> None:

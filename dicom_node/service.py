@@ -248,17 +248,17 @@ class Node:
             replace_existing=True,
         )
 
-        self._listen_stop = threading.Event()
+        self._wakeups_stop = threading.Event()
         threading.Thread(
             target=queue_wakeups,
-            args=(cfg, self.db, self.supervisor.wake, self._listen_stop),
+            args=(cfg, self.db, self.supervisor.wake, self._wakeups_stop),
             name="queue-wakeups",
             daemon=True,
         ).start()
 
     def stop(self) -> None:
-        if getattr(self, "_listen_stop", None) is not None:
-            self._listen_stop.set()
+        if getattr(self, "_wakeups_stop", None) is not None:
+            self._wakeups_stop.set()
         if self._stopped.is_set():
             return
         self._stopped.set()
